@@ -175,18 +175,26 @@ def placement_table(num_workers: int, batch_size: int = 32) -> str:
     windows = assign_windows(num_workers, batch_size)
     groups = assign_groups(num_workers)
     edges = graph_edges(num_workers)
-    lines = [f"{num_workers} worker(s) (MPI ranks 1..{num_workers}; rank 0 is Node Zero), "
-             f"batch {batch_size} windows, window j in group j mod 12",
-             f"{'worker':>6} {'rank':>5}  {'vertex':<8} {'position (x, y, z)':<24} "
-             f"{'groups':<16} {'windows':>7}  {'window ids':<28} graph neighbours"]
+    header = ["worker", "rank", "vertex", "position (x, y, z)", "groups", "windows",
+              "window ids", "graph neighbours"]
+    rows = []
     for w in range(num_workers):
         path = vertex_path(w, num_workers)
         x, y, z = VERTICES[path[0]]
         shared = sum(1 for u in range(num_workers) if vertex_path(u, num_workers)[0] == path[0])
-        gtext = " ".join(map(str, groups[w])) + (f" (1 of {shared})" if shared > 1 else "")
-        lines.append(f"{w:>6} {w + 1:>5}  {'.'.join(map(str, path)):<8} "
-                     f"({x:6.3f}, {y:6.3f}, {z:6.3f})  {gtext:<16} {len(windows[w]):>7}  "
-                     f"{_fmt_ids(windows[w]):<28} {' '.join(map(str, edges[w])) or '-'}")
+        rows.append([str(w), str(w + 1), ".".join(map(str, path)),
+                     f"({x:6.3f}, {y:6.3f}, {z:6.3f})",
+                     " ".join(map(str, groups[w])) + (f" (1 of {shared})" if shared > 1 else ""),
+                     str(len(windows[w])), _fmt_ids(windows[w]),
+                     " ".join(map(str, edges[w])) or "-"])
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    right = {0, 1, 5}  # numeric columns
+    lines = [f"{num_workers} worker(s) (MPI ranks 1..{num_workers}; rank 0 is Node Zero), "
+             f"batch {batch_size} windows, window j in group j mod 12"]
+    for r in [header] + rows:
+        cells = [c.rjust(wd) if i in right else c.ljust(wd)
+                 for i, (c, wd) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
 

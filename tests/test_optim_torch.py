@@ -1,0 +1,81 @@
+"""The kernel's AdamW and clipping against torch.optim.AdamW and torch.nn.utils.clip_grad_norm_.
+
+Skips when torch is absent. The parameters are the usual two groups (decay on tensors of 2+
+dimensions, none on vectors), laid out back to back in one flat arena as the model does.
+Tolerances: our update follows PyTorch's float32 operation order, but PyTorch's vector kernels
+fuse the moment updates (fma) and take a vector sqrt that is not always correctly rounded, so
+moments differ by up to 2 float32 ulps of their terms (m: gradients ~1e-2, atol 2e-9; v: terms
+~1e-4, atol 3e-11) and parameters by up to 2 ulps (rtol 1e-6, atol 1e-8: measured max 1.2e-7
+at |p| ~ 1). A wrong decay, bias correction or moment would show up at lr * wd * |p| ~ 5e-5. PyTorch's
+norm is float32 (accumulated in double per tensor, then a float32 norm of the per-tensor norms)
+and ours double: rtol 1e-6 on the norm and the clipped gradients.
+"""
+import numpy as np
+import pytest
+
+from mpitrain import optim
+
+torch = pytest.importorskip("torch")
+
+SHAPES = [(64, 32), (32,), (32,), (96, 32), (96,), (5, 2, 3), (200, 32)]
+
+
+def torch_params(flat):
+    """Torch parameters that start as copies of the slices of flat (shapes SHAPES)."""
+    out, off = [], 0
+    for s in SHAPES:
+        k = int(np.prod(s))
+        out.append(torch.nn.Parameter(torch.from_numpy(flat[off:off + k].reshape(s).copy())))
+        off += k
+    return out
+
+
+def flatten(tensors):
+    return np.concatenate([t.detach().numpy().ravel() for t in tensors])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ten_adamw_steps_match_torch(threads):
+    seg = optim.decay_segments(SHAPES)
+    n = seg.size
+    rng = np.random.default_rng(11)
+    p = rng.normal(0, 0.5, n).astype(np.float32)
+    m = np.zeros(n, np.float32)
+    v = np.zeros(n, np.float32)
+    tp = torch_params(p)
+    groups = [{"params": [t for t in tp if t.dim() >= 2], "weight_decay": 0.05},
+              {"params": [t for t in tp if t.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(1, 11):
+        g = rng.normal(0, 1e-2, n).astype(np.float32)
+        lr = 2e-3 * min(1.0, step / 4)  # a warmup: lr changes between steps
+        for group in opt.param_groups:
+            group["lr"] = lr
+        off = 0
+        for t in tp:
+            t.grad = torch.from_numpy(g[off:off + t.numel()].reshape(t.shape).copy())
+            off += t.numel()
+        opt.step()
+        optim.adamw_step(p, g, m, v, lr=lr, step=step, beta1=0.9, beta2=0.95, eps=1e-8,
+                         weight_decay=0.05, segments=seg, threads=threads)
+        np.testing.assert_allclose(p, flatten(tp), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(m, flatten(opt.state[t]["exp_avg"] for t in tp),
+                               rtol=1e-6, atol=2e-9)
+    np.testing.assert_allclose(v, flatten(opt.state[t]["exp_avg_sq"] for t in tp),
+                               rtol=1e-6, atol=3e-11)
+
+
+@pytest.mark.parametrize("scale,max_norm", [(1.0, 1.0), (1e-3, 1.0), (0.3, 2.5)])
+def test_clip_matches_torch(scale, max_norm):
+    n = sum(int(np.prod(s)) for s in SHAPES)
+    rng = np.random.default_rng(12)
+    g = (rng.normal(0, 1, n) * scale).astype(np.float32)
+    tp = torch_params(np.zeros(n, np.float32))
+    off = 0
+    for t in tp:
+        t.grad = torch.from_numpy(g[off:off + t.numel()].reshape(t.shape).copy())
+        off += t.numel()
+    expected = float(torch.nn.utils.clip_grad_norm_(tp, max_norm))
+    norm = optim.clip_grad_norm(g, max_norm, threads=2)
+    assert norm == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_allclose(g, flatten(t.grad for t in tp), rtol=1e-6, atol=0)

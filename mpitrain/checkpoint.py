@@ -1,0 +1,432 @@
+"""HDF5 checkpoints and weights-only exports: write atomically, read back verified.
+
+Layout (docs/FORMATS.md, "Checkpoint"):
+  /            attributes: format ("mpitrain-checkpoint" or "mpitrain-weights"), format_version,
+               model_config and train_config (JSON), param_names and param_shapes (JSON, the
+               manifest every load checks against), step, epoch, data_epoch, data_index,
+               rng_state (JSON), train_loss and val_loss (absent when unknown), created_by (JSON),
+               extra (JSON), checksum ("crc32"), meta_crc32 (CRC32 of the other root attributes)
+  /params/<name>         float32, the parameter's shape (GPT-2 state_dict names)
+  /optimizer/m/<name>    float32, Adam first moment      (checkpoints only)
+  /optimizer/v/<name>    float32, Adam second moment     (checkpoints only)
+  /vocab                 the tokenizer (Tokenizer.to_hdf5)
+Every dataset carries a `crc32` attribute: zlib.crc32 of its C-order bytes.
+
+A file is written under a temporary name in the target directory, flushed, fsynced, renamed
+over the real name and the directory fsynced, so a crash never leaves a partial file under the
+real name (at worst a hidden `.NAME.tmp-PID` that nothing reads).
+"""
+import json
+import os
+import platform
+import re
+import socket
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from mpitrain.config import ModelConfig, TrainConfig
+from mpitrain.errors import UserError
+from mpitrain.schedule import DataPosition
+
+CHECKPOINT_FORMAT = "mpitrain-checkpoint"
+WEIGHTS_FORMAT = "mpitrain-weights"
+FORMAT_VERSION = 1
+_TENSOR_GROUPS = {"params": "params", "m": "optimizer/m", "v": "optimizer/v"}
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_step_(\d+)\.h5$")
+
+
+@dataclass
+class Checkpoint:
+    """What load_checkpoint read (and verified). m and v are None for a weights-only file or
+    when load_checkpoint was asked not to load the optimizer."""
+
+    path: str
+    format: str
+    model_config: ModelConfig
+    train_config: TrainConfig
+    param_names: list
+    params: dict
+    m: dict = None
+    v: dict = None
+    step: int = 0
+    epoch: int = 0
+    data_position: DataPosition = DataPosition()
+    rng_state: object = None
+    train_loss: float = None
+    val_loss: float = None
+    created_by: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    tokenizer: object = None
+
+
+def crc32(arr: np.ndarray) -> int:
+    """CRC32 of an array's bytes in C order (no copy when it is already contiguous)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
+
+
+def _meta_crc(attrs: dict) -> int:
+    """CRC32 over the root attributes except meta_crc32, in a canonical JSON form."""
+    canon = {k: _plain(v) for k, v in attrs.items() if k != "meta_crc32"}
+    return zlib.crc32(json.dumps(canon, sort_keys=True).encode()) & 0xFFFFFFFF
+
+
+def _plain(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _as_dict(cfg) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def created_by() -> dict:
+    """Who wrote a file: program, versions, host, PID, UTC time."""
+    from mpitrain import __version__
+
+    return {"program": "mpitrain", "version": __version__, "host": socket.gethostname(),
+            "pid": os.getpid(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+
+
+def _fsync_path(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_h5(path, fill) -> None:
+    """Create `path` by calling fill(h5file) on a temporary file in the same directory, then
+    flush, fsync, rename over `path` and fsync the directory. On any failure the temporary
+    file is removed and nothing appears under `path` (an older file there stays untouched)."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise UserError(f"cannot write {path}: directory {directory} does not exist")
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            fill(f)
+            f.flush()
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_path(directory, directory=True)
+
+
+def _write_tensor(group, name, arr):
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype != np.float32:
+        raise TypeError(f"tensor {name} must be float32, got {arr.dtype}")
+    ds = group.create_dataset(name, data=arr, track_times=False)
+    ds.attrs["crc32"] = np.uint32(crc32(arr))
+
+
+def _checksum_unmarked(f):
+    """Add crc32 to every dataset that has none yet (the vocabulary's, written by Tokenizer)."""
+    def visit(_, obj):
+        if isinstance(obj, h5py.Dataset) and "crc32" not in obj.attrs:
+            obj.attrs["crc32"] = np.uint32(crc32(obj[()]))
+    f.visititems(visit)
+
+
+def _root_attrs(fmt, model_config, train_config, names, params, step, epoch, data_position,
+                rng_state, train_loss, val_loss, extra, creator=None) -> dict:
+    attrs = {
+        "format": fmt, "format_version": np.int64(FORMAT_VERSION),
+        "model_config": json.dumps(_as_dict(model_config), sort_keys=True),
+        "train_config": json.dumps(_as_dict(train_config), sort_keys=True),
+        "param_names": json.dumps(names),
+        "param_shapes": json.dumps({n: list(np.shape(params[n])) for n in names}),
+        "step": np.int64(step), "epoch": np.int64(epoch),
+        "data_epoch": np.int64(data_position.epoch), "data_index": np.int64(data_position.index),
+        "rng_state": json.dumps(rng_state), "created_by": json.dumps(creator or created_by()),
+        "extra": json.dumps(extra or {}), "checksum": "crc32",
+    }
+    if train_loss is not None:
+        attrs["train_loss"] = np.float64(train_loss)
+    if val_loss is not None:
+        attrs["val_loss"] = np.float64(val_loss)
+    return attrs
+
+
+def _set_attrs(f, attrs):
+    for k, v in attrs.items():
+        f.attrs[k] = v
+    f.attrs["meta_crc32"] = np.uint32(_meta_crc(dict(f.attrs)))
+
+
+def save_checkpoint(path, *, model_config, train_config, params, m, v, step, epoch,
+                    data_position, rng_state, train_loss, val_loss, tokenizer, extra=None):
+    """Write a training checkpoint atomically (see the module docstring for the layout).
+
+    params, m, v: dicts name -> float32 array, in the model's param_names order (any array
+    views work, e.g. into a flat buffer received over MPI). rng_state and extra must be
+    JSON-serialisable. tokenizer: anything with to_hdf5(h5py_group).
+    """
+    names = list(params)
+    for label, d in (("m", m), ("v", v)):
+        if list(d) != names:
+            raise ValueError(f"optimizer {label} names differ from the parameter names")
+        for n in names:
+            if np.shape(d[n]) != np.shape(params[n]):
+                raise ValueError(f"optimizer {label}[{n}] has shape {np.shape(d[n])}, "
+                                 f"parameter has {np.shape(params[n])}")
+    attrs = _root_attrs(CHECKPOINT_FORMAT, model_config, train_config, names, params, step,
+                        epoch, data_position, rng_state, train_loss, val_loss, extra)
+
+    def fill(f):
+        _set_attrs(f, attrs)
+        for key, tensors in (("params", params), ("m", m), ("v", v)):
+            g = f.require_group(_TENSOR_GROUPS[key])
+            for n in names:
+                _write_tensor(g, n, tensors[n])
+        tokenizer.to_hdf5(f.create_group("vocab"))
+        _checksum_unmarked(f)
+
+    _atomic_h5(path, fill)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _json_attr(attrs, key, problems):
+    try:
+        return json.loads(_plain(attrs[key]))
+    except KeyError:
+        problems.append(f"root attribute {key!r} is missing")
+    except (ValueError, TypeError):
+        problems.append(f"root attribute {key!r} is not valid JSON")
+    return None
+
+
+def _read_tensors(f, key, names, shapes, into, problems, read=True):
+    """Check group `key` holds exactly `names` with `shapes` (float32), verify each tensor's
+    checksum, and return name -> array (read into `into[name]` when given, without a copy)."""
+    where = _TENSOR_GROUPS[key]
+    if where not in f:
+        problems.append(f"group /{where} is missing")
+        return None
+    group = f[where]
+    found = set(group.keys())
+    missing = [n for n in names if n not in found]
+    unexpected = sorted(found - set(names))
+    if missing or unexpected:
+        problems.append(f"/{where}: expected {len(names)} tensors, found {len(found)}"
+                        + (f"; missing: {', '.join(missing[:5])}" if missing else "")
+                        + (f"; unexpected: {', '.join(unexpected[:5])}" if unexpected else ""))
+    out = {}
+    for n in names:
+        if n not in found:
+            continue
+        ds = group[n]
+        want = tuple(shapes[n])
+        if ds.shape != want or ds.dtype != np.float32:
+            problems.append(f"/{where}/{n}: expected float32 {list(want)}, found "
+                            f"{ds.dtype} {list(ds.shape)}")
+            continue
+        if into is not None and tuple(np.shape(into[n])) != want:
+            problems.append(f"/{where}/{n}: the model expects shape {list(np.shape(into[n]))}, "
+                            f"the file holds {list(want)}")
+            continue
+        if not read:
+            continue
+        try:
+            if into is not None:
+                arr = into[n]
+                ds.read_direct(arr)
+            else:
+                arr = ds[()]
+        except (OSError, ValueError) as e:
+            problems.append(f"/{where}/{n} cannot be read ({e}); the file is truncated or damaged")
+            continue
+        if "crc32" not in ds.attrs:
+            problems.append(f"/{where}/{n} has no crc32 checksum")
+        elif crc32(arr) != int(ds.attrs["crc32"]):
+            problems.append(f"/{where}/{n} fails its checksum: the file is damaged")
+        out[n] = arr
+    return out
+
+
+def _check(path, into=None, load_optimizer=True, want_tokenizer=True):
+    """Open and verify a checkpoint or export. Returns (Checkpoint or None, problems)."""
+    path = os.fspath(path)
+    into = into or {}
+    if not os.path.isfile(path):
+        return None, [f"no such file: {path}"]
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        return None, ["not a readable HDF5 file (truncated, damaged or not HDF5)"]
+    problems = []
+    with f:
+        attrs = f.attrs
+        try:
+            fmt = _plain(attrs.get("format"))
+        except OSError:
+            return None, ["its root attributes cannot be read (damaged)"]
+        if fmt not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
+            what = f"format {fmt!r}" if fmt else "no format attribute"
+            return None, [f"not an mpitrain checkpoint or weights file ({what})"]
+        version = _plain(attrs.get("format_version"))
+        if version != FORMAT_VERSION:
+            return None, [f"{fmt} format version {version} is not supported "
+                          f"(this mpitrain reads version {FORMAT_VERSION})"]
+        if "meta_crc32" not in attrs:
+            problems.append("root attribute 'meta_crc32' is missing")
+        elif _meta_crc(dict(attrs)) != int(attrs["meta_crc32"]):
+            problems.append("root attributes fail their checksum: the file is damaged")
+        names = _json_attr(attrs, "param_names", problems)
+        shapes = _json_attr(attrs, "param_shapes", problems)
+        mcfg = _json_attr(attrs, "model_config", problems)
+        tcfg = _json_attr(attrs, "train_config", problems)
+        if names is None or shapes is None or mcfg is None or tcfg is None:
+            return None, problems
+        if set(shapes) != set(names):
+            return None, problems + ["param_shapes and param_names disagree"]
+        if into.get("params") is not None and list(into["params"]) != names:
+            exp, got = list(into["params"]), names
+            diff = sorted(set(exp) ^ set(got))[:5]
+            problems.append(f"parameter names: the model has {len(exp)}, the file {len(got)}"
+                            + (f" (differing: {', '.join(diff)})" if diff else " (order differs)"))
+            return None, problems
+        try:
+            model_config = ModelConfig.from_dict(mcfg)
+            train_config = TrainConfig.from_dict(tcfg)
+        except (KeyError, TypeError, ValueError) as e:
+            return None, problems + [f"the stored configuration is invalid ({e})"]
+        ck = Checkpoint(path=path, format=fmt, model_config=model_config,
+                        train_config=train_config, param_names=names, params=None)
+        ck.params = _read_tensors(f, "params", names, shapes, into.get("params"), problems)
+        if fmt == CHECKPOINT_FORMAT:
+            # Without load_optimizer the moments' names and shapes are checked, not read.
+            ck.m = _read_tensors(f, "m", names, shapes, into.get("m"), problems, load_optimizer)
+            ck.v = _read_tensors(f, "v", names, shapes, into.get("v"), problems, load_optimizer)
+            if not load_optimizer:
+                ck.m = ck.v = None
+        for key in ("step", "epoch", "data_epoch", "data_index"):
+            if key not in attrs:
+                problems.append(f"root attribute {key!r} is missing")
+        if not problems:
+            ck.step, ck.epoch = int(attrs["step"]), int(attrs["epoch"])
+            ck.data_position = DataPosition(int(attrs["data_epoch"]), int(attrs["data_index"]))
+            ck.rng_state = _json_attr(attrs, "rng_state", problems)
+            ck.created_by = _json_attr(attrs, "created_by", problems) or {}
+            ck.extra = _json_attr(attrs, "extra", problems) or {}
+            ck.train_loss = float(attrs["train_loss"]) if "train_loss" in attrs else None
+            ck.val_loss = float(attrs["val_loss"]) if "val_loss" in attrs else None
+        problems.extend(_check_vocab(f, ck, want_tokenizer))
+    return ck, problems
+
+
+def _check_vocab(f, ck, want_tokenizer):
+    if "vocab" not in f:
+        return ["group /vocab (the vocabulary) is missing"]
+    problems = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            try:
+                ok = "crc32" in obj.attrs and crc32(obj[()]) == int(obj.attrs["crc32"])
+            except OSError:
+                ok = False
+            if not ok:
+                problems.append(f"/vocab/{name} fails its checksum: the file is damaged")
+    f["vocab"].visititems(visit)
+    if problems or not want_tokenizer:
+        return problems
+    from mpitrain.tokenizer import Tokenizer
+
+    try:
+        ck.tokenizer = Tokenizer.from_hdf5(f["vocab"], where="its vocabulary")
+    except ValueError as e:
+        return [str(e)]
+    if ck.tokenizer.vocab_size != ck.model_config.vocab_size:
+        return [f"its vocabulary has {ck.tokenizer.vocab_size} ids, the model "
+                f"{ck.model_config.vocab_size}"]
+    return []
+
+
+def verify(path, want_tokenizer=True) -> list:
+    """Every problem found in a checkpoint or weights file (empty list: the file is sound)."""
+    _, problems = _check(path, want_tokenizer=want_tokenizer)
+    return problems
+
+
+def load_checkpoint(path, *, params_into=None, m_into=None, v_into=None,
+                    load_optimizer=True) -> Checkpoint:
+    """Read and verify a checkpoint or weights-only export.
+
+    *_into: optional dicts name -> float32 array (e.g. Model.params and views of the moment
+    arenas): tensors are read straight into them, no copy, and their shapes are checked
+    against the file. load_optimizer=False skips reading the Adam moments (inference).
+    Raises UserError naming the file and the first problem.
+    """
+    into = {"params": params_into, "m": m_into, "v": v_into}
+    ck, problems = _check(path, into, load_optimizer)
+    if problems:
+        more = f" (and {len(problems) - 1} more; see mpitrain inspect --verify)" \
+            if len(problems) > 1 else ""
+        raise UserError(f"{os.fspath(path)}: {problems[0]}{more}")
+    return ck
+
+
+def find_resume(run_dir):
+    """The newest valid checkpoint_step_N.h5 in run_dir (a Path), or None when there is none.
+    A damaged newer one is skipped with a warning on stderr."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = []
+    for p in run_dir.iterdir():
+        match = _CHECKPOINT_NAME.match(p.name)
+        if match and p.is_file():
+            found.append((int(match.group(1)), p))
+    for _, p in sorted(found, reverse=True):
+        problems = verify(p)
+        if not problems:
+            return p
+        print(f"mpitrain: warning: skipping damaged checkpoint {p}: {problems[0]}",
+              file=sys.stderr, flush=True)
+    return None
+
+
+def export_weights(src, out) -> Path:
+    """Write a weights-only file (format mpitrain-weights: parameters, configuration, step,
+    losses and vocabulary; no optimizer state) from a verified checkpoint or export."""
+    ck = load_checkpoint(src, load_optimizer=False)
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise UserError(f"export would overwrite its source {src}; choose another --out")
+    creator = created_by()
+    creator["source"] = {"path": os.fspath(src), "created_by": ck.created_by}
+    attrs = _root_attrs(WEIGHTS_FORMAT, ck.model_config, ck.train_config, ck.param_names,
+                        ck.params, ck.step, ck.epoch, ck.data_position, ck.rng_state,
+                        ck.train_loss, ck.val_loss, ck.extra, creator)
+
+    def fill(f):
+        _set_attrs(f, attrs)
+        g = f.create_group("params")
+        for n in ck.param_names:
+            _write_tensor(g, n, ck.params[n])
+        with h5py.File(src, "r") as s:
+            s.copy(s["vocab"], f, "vocab")  # checksums travel with the datasets
+
+    _atomic_h5(out, fill)
+    return Path(out)

@@ -9,6 +9,8 @@ Only commands that work are listed.
 """
 
 COMMANDS = (
+    "prepare",
+    "inspect",
 )
 
 # The subcommand used when the first argument is not a command name (DESIGN.md: train).

@@ -1,0 +1,184 @@
+"""The dataset file (hdf5_data/NAME.h5): its layout, writer and reader.
+
+Layout (docs/FORMATS.md, "Dataset", describes every attribute):
+  /                       attributes: format, format_version, counts, settings (ROOT_ATTRS)
+  /tokens                 [T] uint16 (vocab <= 65,536) or uint32: every document's ids, each
+                          followed by the end-of-document id, in document order
+  /documents/offsets      [D+1] int64: document d is tokens[offsets[d]:offsets[d+1]]
+  /splits/train/ranges    [k,2] int64: [start, end) token ranges of the training stream
+  /splits/val/ranges      [k,2] int64: the same for validation
+  /sources/name           [D] UTF-8 strings: where document d came from
+  /sources/size           [D] int64 bytes;  /sources/sha256 [D] 64-char hex
+  /sources/replaced       [D] int64: U+FFFD replacements made while decoding document d
+  /vocab                  the vocabulary (Tokenizer.to_hdf5)
+Every object is written without timestamps, in a fixed order, so the same inputs always give
+the same bytes.
+"""
+import os
+
+import h5py
+import numpy as np
+
+from mpitrain.errors import UserError
+from mpitrain.tokenizer import Tokenizer
+
+FORMAT = "mpitrain-dataset"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 1 << 16 else np.uint32
+
+
+def _group(parent, name):
+    """create_group without creation/modification times (h5py has no track_times for groups)."""
+    gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    gcpl.set_obj_track_times(False)
+    gid = h5py.h5g.create(parent.id, name.encode(), gcpl=gcpl)
+    return h5py.Group(gid)
+
+
+def _dataset(parent, name, data, **kw):
+    return parent.create_dataset(name, data=data, track_times=False, **kw)
+
+
+def write_dataset(path, *, tokens, doc_offsets, splits, sources, tokenizer, attrs):
+    """Write a complete dataset file at `path` (the caller renames it into place).
+
+    tokens: 1-D uint16/uint32; doc_offsets: [D+1] int64; splits: {"train"|"val": [k,2] int64};
+    sources: dict of equal-length lists name/size/sha256/replaced; attrs: root attributes
+    (written in sorted order).
+    """
+    str_t = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w", libver="earliest") as f:
+        for key in sorted(attrs):
+            f.attrs[key] = attrs[key]
+        _dataset(f, "tokens", tokens)
+        docs = _group(f, "documents")
+        _dataset(docs, "offsets", np.asarray(doc_offsets, dtype=np.int64))
+        sp = _group(f, "splits")
+        for name in SPLITS:
+            g = _group(sp, name)
+            ranges = np.asarray(splits[name], dtype=np.int64).reshape(-1, 2)
+            _dataset(g, "ranges", ranges)
+            g.attrs["tokens"] = int((ranges[:, 1] - ranges[:, 0]).sum())
+        src = _group(f, "sources")
+        _dataset(src, "name", np.array(sources["name"], dtype=object), dtype=str_t)
+        _dataset(src, "size", np.asarray(sources["size"], dtype=np.int64))
+        _dataset(src, "sha256", np.array(sources["sha256"], dtype="S64"))
+        _dataset(src, "replaced", np.asarray(sources["replaced"], dtype=np.int64))
+        tokenizer.to_hdf5(_group(f, "vocab"))
+        f.flush()  # surface write errors (a full disk) here, not in a silent close
+
+
+def _plain(v):
+    """HDF5 attribute value -> plain Python (for .attrs and JSON)."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+class Dataset:
+    """A prepared dataset, read-only. Open with Dataset.open(path)."""
+
+    def __init__(self, path, attrs, tokenizer, doc_offsets, ranges, num_tokens, dtype):
+        self.path = path
+        self.attrs = attrs
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self.seq_len = int(attrs["seq_len"])
+        self.doc_offsets = doc_offsets
+        self.ranges = ranges          # {"train"|"val": [k,2] int64 token ranges}
+        self.num_tokens = num_tokens
+        self.dtype = dtype
+
+    @classmethod
+    def open(cls, path):
+        """Read the metadata and vocabulary. UserError (one line) for a missing, damaged or
+        foreign file."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise UserError(f"no such dataset file: {path}")
+        if not os.path.isfile(path):
+            raise UserError(f"not a file: {path}")
+        if not h5py.is_hdf5(path):
+            raise UserError(f"{path} is not an HDF5 file (expected a dataset made by "
+                            "`mpitrain prepare`)")
+        try:
+            with h5py.File(path, "r") as f:
+                fmt = _plain(f.attrs.get("format"))
+                if fmt != FORMAT:
+                    what = f"format={fmt!r}" if fmt is not None else "no format attribute"
+                    raise UserError(f"{path} is not an mpitrain dataset ({what}; expected "
+                                    f"format={FORMAT!r})")
+                version = _plain(f.attrs.get("format_version"))
+                if version != FORMAT_VERSION:
+                    raise UserError(f"{path}: dataset format version {version} is not supported "
+                                    f"(this mpitrain reads version {FORMAT_VERSION}); "
+                                    "prepare it again")
+                attrs = {k: _plain(f.attrs[k]) for k in sorted(f.attrs)}
+                tok = Tokenizer.from_hdf5(f["vocab"], where=f"{path}: vocabulary")
+                offsets = f["documents/offsets"][()]
+                ranges = {s: f[f"splits/{s}/ranges"][()] for s in SPLITS}
+                tokens = f["tokens"]
+                num_tokens, dtype = tokens.shape[0], tokens.dtype
+                if tokens.ndim != 1 or dtype not in (np.uint16, np.uint32):
+                    raise ValueError(f"/tokens is {tokens.ndim}-D {dtype}, expected 1-D uint16/uint32")
+        except UserError:
+            raise
+        except (KeyError, ValueError, TypeError, OSError) as e:
+            msg = str(e).replace("\n", " ")
+            raise UserError(f"{path} is damaged or incomplete ({msg}); prepare it again") from None
+        _check_layout(path, attrs, tok, offsets, ranges, num_tokens)
+        return cls(path, attrs, tok, offsets, ranges, num_tokens, dtype)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    def split_tokens(self, split: str) -> np.ndarray:
+        """The token stream of `split` ("train" or "val"): 1-D uint16/uint32, documents
+        concatenated, each followed by the end-of-document id."""
+        if split not in self.ranges:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        ranges = self.ranges[split]
+        try:
+            with h5py.File(self.path, "r") as f:
+                tokens = f["tokens"]
+                if len(ranges) == 1:
+                    a, b = ranges[0]
+                    out = tokens[a:b]
+                else:
+                    out = np.concatenate([tokens[a:b] for a, b in ranges])
+        except (KeyError, OSError) as e:
+            raise UserError(f"{self.path}: cannot read tokens ({e}); prepare it again") from None
+        if out.size and int(out.max()) >= self.vocab_size:
+            raise UserError(f"{self.path} is damaged: token id {int(out.max())} >= vocabulary "
+                            f"size {self.vocab_size}; prepare it again")
+        return out
+
+    def num_windows(self, split: str, seq_len=None) -> int:
+        """Training windows of `split`: seq_len + 1 tokens at stride seq_len."""
+        seq_len = self.seq_len if seq_len is None else seq_len
+        n = int((self.ranges[split][:, 1] - self.ranges[split][:, 0]).sum())
+        return max(0, (n - 1) // seq_len)
+
+
+def _check_layout(path, attrs, tok, offsets, ranges, num_tokens):
+    def bad(why):
+        raise UserError(f"{path} is damaged ({why}); prepare it again")
+
+    if int(attrs.get("vocab_size", -1)) != tok.vocab_size:
+        bad(f"vocab_size attribute {attrs.get('vocab_size')} != vocabulary size {tok.vocab_size}")
+    if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != num_tokens \
+            or np.any(np.diff(offsets) <= 0):
+        bad("document offsets do not cover the token array")
+    for s, r in ranges.items():
+        if r.ndim != 2 or r.shape[1] != 2 or len(r) == 0 or np.any(r[:, 0] >= r[:, 1]) \
+                or r.min() < 0 or r.max() > num_tokens:
+            bad(f"the {s} split's token ranges are invalid")

@@ -1,0 +1,95 @@
+"""The generic part of `mpitrain inspect`: any HDF5 file as a tree of groups and datasets.
+
+describe(h5file) -> nested dict (JSON-ready); format_tree(node) -> indented text. Used for
+every file kind; the kind-specific summaries (inspect_dataset, later checkpoints) add to it.
+"""
+import h5py
+import numpy as np
+
+_FILTER_NAMES = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
+                 6: "scaleoffset", 32001: "blosc", 32004: "lz4", 32015: "zstd"}
+
+
+def plain(value):
+    """An HDF5 attribute value as plain Python (str, int, float, bool, lists)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return [plain(v) for v in value.tolist()] if value.dtype.kind in "OS" else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _attrs(obj):
+    out = {}
+    for k in sorted(obj.attrs):
+        try:
+            out[k] = plain(obj.attrs[k])
+        except (OSError, TypeError) as e:  # a type h5py cannot read: say so, keep going
+            out[k] = f"<unreadable: {e}>"
+    return out
+
+
+def _filters(ds):
+    dcpl = ds.id.get_create_plist()
+    names = []
+    for i in range(dcpl.get_nfilters()):
+        code = dcpl.get_filter(i)[0]
+        names.append(_FILTER_NAMES.get(code, f"filter {code}"))
+    return names
+
+
+def describe(node, name="/"):
+    """Nested dict of a group/dataset: kind, attributes, and for datasets shape, dtype,
+    logical and stored bytes, layout (contiguous / chunked with chunk shape) and filters."""
+    if isinstance(node, h5py.Dataset):
+        return {
+            "name": name, "kind": "dataset", "shape": list(node.shape), "dtype": str(node.dtype),
+            "bytes": int(node.size * node.dtype.itemsize) if node.dtype.itemsize else 0,
+            "stored_bytes": int(node.id.get_storage_size()),
+            "layout": "chunked" if node.chunks else "contiguous",
+            "chunks": list(node.chunks) if node.chunks else None,
+            "filters": _filters(node), "attrs": _attrs(node),
+        }
+    children = []
+    for key in node:  # h5py lists members by name
+        link = node.get(key, getlink=True)
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            children.append({"name": key, "kind": "link", "target": getattr(link, "path", ""),
+                             "attrs": {}})
+            continue
+        children.append(describe(node[key], key))
+    return {"name": name, "kind": "group", "attrs": _attrs(node), "children": children}
+
+
+def _short(v, width=100):
+    s = repr(v) if not isinstance(v, str) else v.replace("\n", "\\n")
+    return s if len(s) <= width else s[:width - 3] + "..."
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def format_tree(node, indent=0):
+    """Indented listing: one line per object, its attributes below it."""
+    pad = "  " * indent
+    if node["kind"] == "dataset":
+        shape = "x".join(map(str, node["shape"])) or "scalar"
+        layout = node["layout"] + (f" {tuple(node['chunks'])}" if node["chunks"] else "")
+        filters = f", filters {'+'.join(node['filters'])}" if node["filters"] else ""
+        lines = [f"{pad}{node['name']}  [{shape}] {node['dtype']}, {_human(node['bytes'])} "
+                 f"(stored {_human(node['stored_bytes'])}), {layout}{filters}"]
+    elif node["kind"] == "link":
+        return [f"{pad}{node['name']} -> {node['target']}"]
+    else:
+        lines = [f"{pad}{node['name']}{'' if node['name'].endswith('/') else '/'}"]
+    for k, v in node["attrs"].items():
+        lines.append(f"{pad}    @{k} = {_short(v)}")
+    for child in node.get("children", ()):
+        lines += format_tree(child, indent + 1)
+    return lines

@@ -65,7 +65,8 @@ def format_summary(s):
         "most frequent tokens:",
     ]
     for t in s["most_frequent_tokens"]:
-        lines.append(f"  {t['id']:>7}  {t['count']:>12,}  {t['fraction']:6.2%}  "{t['token']}"')
+        quoted = '"' + t["token"] + '"'  # already escaped (vocab.txt style)
+        lines.append(f"  {t['id']:>7}  {t['count']:>12,}  {t['fraction']:6.2%}  {quoted}")
     smp = s["sample"]
     lines.append(f"sample       the first {smp['tokens']} tokens of the {smp['split']} stream, "
                  "decoded:")

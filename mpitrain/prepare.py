@@ -49,7 +49,7 @@ def check_options(o: Options):
     """Refuse bad numeric options before any work (UserError, one line)."""
     lo = min_vocab_size()
     if not lo <= o.vocab_size <= MAX_VOCAB_SIZE:
-        raise UserError(f"--vocab-size must be between {lo} (specials + 256 bytes) and "
+        raise UserError(f"--vocab-size must be between {lo} (specials + 256 bytes + 1) and "
                         f"{MAX_VOCAB_SIZE:,}, got {o.vocab_size}")
     if o.seq_len <= 0:
         raise UserError(f"--seq-len must be positive, got {o.seq_len}")

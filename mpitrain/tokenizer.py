@@ -33,7 +33,8 @@ MAX_VOCAB_SIZE = 1_000_000
 
 
 def min_vocab_size(specials=SPECIALS) -> int:
-    return len(specials) + 256
+    """The smallest --vocab-size: the specials, the 256 bytes and room for one pre-token."""
+    return len(specials) + 257
 
 
 def is_multibyte(pretoken: str) -> bool:
@@ -90,7 +91,7 @@ class Tokenizer:
         lo = min_vocab_size(specials)
         if not lo <= vocab_size <= MAX_VOCAB_SIZE:
             raise ValueError(f"vocab_size must be in [{lo}, {MAX_VOCAB_SIZE}], got {vocab_size}")
-        return cls(select_pretokens(counts, vocab_size - lo), specials, pattern)
+        return cls(select_pretokens(counts, vocab_size - len(specials) - 256), specials, pattern)
 
     # ----------------------------------------------------------------- encode / decode
     def split(self, text: str):

@@ -22,7 +22,7 @@ def add_arguments(p):
                         "FILE.vocab.txt")
     p.add_argument("--vocab-size", type=int, default=30000,
                    help="total vocabulary ids: 1 special + 256 bytes + most frequent pre-tokens "
-                        "(257+1 .. 1,000,000)")
+                        "(258 .. 1,000,000)")
     p.add_argument("--seq-len", type=int, default=128,
                    help="training window length the dataset is prepared for (stored; used to "
                         "count windows)")

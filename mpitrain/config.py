@@ -57,6 +57,7 @@ class TrainConfig:
     eval_every: int = 100        # evaluation (and sample) period in steps
     eval_windows: int = 64       # fixed validation windows per evaluation
     seed: int = 0                # initialisation and data-order seed
+    keep_last: int = 0           # checkpoints kept besides step 0 (0: keep all)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":

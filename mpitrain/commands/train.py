@@ -1,0 +1,119 @@
+"""`mpitrain train` (the default command): train a model on a prepared dataset.
+
+Under mpirun with more than one rank: MPI mode (rank 0 Node Zero, ranks 1.. workers on the
+kissing-spheres placement). See README "Training" for the configuration precedence.
+"""
+import os
+
+from mpitrain.config import PRESETS, TrainConfig
+from mpitrain.errors import UserError
+
+NAME = "train"
+HELP = "train a model: Node Zero + workers (mpirun -n N python -m mpitrain train ...)"
+
+# dedicated option -> configuration field
+DEDICATED = {"max_steps": "max_steps", "epochs": "epochs", "batch_size": "batch_size",
+             "lr": "lr", "eval_every": "eval_every", "save_every": "save_every",
+             "keep_last": "keep_last", "seed": "seed"}
+DEFAULT_PRESET = "small"
+# Help suffix for options whose default comes from the preset. "%(default).0s" prints nothing
+# but keeps ArgumentDefaultsHelpFormatter from appending "(default: None)".
+FROM_PRESET = " (default: the preset's)%(default).0s"
+
+
+def add_arguments(p):
+    p.add_argument("--dataset", metavar="FILE.h5", default=None,
+                   help="prepared dataset (default: hdf5_data/default_PRESET.h5, prepared from "
+                   "the embedded corpus with the preset's vocab size and seq_len when "
+                   "missing)%(default).0s")
+    p.add_argument("--run-dir", metavar="DIR", default=None,
+                   help="checkpoints, logs and metrics go here (default: runs/PRESET)%(default).0s")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
+                   help="model and training configuration to start from")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="plan at most N optimizer steps (0 = all epochs)" + FROM_PRESET)
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="passes over the training windows" + FROM_PRESET)
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="windows per optimizer step, whatever the worker count" + FROM_PRESET)
+    p.add_argument("--lr", type=float, default=None, metavar="X",
+                   help="peak learning rate" + FROM_PRESET)
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="evaluate and sample every N steps" + FROM_PRESET)
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="checkpoint every N steps" + FROM_PRESET)
+    p.add_argument("--keep-last", type=int, default=None, metavar="K",
+                   help="keep the newest K checkpoints besides step 0 (0 = keep all)" + FROM_PRESET)
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="initialisation and data-order seed" + FROM_PRESET)
+    p.add_argument("--threads-per-rank", type=int, default=1, metavar="N",
+                   help="kernel threads in each worker process")
+    p.add_argument("--resume", metavar="auto|FILE", default=None,
+                   help="continue from a checkpoint: 'auto' = the newest valid one in the run "
+                   "directory (a fresh start when there is none), or a checkpoint file")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="end this invocation after STEP (with a checkpoint); the schedule still "
+                   "plans the whole run, so --resume continues it exactly (default: the planned "
+                   "end)%(default).0s")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any model or training configuration field (repeatable); "
+                   "unknown keys are refused")
+    p.add_argument("--show-topology", action="store_true",
+                   help="print who sits where on the icosahedron and which groups each worker "
+                   "takes, for this world size, and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress output on the terminal")
+
+
+def world_size() -> int:
+    """Ranks the MPI launcher started (1 when not launched by mpirun)."""
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def collect_overrides(args) -> dict:
+    """--set and the dedicated options as one {field: value}; the same field twice is refused."""
+    from mpitrain.trainer.plan import parse_sets
+
+    overrides = parse_sets(args.set)
+    for option, key in DEDICATED.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if key in overrides:
+            raise UserError(f"--set {key} and --{option.replace('_', '-')} both given")
+        overrides[key] = value
+    return overrides
+
+
+def run(args) -> int:
+    overrides = collect_overrides(args)
+    if args.threads_per_rank < 1:
+        raise UserError(f"--threads-per-rank must be at least 1, got {args.threads_per_rank}")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UserError(f"--stop-at must be at least 1, got {args.stop_at}")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such checkpoint file")
+    size = world_size()
+    if args.show_topology:
+        from mpitrain.cli import launched_rank
+        from mpitrain.topology import placement_table
+
+        workers = size - 1 if size > 1 else 11
+        batch = overrides.get("batch_size", PRESETS[args.preset]["train"]["batch_size"])
+        if launched_rank() == 0:
+            print(placement_table(workers, batch))
+        return 0
+    options = {"preset": args.preset, "dataset": args.dataset, "run_dir": args.run_dir,
+               "resume": args.resume, "stop_at": args.stop_at, "quiet": args.quiet,
+               "threads_per_rank": args.threads_per_rank, "overrides": overrides}
+    if size > 1:
+        from mpitrain.trainer.runner import run_mpi
+
+        return run_mpi(options)
+    raise UserError("train runs under MPI: launch it as `mpirun -n N python -m mpitrain` with "
+                    "N >= 2 (Node Zero + N-1 workers); thread mode is not built yet")
+
+
+assert set(DEDICATED.values()) <= {f for f in TrainConfig.__dataclass_fields__}

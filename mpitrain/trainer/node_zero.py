@@ -1,0 +1,293 @@
+"""Node Zero: the schedule, evaluation, samples, checkpoints, logs, signals and the stop.
+
+Node Zero never computes a training batch. It talks to the workers only through a WorkerLink
+(comm.py), so the same logic serves MPI mode and thread mode. The protocol, in command order:
+
+  STEP n   every worker trains its groups' windows of step n; the lead worker reports
+           (loss, grad_norm). Node Zero keeps LOOKAHEAD steps issued beyond the last report,
+           so the workers find their next command waiting when they finish a step.
+  EVAL n   after step n (and before training starts, n = 0): validation loss over the fixed
+           windows, spread over the workers; the lead reports it, then sends the parameters,
+           from which Node Zero generates the sample.
+  SAVE n   the lead reports, sends parameters and both Adam moments, and trains on; Node Zero
+           writes the checkpoint in a background thread.
+  STOP     the last command: workers send their kernel counters and wait to be released.
+
+While it waits, Node Zero sleeps (1 ms polls), refreshes heartbeat.json and reacts to a stop
+request (a signal): it then issues SAVE for the last issued step and STOP, so the run ends after
+at most LOOKAHEAD more steps with a checkpoint.
+"""
+import os
+import socket
+import time
+from collections import deque
+
+import numpy as np
+
+from mpitrain import schedule
+from mpitrain.trainer import sampling
+from mpitrain.trainer.comm import NODE_ZERO_SLEEP
+from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
+from mpitrain.trainer.runlog import RunLog, fmt_duration
+from mpitrain.trainer.saver import Saver
+
+LOOKAHEAD = 1   # STEP commands issued beyond the last reported step
+
+
+def arena_views(model, buffer: np.ndarray) -> dict:
+    """name -> view of `buffer` (an arena laid out like model.param_buffer, e.g. m or v) with
+    each parameter's shape and offset."""
+    base = model.param_buffer.__array_interface__["data"][0]
+    out = {}
+    for name in model.param_names:
+        p = model.params[name]
+        offset = (p.__array_interface__["data"][0] - base) // p.itemsize
+        out[name] = buffer[offset:offset + p.size].reshape(p.shape)
+    return out
+
+
+def injected_fault(rank: int, step: int) -> bool:
+    """Test hook: MPITRAIN_FAULT=RANK:STEP makes that rank raise at that step."""
+    spec = os.environ.get("MPITRAIN_FAULT", "")
+    return spec == f"{rank}:{step}"
+
+
+class NodeZero:
+    def __init__(self, plan, link, ranks: list, dataset, checkpoint=None, header_extra=""):
+        """ranks: [(host, pid)] of every rank (Node Zero first); dataset: the open Dataset;
+        checkpoint: the loaded Checkpoint on resume."""
+        from mpitrain.model import Model
+
+        self.plan = plan
+        self.link = link
+        self.ranks = ranks
+        self.tc = plan.train_config
+        self.tokenizer = dataset.tokenizer
+        self.prompt = sampling.sample_prompt(dataset.split_tokens("val"),
+                                             self.tokenizer.eod_id)
+        self.model = Model(plan.model_config, seed=self.tc.seed, threads=1)
+        self.m = arena_views(self.model, self.model.m_buffer)
+        self.v = arena_views(self.model, self.model.v_buffer)
+        self.checkpoint = checkpoint
+        self.header_extra = header_extra
+        self.stop_signal = None       # set by request_stop (signal handler)
+        self.stop_announced = False
+        self.tokens_per_step = self.tc.batch_size * self.tc.seq_len
+
+    # --- called from a signal handler: only set a flag ---------------------------------------
+    def request_stop(self, signum: int) -> None:
+        self.stop_signal = signum
+
+    # --- the run -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        p, tc = self.plan, self.tc
+        os.makedirs(p.run_dir, exist_ok=True)
+        self.tokenizer.save_txt(os.path.join(p.run_dir, "vocab.txt"))
+        self.log = RunLog(p.run_dir, self.ranks, p.total_steps, p.start_step, p.stop_step,
+                          quiet=p.quiet)
+        self.saver = Saver(p.run_dir, tc.keep_last)
+        self._header()
+        self.done = p.start_step           # last reported step
+        self.issued = p.start_step         # last issued STEP
+        self.last_command = (STEP, p.start_step)
+        self.positions = {p.start_step: p.position}
+        self.losses = {}
+        self.val_loss = None
+        self.best_val_loss = p.best_val_loss
+        self.queue = deque()               # commands awaiting their report, in order
+        self.finished_issuing = False
+        if self.checkpoint is not None:
+            self._send_resume_state()
+        if p.start_step == 0:
+            self._issue(Command(EVAL, 0))
+            self._issue(Command(SAVE, 0))
+        self.t_start = self.t_last = time.perf_counter()
+        self.step_time = None              # smoothed seconds per step
+        self._issue_steps()
+        while self.queue:
+            command = self.queue[0]
+            report = self._wait(self.link.next_report()).result
+            if (report.kind, report.step) != (command.kind, command.step):
+                raise RuntimeError(f"protocol error: expected the report of "
+                                   f"{KIND_NAMES[command.kind]} {command.step}, got "
+                                   f"{KIND_NAMES.get(report.kind, report.kind)} {report.step}")
+            self.queue.popleft()
+            {STEP: self._on_step, EVAL: self._on_eval, SAVE: self._on_save}[report.kind](report)
+            self._issue_steps()
+        wall = time.perf_counter() - self.t_start
+        while self.saver.busy():
+            self._housekeeping()
+            time.sleep(NODE_ZERO_SLEEP)
+        self._housekeeping()
+        counters = self._wait(self.link.gather_counters(self.model.counters())).result
+        stats = self._statistics(wall, counters)
+        self._wait(self.link.release())
+        self.log.close()
+        return stats
+
+    # --- issuing -----------------------------------------------------------------------------
+    def _issue(self, command: Command) -> None:
+        self.link.send_command(command)
+        self.last_command = (command.kind, command.step)
+        if command.kind != STOP:
+            self.queue.append(command)
+
+    def _issue_steps(self) -> None:
+        if self.finished_issuing:
+            return
+        p, tc = self.plan, self.tc
+        while self.issued < p.stop_step and self.issued - self.done < LOOKAHEAD:
+            n = self.issued + 1
+            ids, after = schedule.next_batch(self.positions[self.issued], tc.batch_size,
+                                             p.num_windows, tc.seed)
+            lr = schedule.lr_at(n, tc.lr, tc.warmup, p.total_steps)
+            self.positions[n] = after
+            self._issue(Command(STEP, n, lr, ids))
+            self.issued = n
+            final = n == p.stop_step
+            if n % tc.eval_every == 0 or final:
+                self._issue(Command(EVAL, n))
+            if n % tc.save_every == 0 or final:
+                self._issue(Command(SAVE, n))
+        if self.issued == p.stop_step:
+            self._issue(Command(STOP, self.issued))
+            self.finished_issuing = True
+
+    def _stop_now(self) -> None:
+        """After a signal: a checkpoint of the last issued step, then STOP."""
+        if self.finished_issuing:
+            return
+        if self.last_command != (SAVE, self.issued):
+            self._issue(Command(SAVE, self.issued))
+        self._issue(Command(STOP, self.issued))
+        self.finished_issuing = True
+
+    # --- waiting -----------------------------------------------------------------------------
+    def _wait(self, pending):
+        while not pending.done():
+            self._housekeeping()
+            time.sleep(NODE_ZERO_SLEEP)
+        return pending
+
+    def _housekeeping(self) -> None:
+        self.log.heartbeat()
+        if self.stop_signal is not None and not self.stop_announced:
+            self.stop_announced = True
+            self.log.event("signal", f"signal {self.stop_signal}: saving a checkpoint after "
+                           f"step {self.issued} and stopping", signal=self.stop_signal,
+                           step=self.issued)
+            self._stop_now()
+        written = self.saver.finished()
+        if written is not None:
+            step, path, seconds, removed = written
+            self.log.event("checkpoint", f"checkpoint written: {path} ({seconds:.2f} s)",
+                           step=step, path=path, seconds=seconds, removed=removed)
+
+    # --- reports -----------------------------------------------------------------------------
+    def _on_step(self, r) -> None:
+        if injected_fault(0, r.step):
+            raise RuntimeError(f"injected fault (MPITRAIN_FAULT) at step {r.step}")
+        now = time.perf_counter()
+        dt, self.t_last = now - self.t_last, now
+        self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
+        self.done = r.step
+        self.losses[r.step] = r.loss
+        lr = schedule.lr_at(r.step, self.tc.lr, self.tc.warmup, self.plan.total_steps)
+        self.log.step_done(r.step, r.loss, lr, r.grad_norm, self.tokens_per_step / dt,
+                           (self.plan.stop_step - r.step) * self.step_time)
+
+    def _on_eval(self, r) -> None:
+        self._wait_saver()
+        self._wait(self.link.receive_state([self.model.param_buffer]))
+        self.val_loss = r.loss
+        if self.best_val_loss is None or r.loss < self.best_val_loss:
+            self.best_val_loss = r.loss
+        ids = sampling.generate(self.model, self.prompt, self.tc.seed, r.step,
+                                context=self.tc.seq_len)
+        self.log.evaluation(r.step, r.loss, self.tokenizer.decode(self.prompt),
+                            self.tokenizer.decode(ids))
+
+    def _on_save(self, r) -> None:
+        self._wait_saver()
+        m = self.model
+        self._wait(self.link.receive_state([m.param_buffer, m.m_buffer, m.v_buffer]))
+        position = self.positions[r.step]
+        self.saver.start(
+            r.step, model_config=self.plan.model_config, train_config=self.tc,
+            params={n: m.params[n] for n in m.param_names}, m=self.m, v=self.v,
+            epoch=position.epoch, data_position=position, rng_state={"seed": self.tc.seed},
+            train_loss=self.losses.get(r.step), val_loss=self.val_loss,
+            tokenizer=self.tokenizer,
+            extra={"best_val_loss": self.best_val_loss, "total_steps": self.plan.total_steps,
+                   "ranks": len(self.ranks), "workers": self.link.num_workers})
+
+    def _wait_saver(self) -> None:
+        while self.saver.busy():
+            self._housekeeping()
+            time.sleep(NODE_ZERO_SLEEP)
+        self._housekeeping()
+
+    def _send_resume_state(self) -> None:
+        ck, m = self.checkpoint, self.model
+        for name in m.param_names:
+            m.params[name][...] = ck.params[name]
+            self.m[name][...] = ck.m[name]
+            self.v[name][...] = ck.v[name]
+        self.checkpoint = None  # its arrays can go
+        self._wait(self.link.send_state([m.param_buffer, m.m_buffer, m.v_buffer]))
+        self.log.event("resume", f"resumed from {self.plan.resume_path} at step "
+                       f"{self.plan.start_step}", path=self.plan.resume_path,
+                       step=self.plan.start_step)
+
+    # --- text --------------------------------------------------------------------------------
+    def _header(self) -> None:
+        p, tc, mc = self.plan, self.tc, self.plan.model_config
+        lines = [f"mpitrain train: preset {p.preset}, run directory {p.run_dir}",
+                 f"dataset {p.dataset_path}: {p.num_windows} training windows, "
+                 f"{p.num_val_windows} validation windows of {tc.seq_len} + 1 tokens",
+                 f"model {mc.to_dict()}",
+                 f"parameters {self.model.num_params:,}",
+                 f"training {tc.to_dict()}",
+                 f"steps {p.start_step + 1}..{p.stop_step} of a schedule planned for "
+                 f"{p.total_steps} steps ({self.tokens_per_step} tokens a step)",
+                 f"world: {len(self.ranks)} ranks = Node Zero + {self.link.num_workers} "
+                 f"worker(s), {p.threads_per_rank} kernel thread(s) per worker"]
+        lines += [f"  rank {r}: host {h} pid {pid}" + (" (Node Zero)" if r == 0 else "")
+                  for r, (h, pid) in enumerate(self.ranks)]
+        if self.header_extra:
+            lines.append(self.header_extra)
+        self.log.log("\n".join(lines))
+        self.log.metrics(event="start", time=time.time(), preset=p.preset,
+                         model_config=mc.to_dict(), train_config=tc.to_dict(),
+                         num_params=self.model.num_params, ranks=len(self.ranks),
+                         workers=self.link.num_workers, start_step=p.start_step,
+                         stop_step=p.stop_step, total_steps=p.total_steps,
+                         hosts=[h for h, _ in self.ranks], pids=[pid for _, pid in self.ranks],
+                         node_zero_host=socket.gethostname())
+        if not p.quiet:
+            print(f"mpitrain: {self.model.num_params:,} parameters, steps "
+                  f"{p.start_step + 1}..{p.stop_step}, {len(self.ranks)} ranks "
+                  f"(Node Zero + {self.link.num_workers} workers); logs in {p.run_dir}",
+                  flush=True)
+
+    def _statistics(self, wall: float, counters: np.ndarray) -> dict:
+        p, tc = self.plan, self.tc
+        steps = self.done - p.start_step
+        tokens = steps * self.tokens_per_step
+        stats = {"wall_s": wall, "steps": steps, "last_step": self.done, "tokens": tokens,
+                 "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+                 "final_val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
+                 "counters": counters.tolist(),
+                 "windows_per_step": tc.batch_size}
+        lines = [f"done: {steps} steps in {fmt_duration(wall)} ({wall:.1f} s), {tokens:,} tokens, "
+                 f"{stats['tokens_per_s']:,.0f} tokens/s",
+                 f"validation loss: final {_fmt(self.val_loss)}, best {_fmt(self.best_val_loss)}",
+                 "kernel counters (training calls, windows) by rank: "
+                 + ", ".join(f"{r}: ({c}, {w})" for r, (c, w) in enumerate(counters.tolist()))]
+        self.log.metrics(event="end", time=time.time(), **stats)
+        self.log.say("\n".join(lines))
+        return stats
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4f}"

@@ -1,0 +1,210 @@
+"""The run's plan: everything Node Zero and the workers must agree on before the first step.
+
+Rank 0 makes it from the options, the dataset and (on resume) the checkpoint, and sends it to
+every rank; the workers never read options or checkpoints themselves. Configuration precedence
+(README, "Training"), lowest first:
+
+  1. the preset (--preset)
+  2. on resume, the checkpoint: the whole model architecture and the training configuration
+  3. --set key=value and the dedicated options (--lr, --batch-size, ...); on resume only
+     training fields may be set, the architecture is the checkpoint's
+  always: vocab_size and seq_len come from the dataset (setting them is refused)
+"""
+import dataclasses
+import glob
+import os
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from mpitrain import schedule
+from mpitrain.config import PRESETS, ModelConfig, TrainConfig
+from mpitrain.errors import UserError
+
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
+FROM_DATASET = ("vocab_size", "seq_len")
+
+
+@dataclass
+class Plan:
+    preset: str
+    model_config: ModelConfig
+    train_config: TrainConfig
+    dataset_path: str
+    run_dir: str
+    num_windows: int             # training windows of the dataset at seq_len
+    num_val_windows: int
+    eval_ids: np.ndarray         # int64: the fixed validation windows of every evaluation
+    total_steps: int             # the step the learning-rate schedule plans to end at
+    start_step: int              # 0 for a fresh run, else the checkpoint's step
+    stop_step: int               # this invocation's last step (--stop-at, else total_steps)
+    position: schedule.DataPosition  # data position before step start_step + 1
+    resume_path: str = None
+    best_val_loss: float = None  # carried over from the checkpoint on resume
+    threads_per_rank: int = 1
+    quiet: bool = False
+
+
+def parse_value(key: str, text: str):
+    """`--set key=value`: the value converted to the field's type (int, float)."""
+    cls = ModelConfig if key in MODEL_KEYS else TrainConfig
+    kind = {f.name: f.type for f in fields(cls)}[key]
+    kind = {"int": int, "float": float}.get(kind, kind) if isinstance(kind, str) else kind
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--set {key}={text}: expected {kind.__name__}") from None
+
+
+def parse_sets(items: list) -> dict:
+    """['key=value', ...] -> {key: typed value}; unknown or dataset-given keys are refused."""
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key=value")
+        if key in FROM_DATASET:
+            raise UserError(f"--set {key}: {key} comes from the dataset (prepare it with the "
+                            f"{'--vocab-size' if key == 'vocab_size' else '--seq-len'} you want)")
+        if key not in MODEL_KEYS and key not in TRAIN_KEYS:
+            known = [k for k in MODEL_KEYS + TRAIN_KEYS if k not in FROM_DATASET]
+            raise UserError(f"--set {key}: unknown key (known: {', '.join(known)})")
+        if key in out:
+            raise UserError(f"--set {key} given twice")
+        out[key] = parse_value(key, value.strip())
+    return out
+
+
+def resolve_configs(preset: str, overrides: dict, vocab_size: int, seq_len: int,
+                    checkpoint=None):
+    """(ModelConfig, TrainConfig) by the precedence in the module docstring.
+
+    overrides: {field: value} from --set and the dedicated options (already merged)."""
+    model_over = {k: v for k, v in overrides.items() if k in MODEL_KEYS}
+    train_over = {k: v for k, v in overrides.items() if k in TRAIN_KEYS}
+    if checkpoint is not None:
+        if model_over:
+            raise UserError(f"--set {next(iter(model_over))}: on resume the architecture comes "
+                            f"from the checkpoint {checkpoint.path}")
+        model = checkpoint.model_config
+        train = checkpoint.train_config
+        if model.vocab_size != vocab_size:
+            raise UserError(f"checkpoint {checkpoint.path} has vocabulary size "
+                            f"{model.vocab_size}, the dataset {vocab_size}: resume with the "
+                            f"dataset it was trained on (--dataset)")
+        if train.seq_len != seq_len:
+            raise UserError(f"checkpoint {checkpoint.path} was trained with seq_len "
+                            f"{train.seq_len}, the dataset has {seq_len}")
+    else:
+        model = ModelConfig(**PRESETS[preset]["model"])
+        train = TrainConfig(**PRESETS[preset]["train"])
+    try:
+        model = dataclasses.replace(model, vocab_size=vocab_size, **model_over)
+        train = dataclasses.replace(train, seq_len=seq_len, **train_over)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if seq_len > model.max_seq_len:
+        raise UserError(f"the dataset's seq_len {seq_len} exceeds the model's max_seq_len "
+                        f"{model.max_seq_len} (--set max_seq_len={seq_len}, or prepare with a "
+                        f"shorter --seq-len)")
+    _check_train(train)
+    return model, train
+
+
+def _check_train(t: TrainConfig) -> None:
+    positive = ("batch_size", "epochs", "save_every", "eval_every", "eval_windows")
+    for k in positive:
+        if getattr(t, k) < 1:
+            raise UserError(f"{k} must be at least 1, got {getattr(t, k)}")
+    for k in ("max_steps", "warmup", "seed", "keep_last"):
+        if getattr(t, k) < 0:
+            raise UserError(f"{k} must not be negative, got {getattr(t, k)}")
+    if not t.lr > 0:
+        raise UserError(f"lr must be positive, got {t.lr}")
+    if t.clip < 0 or t.weight_decay < 0 or not 0 <= t.beta1 < 1 or not 0 <= t.beta2 < 1 \
+            or not t.eps > 0:
+        raise UserError("need clip >= 0, weight_decay >= 0, 0 <= beta1, beta2 < 1 and eps > 0")
+
+
+def existing_checkpoints(run_dir: str) -> list:
+    return sorted(glob.glob(os.path.join(run_dir, "checkpoint_step_*.h5")))
+
+
+def default_dataset(preset: str) -> str:
+    """Where `train` without --dataset looks for (and, if missing, prepares) the default corpus:
+    one file per preset, since the vocabulary size and seq_len are the preset's."""
+    return os.path.join("hdf5_data", f"default_{preset}.h5")
+
+
+def prepare_default(path: str, preset: str, quiet: bool) -> None:
+    """Prepare the embedded default corpus with the preset's vocabulary size and seq_len
+    (this process alone)."""
+    from mpitrain import prepare
+
+    cfg = PRESETS[preset]
+    prepare.prepare(prepare.Options(data=None, out=path, vocab_size=cfg["model"]["vocab_size"],
+                                    seq_len=cfg["train"]["seq_len"], quiet=quiet), comm=None)
+
+
+def make_plan(options: dict, num_workers: int):
+    """Rank 0: resolve the run from the command's options. Returns (Plan, Checkpoint or None,
+    Dataset). Raises UserError before anything is written (except a prepared default corpus).
+
+    options: preset, dataset, run_dir, resume, stop_at, threads_per_rank, quiet, overrides."""
+    from mpitrain.checkpoint import find_resume, load_checkpoint
+    from mpitrain.dataset import Dataset
+
+    preset = options["preset"]
+    dataset_path = options["dataset"] or default_dataset(preset)
+    if options["dataset"] is None and not os.path.exists(dataset_path):
+        prepare_default(dataset_path, preset, options["quiet"])
+    ds = Dataset.open(dataset_path)
+    run_dir = options["run_dir"] or os.path.join("runs", preset)
+
+    checkpoint = None
+    resume = options["resume"]
+    if resume == "auto":
+        found = find_resume(run_dir)
+        checkpoint = load_checkpoint(found) if found is not None else None
+    elif resume:
+        checkpoint = load_checkpoint(resume)
+    elif existing_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
+                        f"that run, or choose another --run-dir")
+    if checkpoint is not None and checkpoint.m is None:
+        raise UserError(f"{checkpoint.path} is a weights-only export (no optimizer state): "
+                        f"resume needs a training checkpoint")
+    if checkpoint is not None and hasattr(checkpoint.tokenizer, "pretokens") \
+            and list(checkpoint.tokenizer.pretokens) != list(ds.tokenizer.pretokens):
+        raise UserError(f"{checkpoint.path} was trained with another vocabulary than "
+                        f"{dataset_path}: resume with the dataset it was trained on")
+
+    model, train = resolve_configs(preset, options["overrides"], ds.vocab_size, ds.seq_len,
+                                   checkpoint)
+    num_windows = ds.num_windows("train", train.seq_len)
+    num_val = ds.num_windows("val", train.seq_len)
+    if num_windows < 1 or num_val < 1:
+        raise UserError(f"{dataset_path}: the {'training' if num_windows < 1 else 'validation'} "
+                        f"split holds no window of seq_len + 1 = {train.seq_len + 1} tokens")
+    total = schedule.total_steps(num_windows, train.batch_size, train.epochs, train.max_steps)
+    start = checkpoint.step if checkpoint is not None else 0
+    stop = total if not options["stop_at"] else min(options["stop_at"], total)
+    if start >= stop:
+        raise UserError(f"nothing to do: the run is at step {start} and ends at step {stop} "
+                        f"(raise --max-steps or --epochs to continue it)")
+    position = checkpoint.data_position if checkpoint is not None else schedule.DataPosition()
+    if position.index >= num_windows:
+        raise UserError(f"{checkpoint.path}: data position {position.index} is outside the "
+                        f"dataset's {num_windows} training windows")
+    best = (checkpoint.extra or {}).get("best_val_loss") if checkpoint is not None else None
+    plan = Plan(preset=preset, model_config=model, train_config=train,
+                dataset_path=os.path.abspath(dataset_path), run_dir=os.path.abspath(run_dir),
+                num_windows=num_windows, num_val_windows=num_val,
+                eval_ids=schedule.eval_window_ids(num_val, train.eval_windows),
+                total_steps=total, start_step=start, stop_step=stop, position=position,
+                resume_path=None if checkpoint is None else os.fspath(checkpoint.path),
+                best_val_loss=best, threads_per_rank=options["threads_per_rank"],
+                quiet=options["quiet"])
+    return plan, checkpoint, ds

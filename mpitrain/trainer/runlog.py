@@ -1,0 +1,118 @@
+"""What Node Zero writes about a run besides checkpoints: train.log, metrics.jsonl, heartbeat.json,
+and what the person at the terminal sees (a progress bar on a terminal, plain lines otherwise).
+
+metrics.jsonl holds one JSON object a line: every step {"step", "loss", "lr", "grad_norm",
+"tokens_per_s", "time"}, every evaluation {"step", "val_loss", "val_ppl", "sample"}, and events
+{"event": "start" | "resume" | "checkpoint" | "signal" | "end", ...}. heartbeat.json is replaced
+atomically every few seconds: Node Zero's host, every rank's PID, the last step, the time.
+"""
+import json
+import math
+import os
+import socket
+import sys
+import time
+
+from mpitrain.progress import bar
+
+HEARTBEAT_EVERY = 2.0   # s between heartbeat.json refreshes
+PRINT_EVERY = 10.0      # s between plain progress lines when no bar is shown
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class RunLog:
+    def __init__(self, run_dir: str, ranks: list, total_steps: int, start_step: int,
+                 stop_step: int, quiet: bool = False):
+        """ranks: [(host, pid)] by rank."""
+        self.run_dir = run_dir
+        self.ranks = ranks
+        self.stop_step = stop_step
+        self.quiet = quiet
+        self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self._log = open(os.path.join(run_dir, "train.log"), "a", buffering=1)
+        self._heartbeat_at = 0.0
+        self._printed_at = time.monotonic()
+        self.step = start_step
+        self.bar = bar(total=stop_step, desc="train", unit="step", initial=start_step)
+        self.bar_shown = not self.bar.disable
+        self.heartbeat(force=True)
+
+    # --- sinks -------------------------------------------------------------------------------
+    def metrics(self, **record) -> None:
+        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def log(self, text: str) -> None:
+        """train.log only."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        for line in text.splitlines() or [""]:
+            self._log.write(f"{stamp} {line}\n")
+
+    def say(self, text: str) -> None:
+        """train.log and the terminal (stdout, above the bar)."""
+        self.log(text)
+        if self.quiet:
+            return
+        if self.bar_shown:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def event(self, name: str, message: str, **fields) -> None:
+        self.metrics(event=name, time=time.time(), **fields)
+        self.say(message)
+
+    # --- progress ----------------------------------------------------------------------------
+    def step_done(self, step: int, loss: float, lr: float, grad_norm: float,
+                  tokens_per_s: float, eta_s: float) -> None:
+        self.step = step
+        self.metrics(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+                     tokens_per_s=tokens_per_s, time=time.time())
+        line = (f"step {step}/{self.stop_step}  loss {loss:.4f}  lr {lr:.3e}  "
+                f"grad_norm {grad_norm:.3f}  {tokens_per_s:,.0f} tok/s  ETA {fmt_duration(eta_s)}")
+        self.log(line)
+        if self.bar_shown:
+            self.bar.set_postfix_str(f"loss {loss:.4f} {tokens_per_s:,.0f} tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif not self.quiet and (time.monotonic() - self._printed_at >= PRINT_EVERY
+                                 or step == self.stop_step):
+            self._printed_at = time.monotonic()
+            print(line, flush=True)
+
+    def evaluation(self, step: int, val_loss: float, prompt: str, sample: str) -> None:
+        ppl = math.exp(min(val_loss, 700.0))
+        self.metrics(step=step, val_loss=val_loss, val_ppl=ppl, sample=sample, time=time.time())
+        self.say(f"step {step}: val_loss {val_loss:.4f}  perplexity {ppl:.2f}\n"
+                 f"  sample: {(prompt + sample)!r}")
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._heartbeat_at < HEARTBEAT_EVERY:
+            return
+        self._heartbeat_at = now
+        _atomic_write(os.path.join(self.run_dir, "heartbeat.json"), json.dumps({
+            "host": socket.gethostname(), "pid": os.getpid(),
+            "ranks": [{"rank": r, "host": h, "pid": p} for r, (h, p) in enumerate(self.ranks)],
+            "step": self.step, "stop_step": self.stop_step, "time": now,
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        }, indent=1) + "\n")
+
+    def close(self) -> None:
+        self.heartbeat(force=True)
+        self.bar.close()
+        self._metrics.close()
+        self._log.close()
+
+
+def fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -1,0 +1,99 @@
+"""MPI mode: wiring the ranks, agreeing on the plan, signals, and the abort path.
+
+  1. every rank: host and PID to rank 0 (for the log header and heartbeat.json)
+  2. rank 0 alone makes the plan (prepares the default corpus if needed, opens the dataset and
+     the checkpoint); the others sleep in a non-blocking broadcast. A UserError found here is
+     sent to every rank: rank 0 prints its one line and every rank exits 2.
+  3. the workers split off their own communicator with the icosahedral graph topology
+  4. rank 0 runs Node Zero, the others Worker, until Node Zero releases them
+
+Abort path: `python -m mpitrain` under mpirun would otherwise leave the other ranks waiting
+forever when one rank raises (measured in issue 4). Any exception after step 2's agreement, on
+any rank, prints the traceback and "mpitrain: rank R: <error>" and calls MPI.COMM_WORLD.Abort,
+which ends every rank.
+
+Signals: MPICH's mpirun forwards the first Ctrl-C (SIGINT) and SIGTERM to every rank and kills
+everything on a second Ctrl-C (measured). Node Zero turns the first into "save and stop"; the
+workers ignore the first (Node Zero will stop them) and abort on a second.
+"""
+import os
+import signal
+import socket
+import sys
+import traceback
+
+from mpitrain.errors import UserError
+
+
+def _abort(world, rank: int, exc: BaseException) -> None:
+    if not isinstance(exc, KeyboardInterrupt):
+        traceback.print_exc(file=sys.stderr)
+    print(f"mpitrain: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    world.Abort(1)
+
+
+def _install_signals(world, rank: int, on_first) -> None:
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if len(seen) == 1:
+            if on_first is not None:
+                on_first(signum)
+            return
+        print(f"mpitrain: rank {rank}: second signal ({signal.Signals(signum).name}): "
+              f"aborting", file=sys.stderr, flush=True)
+        world.Abort(128 + signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+
+
+def run_mpi(options: dict) -> int:
+    """options: see plan.make_plan. Returns the exit status (0) or raises the agreed UserError."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # our kernel threads, not BLAS's
+    from mpi4py import MPI
+
+    from mpitrain.topology import graph_edges, placement_table
+    from mpitrain.trainer.comm import MPIWorkerLink, bcast_object, make_worker_comm
+    from mpitrain.trainer.plan import make_plan
+
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    try:
+        ranks = world.gather((socket.gethostname(), os.getpid()), root=0)
+        plan = checkpoint = dataset = error = None
+        if rank == 0:
+            try:
+                plan, checkpoint, dataset = make_plan(options, size - 1)
+            except UserError as e:
+                error = str(e)
+        plan, error = bcast_object(world, (plan, error))
+    except BaseException as e:
+        _abort(world, rank, e)
+    if error is not None:
+        raise UserError(error)  # on every rank; the command line prints it on rank 0 only
+
+    try:
+        tc = plan.train_config
+        comm = make_worker_comm(world, tc.batch_size, graph_edges(size - 1))
+        if rank == 0:
+            from mpitrain.trainer.node_zero import NodeZero
+
+            node_zero = NodeZero(plan, MPIWorkerLink(world, tc.batch_size), ranks, dataset,
+                                 checkpoint, header_extra=placement_table(size - 1,
+                                                                           tc.batch_size))
+            del checkpoint
+            _install_signals(world, rank, node_zero.request_stop)
+            node_zero.run()
+            if node_zero.stop_signal is not None and not plan.quiet:
+                print(f"mpitrain: stopped by signal {node_zero.stop_signal} after step "
+                      f"{node_zero.done}; continue with --resume auto", flush=True)
+        else:
+            from mpitrain.trainer.worker import Worker
+
+            _install_signals(world, rank, None)
+            Worker(plan, comm, rank).run()
+    except BaseException as e:
+        _abort(world, rank, e)
+    return 0

@@ -11,6 +11,7 @@ Only commands that work are listed.
 COMMANDS = (
     "prepare",
     "inspect",
+    "export",
 )
 
 # The subcommand used when the first argument is not a command name (DESIGN.md: train).

@@ -16,6 +16,8 @@ HELP = "show an HDF5 file's structure and, for mpitrain files, a summary"
 # -> str. Add an entry here for each new file kind.
 SUMMARIES = {
     "mpitrain-dataset": "mpitrain.inspect_dataset",
+    "mpitrain-checkpoint": "mpitrain.inspect_checkpoint",
+    "mpitrain-weights": "mpitrain.inspect_checkpoint",
 }
 
 
@@ -26,6 +28,10 @@ def add_arguments(p):
     p.add_argument("--top", type=int, default=10,
                    help="how many of the most frequent tokens to list")
     p.add_argument("--no-tree", action="store_true", help="print only the summary")
+    p.add_argument("other", nargs="?", metavar="OTHER.h5", help="a second checkpoint or export: "
+                   "print the per-tensor difference (exit 0 identical, 1 different)")
+    p.add_argument("--verify", action="store_true", help="verify checkpoints/exports: structure "
+                   "and checksums (exit 0 sound, 1 damaged, 2 missing or not a checkpoint)")
 
 
 def inspect_file(path, top=10):
@@ -50,6 +56,8 @@ def inspect_file(path, top=10):
 
 
 def run(args):
+    if args.verify or args.other:  # checkpoint verification / comparison
+        return importlib.import_module("mpitrain.inspect_checkpoint").run_extra(args)
     if args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")
     info = inspect_file(args.file, top=args.top)

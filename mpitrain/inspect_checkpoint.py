@@ -1,0 +1,254 @@
+"""The checkpoint part of `mpitrain inspect`: summary, verification and the difference of two.
+
+summarize(path) / format_summary(s): what mpitrain.commands.inspect shows for a file whose root
+`format` is mpitrain-checkpoint or mpitrain-weights: configuration, step, epoch, data position,
+losses, parameter count and bytes, and every tensor's shape, count, mean, std, min, max and
+NaN/Inf count (statistics in float64 over the finite values).
+verify_files(paths) -> exit status: 0 every file sound, 1 a file damaged, 2 a file missing or
+not a checkpoint (a truncated file is damaged: it still starts with the HDF5 signature). compare(a, b) / format_compare(d): per-tensor difference of two files.
+"""
+import json
+import os
+
+import h5py
+import numpy as np
+
+from mpitrain.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, verify
+from mpitrain.errors import UserError
+
+FORMATS = (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)
+GROUPS = ("params", "optimizer/m", "optimizer/v")
+
+
+def _plain(v):
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _json(attrs, key):
+    try:
+        return json.loads(_plain(attrs[key]))
+    except (KeyError, ValueError, TypeError, OSError):
+        return None
+
+
+def tensor_stats(arr: np.ndarray) -> dict:
+    """count, mean, std, min, max over the finite values (None when there are none), and
+    the numbers of NaN and +-Inf entries."""
+    a = np.asarray(arr, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(a)
+    nan = int(np.isnan(a).sum())
+    good = a[finite] if not finite.all() else a
+    stats = {"count": int(a.size), "nan": nan, "inf": int(a.size - finite.sum()) - nan}
+    if good.size:
+        stats.update(mean=float(good.mean()), std=float(good.std()), min=float(good.min()),
+                     max=float(good.max()))
+    else:
+        stats.update(mean=None, std=None, min=None, max=None)
+    return stats
+
+
+def _names(f, attrs, where):
+    order = _json(attrs, "param_names") or []
+    present = list(f[where].keys())
+    return [n for n in order if n in present] + sorted(set(present) - set(order))
+
+
+def summarize(path, top=10):
+    """Everything `inspect` reports about a checkpoint or export, as a JSON-ready dict.
+    (`top` is the dataset summary's option; checkpoints list every tensor.)"""
+    problems = verify(path, want_tokenizer=False)
+    out = {"file_bytes": os.path.getsize(path), "problems": problems, "tensors": {}}
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        out.update({
+            "format": _plain(a.get("format")), "format_version": _plain(a.get("format_version")),
+            "model_config": _json(a, "model_config"), "train_config": _json(a, "train_config"),
+            "step": _plain(a.get("step")), "epoch": _plain(a.get("epoch")),
+            "data_position": {"epoch": _plain(a.get("data_epoch")),
+                              "index": _plain(a.get("data_index"))},
+            "train_loss": _plain(a.get("train_loss")), "val_loss": _plain(a.get("val_loss")),
+            "created_by": _json(a, "created_by"), "extra": _json(a, "extra"),
+            "has_rng_state": _json(a, "rng_state") is not None,
+            "vocab_size": _plain(f["vocab"].attrs.get("vocab_size")) if "vocab" in f else None,
+        })
+        for where in GROUPS:
+            if where not in f:
+                continue
+            rows = []
+            for n in _names(f, a, where):
+                ds = f[where][n]
+                try:
+                    stats = tensor_stats(ds[()])
+                except OSError:  # unreadable (truncated): shown, not fatal
+                    stats = {"count": int(ds.size), "unreadable": True}
+                rows.append({"name": n, "shape": list(ds.shape), "dtype": str(ds.dtype), **stats})
+            out["tensors"][where] = rows
+    params = out["tensors"].get("params", [])
+    out["num_params"] = sum(r["count"] for r in params)
+    out["param_bytes"] = sum(r["count"] * np.dtype(r["dtype"]).itemsize for r in params)
+    return out
+
+
+def _g(x, spec="11.4g"):
+    return "-" if x is None else format(x, spec)
+
+
+def _tensor_table(rows):
+    width = max([len(r["name"]) for r in rows] + [6])
+    head = (f"  {'tensor':<{width}}  {'shape':<14} {'count':>11} {'mean':>11} {'std':>11} "
+            f"{'min':>11} {'max':>11} {'nan':>5} {'inf':>5}")
+    lines = [head]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) or "scalar"
+        if r.get("unreadable"):
+            lines.append(f"  {r['name']:<{width}}  {shape:<14} {r['count']:>11,}  unreadable")
+            continue
+        lines.append(f"  {r['name']:<{width}}  {shape:<14} {r['count']:>11,} {_g(r['mean'])} "
+                     f"{_g(r['std'])} {_g(r['min'])} {_g(r['max'])} {r['nan']:>5} {r['inf']:>5}")
+    return lines
+
+
+def format_summary(s):
+    mc, tc, cb = s["model_config"] or {}, s["train_config"] or {}, s["created_by"] or {}
+    loss = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
+    vocab = "" if s["vocab_size"] is None else f"; vocabulary {s['vocab_size']:,} ids"
+    lines = [
+        f"kind         {s['format']} v{s['format_version']}, {s['file_bytes']:,} bytes",
+        "model        " + ", ".join(f"{k} {v}" for k, v in mc.items()),
+        "training     " + ", ".join(f"{k} {v}" for k, v in tc.items()),
+        f"step         {s['step']}  epoch {s['epoch']}  data position: epoch "
+        f"{s['data_position']['epoch']}, index {s['data_position']['index']}",
+        f"loss         train {loss(s['train_loss'])}  val {loss(s['val_loss'])}",
+        f"parameters   {s['num_params']:,} ({s['param_bytes']:,} bytes){vocab}",
+        f"written by   {cb.get('program', '?')} {cb.get('version', '?')} on {cb.get('host', '?')} "
+        f"(PID {cb.get('pid', '?')}) at {cb.get('time_utc', '?')}",
+        "checksums    " + ("all tensors and attributes verify" if not s["problems"]
+                           else f"{len(s['problems'])} problem(s): " + "; ".join(s["problems"][:3])),
+    ]
+    for where, rows in s["tensors"].items():
+        lines += ["", f"/{where} ({len(rows)} tensors)"] + _tensor_table(rows)
+    return "\n".join(lines)
+
+
+def verify_one(path):
+    """(status, problems) for one file: 0 sound, 1 damaged, 2 missing or not a checkpoint."""
+    if not os.path.isfile(path):
+        return 2, ["no such file"]
+    if not h5py.is_hdf5(path):
+        return 2, ["not an HDF5 file"]
+    try:
+        with h5py.File(path, "r") as f:
+            fmt = _plain(f.attrs.get("format"))
+    except OSError:
+        pass  # an HDF5 signature that will not open: truncated or damaged, verify says how
+    else:
+        if fmt not in FORMATS:
+            return 2, [f"not a checkpoint or weights file (format {fmt!r})"]
+    problems = verify(path)
+    return (1 if problems else 0), problems
+
+
+def verify_files(paths, out=print, as_json=False) -> int:
+    """One line per file (or one JSON list); exit status 0 all sound, 1 some damaged, 2 some
+    missing or not a checkpoint."""
+    results = [(p, *verify_one(p)) for p in paths]
+    if as_json:
+        out(json.dumps([{"file": p, "status": st, "problems": pr} for p, st, pr in results],
+                       indent=1))
+    else:
+        for p, st, pr in results:
+            label = {0: "ok", 1: "DAMAGED", 2: "error"}[st]
+            out(f"{p}: {label}" + (f": {'; '.join(pr)}" if pr else ""))
+    return max(st for _, st, _ in results)
+
+
+def _open_for_compare(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no such file: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise UserError(f"{path} is not a readable HDF5 file") from None
+    if _plain(f.attrs.get("format")) not in FORMATS:
+        f.close()
+        raise UserError(f"{path} is not a checkpoint or weights file")
+    return f
+
+
+def compare(path_a, path_b) -> dict:
+    """Per-tensor difference of two checkpoints/exports (A - B): for each tensor in either,
+    max |A-B|, RMS of A-B, ||A-B|| / ||B|| and whether the bits are identical; plus the root
+    attributes that differ (except created_by and meta_crc32)."""
+    fa, fb = _open_for_compare(path_a), _open_for_compare(path_b)
+    with fa, fb:
+        skip = {"created_by", "meta_crc32"}
+        keys = sorted((set(fa.attrs) | set(fb.attrs)) - skip)
+        attrs = {k: [_plain(fa.attrs.get(k)), _plain(fb.attrs.get(k))] for k in keys
+                 if _plain(fa.attrs.get(k)) != _plain(fb.attrs.get(k))}
+        groups = {}
+        for where in GROUPS:
+            if where not in fa and where not in fb:
+                continue
+            na = _names(fa, fa.attrs, where) if where in fa else []
+            nb = _names(fb, fb.attrs, where) if where in fb else []
+            rows = []
+            for n in na + [n for n in nb if n not in na]:
+                row = {"name": n}
+                if n not in nb or n not in na:
+                    row["status"] = "only in A" if n in na else "only in B"
+                else:
+                    x, y = fa[where][n][()], fb[where][n][()]
+                    if x.shape != y.shape:
+                        row["status"] = f"shape {list(x.shape)} vs {list(y.shape)}"
+                    else:
+                        d = x.astype(np.float64) - y.astype(np.float64)
+                        norm_b = float(np.linalg.norm(y.astype(np.float64)))
+                        row.update(status="identical" if x.tobytes() == y.tobytes() else "differ",
+                                   max_abs=float(np.abs(d).max()) if d.size else 0.0,
+                                   rms=float(np.sqrt(np.mean(d * d))) if d.size else 0.0,
+                                   rel_l2=float(np.linalg.norm(d)) / norm_b if norm_b else None)
+                rows.append(row)
+            groups[where] = rows
+    identical = not attrs and all(r["status"] == "identical" for rows in groups.values()
+                                  for r in rows)
+    return {"a": os.fspath(path_a), "b": os.fspath(path_b), "attrs": attrs, "tensors": groups,
+            "identical": identical}
+
+
+def format_compare(d):
+    lines = [f"A = {d['a']}", f"B = {d['b']}"]
+    if d["attrs"]:
+        lines.append("attributes that differ:")
+        for k, (a, b) in d["attrs"].items():
+            lines.append(f"  {k}: A {str(a)[:60]}  B {str(b)[:60]}")
+    for where, rows in d["tensors"].items():
+        same = sum(r["status"] == "identical" for r in rows)
+        lines += ["", f"/{where}: {same} of {len(rows)} tensors bit-identical"]
+        width = max([len(r["name"]) for r in rows] + [6])
+        lines.append(f"  {'tensor':<{width}}  {'status':<10} {'max |A-B|':>11} {'rms':>11} "
+                     f"{'|A-B|/|B|':>11}")
+        for r in rows:
+            if "max_abs" in r:
+                lines.append(f"  {r['name']:<{width}}  {r['status']:<10} {_g(r['max_abs'])} "
+                             f"{_g(r['rms'])} {_g(r['rel_l2'])}")
+            else:
+                lines.append(f"  {r['name']:<{width}}  {r['status']}")
+    lines += ["", "the files are identical (tensors and attributes)" if d["identical"]
+              else "the files differ"]
+    return "\n".join(lines)
+
+
+def run_extra(args) -> int:
+    """`mpitrain inspect --verify FILE [FILE2]` and `mpitrain inspect A.h5 B.h5` (called by
+    mpitrain.commands.inspect). Exit status: --verify as verify_files; a comparison 0 when the
+    files are identical, 1 when they differ."""
+    paths = [args.file] + ([args.other] if args.other else [])
+    if args.verify:
+        return verify_files(paths, as_json=getattr(args, "json", False))
+    d = compare(args.file, args.other)
+    print(json.dumps(d, indent=1) if getattr(args, "json", False) else format_compare(d))
+    return 0 if d["identical"] else 1

@@ -1,0 +1,116 @@
+"""`mpitrain inspect` on checkpoints: summary statistics, --verify exit codes, A-vs-B difference."""
+import argparse
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from mpitrain import inspect_checkpoint as ic
+from mpitrain.checkpoint import export_weights
+from mpitrain.commands import inspect as inspect_cmd
+from test_checkpoint import _flip_byte_in, _save, _tensors
+
+
+def _run(argv):
+    p = argparse.ArgumentParser()
+    inspect_cmd.add_arguments(p)
+    return inspect_cmd.run(p.parse_args(argv))
+
+
+def test_tensor_stats_against_numpy():
+    a = np.array([[1.0, -2.0, np.nan], [np.inf, 4.0, -np.inf]], np.float32)
+    s = ic.tensor_stats(a)
+    good = np.array([1.0, -2.0, 4.0])
+    assert s["count"] == 6 and s["nan"] == 1 and s["inf"] == 2
+    assert s["mean"] == pytest.approx(good.mean(), rel=1e-15)
+    assert s["std"] == pytest.approx(good.std(), rel=1e-15)
+    assert (s["min"], s["max"]) == (-2.0, 4.0)
+    assert ic.tensor_stats(np.full(3, np.nan, np.float32))["mean"] is None
+
+
+def test_summary_of_a_checkpoint(tmp_path, capsys):
+    path = tmp_path / "checkpoint_step_7.h5"
+    params, m, _ = _save(path)
+    s = ic.summarize(str(path))
+    assert s["format"] == "mpitrain-checkpoint" and s["step"] == 7 and s["epoch"] == 1
+    assert s["data_position"] == {"epoch": 1, "index": 4}
+    assert s["train_loss"] == 3.25 and s["val_loss"] is None and s["problems"] == []
+    assert s["num_params"] == sum(a.size for a in params.values())
+    assert s["param_bytes"] == 4 * s["num_params"]
+    rows = {r["name"]: r for r in s["tensors"]["params"]}
+    assert list(rows) == list(params)  # in the model's order
+    ref = params["lm_head.weight"].astype(np.float64)
+    r = rows["lm_head.weight"]
+    assert r["shape"] == list(ref.shape) and r["count"] == ref.size
+    assert r["mean"] == pytest.approx(ref.mean(), rel=1e-12)
+    assert r["std"] == pytest.approx(ref.std(), rel=1e-12)
+    assert (r["min"], r["max"]) == (ref.min(), ref.max())
+    m_rows = {r["name"]: r for r in s["tensors"]["optimizer/m"]}
+    assert m_rows["transformer.wpe.weight"]["max"] == float(m["transformer.wpe.weight"].max())
+    # Through the inspect command: tree plus this summary.
+    assert _run([str(path), "--no-tree"]) == 0
+    out = capsys.readouterr().out
+    assert "step         7  epoch 1  data position: epoch 1, index 4" in out
+    assert "all tensors and attributes verify" in out
+    assert "/optimizer/v (6 tensors)" in out and "lm_head.weight" in out
+    json.dumps(s)  # JSON-ready
+
+
+def test_verify_exit_codes(tmp_path, capsys):
+    good, bad, trunc = tmp_path / "good.h5", tmp_path / "bad.h5", tmp_path / "trunc.h5"
+    for p in (good, bad, trunc):
+        _save(p)
+    _flip_byte_in(bad, "optimizer/v/lm_head.weight")
+    with open(trunc, "r+b") as fh:
+        fh.truncate(trunc.stat().st_size // 2)
+    text = tmp_path / "text.h5"
+    text.write_text("hello")
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["format"] = "mpitrain-dataset"
+    assert _run(["--verify", str(good)]) == 0
+    assert capsys.readouterr().out == f"{good}: ok\n"
+    assert _run(["--verify", str(bad)]) == 1
+    assert "DAMAGED: /optimizer/v/lm_head.weight fails its checksum" in capsys.readouterr().out
+    assert _run(["--verify", str(trunc)]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+    for p in (text, other, tmp_path / "missing.h5"):
+        assert _run(["--verify", str(p)]) == 2
+    assert capsys.readouterr().out.count(": error: ") == 3
+    assert ic.verify_files([str(good), str(bad)], out=lambda _: None) == 1
+    exported = export_weights(good, tmp_path / "model.h5")
+    assert ic.verify_files([str(exported)], out=lambda _: None) == 0
+    assert _run(["--verify", "--json", str(bad)]) == 1
+    assert json.loads(capsys.readouterr().out)[0]["status"] == 1
+
+
+def test_compare_two_checkpoints(tmp_path, capsys):
+    a, b, c = tmp_path / "a.h5", tmp_path / "b.h5", tmp_path / "c.h5"
+    pa, _, _ = _save(a)
+    _save(b)
+    changed = _tensors(1)
+    changed["lm_head.weight"] = changed["lm_head.weight"].copy()
+    changed["lm_head.weight"][0, 0] += 0.5
+    _save(c, params=changed, step=8)
+    assert _run([str(a), str(b)]) == 0  # created_by differs, which compare ignores
+    assert "the files are identical" in capsys.readouterr().out
+    d = ic.compare(str(a), str(c))
+    assert not d["identical"] and d["attrs"]["step"] == [7, 8]
+    rows = {r["name"]: r for r in d["tensors"]["params"]}
+    r = rows["lm_head.weight"]
+    assert r["status"] == "differ"
+    assert r["max_abs"] == pytest.approx(0.5, rel=1e-6)
+    ref_b = changed["lm_head.weight"].astype(np.float64)
+    assert r["rms"] == pytest.approx(np.sqrt(0.25 / ref_b.size), rel=1e-5)
+    assert r["rel_l2"] == pytest.approx(0.5 / np.linalg.norm(ref_b), rel=1e-5)
+    assert rows["transformer.wpe.weight"]["status"] == "identical"
+    assert d["tensors"]["optimizer/m"][0]["status"] == "identical"
+    assert _run([str(a), str(c)]) == 1
+    out = capsys.readouterr().out
+    assert "/params: 5 of 6 tensors bit-identical" in out and "the files differ" in out
+    # A checkpoint against its export: parameters identical, optimizer only in A.
+    e = export_weights(a, tmp_path / "e.h5")
+    d = ic.compare(str(a), str(e))
+    assert all(r["status"] == "identical" for r in d["tensors"]["params"])
+    assert {r["status"] for r in d["tensors"]["optimizer/m"]} == {"only in A"}

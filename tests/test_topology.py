@@ -152,3 +152,19 @@ def test_docs_table_matches_the_function():
     assert begin in text and end in text
     generated = text.split(begin, 1)[1].split(end, 1)[0]
     assert generated.strip() == t.markdown_tables(12, 32).strip()
+
+
+def test_windows_are_exactly_the_groups_windows():
+    # Up to 12 workers a worker's windows are all windows of its groups (j % 12 in groups).
+    for n in range(1, 13):
+        for batch in (7, 24, 32, 100):
+            for w, (groups, windows) in enumerate(zip(t.assign_groups(n),
+                                                      t.assign_windows(n, batch))):
+                assert windows == [j for j in range(batch) if j % 12 in groups], (n, w)
+    # Beyond 12, the workers at a vertex split exactly that vertex's group.
+    for n in (13, 30, 144):
+        shares = t.assign_windows(n, 500)
+        for v in range(12):
+            members = range(v, n, 12)
+            got = sorted(j for w in members for j in shares[w])
+            assert got == list(range(v, 500, 12))

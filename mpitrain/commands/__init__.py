@@ -11,6 +11,7 @@ Only commands that work are listed.
 COMMANDS = (
     "prepare",
     "inspect",
+    "train",
     "export",
 )
 

@@ -369,6 +369,16 @@ def _version():
     return __version__
 
 
+def _os_reason(e: OSError) -> str:
+    """A short reason for an OSError; HDF5's errors carry the errno inside a long message."""
+    if isinstance(e.errno, int) and e.errno > 0:
+        return os.strerror(e.errno)
+    m = re.search(r"errno = (\d+)", str(e))
+    if m:
+        return os.strerror(int(m.group(1)))
+    return " ".join(str(e).split())[:300]
+
+
 class _Terminated(Exception):
     pass
 
@@ -397,8 +407,7 @@ def _write_atomically(o, tok, content):
         os.replace(tmps[1], vtxt)
         os.replace(tmps[0], out)
     except OSError as e:
-        reason = e.strerror or str(e).replace("\n", " ")
-        raise UserError(f"cannot write {out}: {reason}; nothing was written") from None
+        raise UserError(f"cannot write {out}: {_os_reason(e)}; nothing was written") from None
     except _Terminated:
         raise UserError("terminated; nothing was written") from None
     finally:

@@ -14,8 +14,8 @@ Node Zero never computes a training batch. It talks to the workers only through 
   STOP     the last command: workers send their kernel counters and wait to be released.
 
 While it waits, Node Zero sleeps (1 ms polls), refreshes heartbeat.json and reacts to a stop
-request (a signal): it then issues SAVE for the last issued step and STOP, so the run ends after
-at most LOOKAHEAD more steps with a checkpoint.
+request (a signal): it then issues EVAL and SAVE for the last issued step and STOP, so the run
+ends after at most LOOKAHEAD more steps with a checkpoint.
 """
 import os
 import socket
@@ -32,18 +32,6 @@ from mpitrain.trainer.runlog import RunLog, fmt_duration
 from mpitrain.trainer.saver import Saver
 
 LOOKAHEAD = 1   # STEP commands issued beyond the last reported step
-
-
-def arena_views(model, buffer: np.ndarray) -> dict:
-    """name -> view of `buffer` (an arena laid out like model.param_buffer, e.g. m or v) with
-    each parameter's shape and offset."""
-    base = model.param_buffer.__array_interface__["data"][0]
-    out = {}
-    for name in model.param_names:
-        p = model.params[name]
-        offset = (p.__array_interface__["data"][0] - base) // p.itemsize
-        out[name] = buffer[offset:offset + p.size].reshape(p.shape)
-    return out
 
 
 def injected_fault(rank: int, step: int) -> bool:
@@ -66,8 +54,6 @@ class NodeZero:
         self.prompt = sampling.sample_prompt(dataset.split_tokens("val"),
                                              self.tokenizer.eod_id)
         self.model = Model(plan.model_config, seed=self.tc.seed, threads=1)
-        self.m = arena_views(self.model, self.model.m_buffer)
-        self.v = arena_views(self.model, self.model.v_buffer)
         self.checkpoint = checkpoint
         self.header_extra = header_extra
         self.stop_signal = None       # set by request_stop (signal handler)
@@ -154,9 +140,12 @@ class NodeZero:
             self.finished_issuing = True
 
     def _stop_now(self) -> None:
-        """After a signal: a checkpoint of the last issued step, then STOP."""
+        """After a signal: an evaluation (unless just issued) and a checkpoint of the last
+        issued step, then STOP."""
         if self.finished_issuing:
             return
+        if self.last_command not in ((EVAL, self.issued), (SAVE, self.issued)):
+            self._issue(Command(EVAL, self.issued))
         if self.last_command != (SAVE, self.issued):
             self._issue(Command(SAVE, self.issued))
         self._issue(Command(STOP, self.issued))
@@ -214,7 +203,7 @@ class NodeZero:
         position = self.positions[r.step]
         self.saver.start(
             r.step, model_config=self.plan.model_config, train_config=self.tc,
-            params={n: m.params[n] for n in m.param_names}, m=self.m, v=self.v,
+            params={n: m.params[n] for n in m.param_names}, m=m.adam_m, v=m.adam_v,
             epoch=position.epoch, data_position=position, rng_state={"seed": self.tc.seed},
             train_loss=self.losses.get(r.step), val_loss=self.val_loss,
             tokenizer=self.tokenizer,
@@ -231,8 +220,8 @@ class NodeZero:
         ck, m = self.checkpoint, self.model
         for name in m.param_names:
             m.params[name][...] = ck.params[name]
-            self.m[name][...] = ck.m[name]
-            self.v[name][...] = ck.v[name]
+            m.adam_m[name][...] = ck.m[name]
+            m.adam_v[name][...] = ck.v[name]
         self.checkpoint = None  # its arrays can go
         self._wait(self.link.send_state([m.param_buffer, m.m_buffer, m.v_buffer]))
         self.log.event("resume", f"resumed from {self.plan.resume_path} at step "

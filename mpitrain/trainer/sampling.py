@@ -30,7 +30,7 @@ def generate(model, prompt: np.ndarray, seed: int, step: int, context: int,
     out = []
     for _ in range(new_tokens):
         x = np.array(ids[-context:], np.int32)[None, :]                  # [1, T]
-        logits = np.asarray(model.forward(x)[0, -1], np.float64)         # [V]
+        logits = np.asarray(model.forward(x, last_only=True)[0], np.float64)   # [V]
         if temperature <= 0:
             nxt = int(np.argmax(logits))
         else:

@@ -6,6 +6,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Return codes of the model API. */
+enum { MT_OK = 0, MT_EINVAL = -1, MT_ENOMEM = -2 };
+
 /* ---- layers.c ---------------------------------------------------------------------------- */
 /* out (N,C) = (inp - mean) * rstd * weight + bias over the last axis; mean, rstd (N) cached. */
 void layernorm_forward(float *out, float *mean, float *rstd,
@@ -15,6 +18,78 @@ void layernorm_forward(float *out, float *mean, float *rstd,
 void layernorm_backward(float *dinp, float *dweight, float *dbias,
                         const float *dout, const float *inp, const float *weight,
                         const float *mean, const float *rstd, int N, int C);
+/* out (B,T,C) = wte[inp[b,t]] + wpe[t]; inp (B,T) int32 ids already checked < V. */
+void encoder_forward(float *out, const int32_t *inp, const float *wte, const float *wpe,
+                     int B, int T, int C);
+/* Adds dout (B,T,C) into dwte rows (V,C) of the ids and into dwpe (T,C). */
+void encoder_backward(float *dwte, float *dwpe, const float *dout, const int32_t *inp,
+                      int B, int T, int C);
+/* out (N,OC) = inp (N,IC) @ w (OC,IC)^T + bias (OC, may be NULL) + add (N,OC, may be NULL). */
+void matmul_forward(float *out, const float *inp, const float *w, const float *bias,
+                    const float *add, int N, int IC, int OC);
+/* Adds into dinp (N,IC), dw (OC,IC), dbias (OC, may be NULL) given dout (N,OC). */
+void matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
+                     const float *inp, const float *w, int N, int IC, int OC);
+/* GELU, tanh form, element-wise over n values; backward adds into dinp. */
+void gelu_forward(float *out, const float *inp, size_t n);
+void gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+/* The kernel's own exp and tanh over n values (tested for accuracy against libm). */
+void vec_expf(float *out, const float *inp, size_t n);
+void vec_tanhf(float *out, const float *inp, size_t n);
+
+/* ---- attention.c ------------------------------------------------------------------------- */
+/* Causal multi-head attention. qkv (B,T,3C) holds q,k,v stacked; out (B,T,C);
+ * lse (B,NH,T) caches each row's log-sum-exp of the scaled scores for the backward pass.
+ * Returns MT_OK or MT_ENOMEM (scratch). Backward adds into dqkv (B,T,3C). */
+int attention_forward(float *out, float *lse, const float *qkv, int B, int T, int C, int NH);
+int attention_backward(float *dqkv, const float *dout, const float *qkv, const float *lse,
+                       int B, int T, int C, int NH);
+
+/* ---- loss.c ------------------------------------------------------------------------------ */
+/* Fused softmax + cross-entropy over R rows of logits (R,V): losses[r] = -log p[r, target[r]].
+ * With want_grad, the logits are overwritten in place by (p - onehot) * grad_scale. */
+void softmax_xent_rows(float *logits, float *losses, const int32_t *targets, int R, int V,
+                       float grad_scale, int want_grad);
+
+/* ---- model.c ----------------------------------------------------------------------------- */
+typedef struct mt_config {
+    int vocab_size;
+    int max_seq_len;
+    int d_model;
+    int n_layers;
+    int n_heads;
+    int d_ff;
+} mt_config;
+typedef struct mt_model mt_model;
+
+/* The parameter table (GPT-2 state_dict order = arena order, no gaps). */
+int mt_num_tensors(const mt_config *cfg);
+size_t mt_num_params(const mt_config *cfg);
+/* Tensor i: its name into name[name_cap], offset into the arena, ndim (1 or 2), shape[0..1]. */
+int mt_tensor_info(const mt_config *cfg, int i, char *name, int name_cap, size_t *offset,
+                   int *ndim, int *shape);
+/* A model over caller-owned arenas of mt_num_params floats each (params, grads, Adam m, v);
+ * the caller keeps them alive until mt_model_free. NULL on an invalid config or no memory. */
+mt_model *mt_model_new(const mt_config *cfg, float *params, float *grads, float *m, float *v,
+                       int threads);
+void mt_model_free(mt_model *model);
+int mt_model_set_threads(mt_model *model, int threads);
+int mt_model_threads(const mt_model *model);
+/* GPT-2 initialisation from a seed: normal(0, 0.02) weights (residual projections scaled by
+ * 1/sqrt(2*n_layers)), zero biases, LayerNorm weights one. Deterministic C RNG. */
+void mt_model_init(mt_model *model, uint64_t seed);
+/* One forward+backward over inputs, targets (B,T) int32. loss_out gets the mean token loss;
+ * grads get (or, with accumulate, get added) d(sum of token losses * grad_scale)/dparams. */
+int mt_forward_backward(mt_model *model, const int32_t *inputs, const int32_t *targets,
+                        int B, int T, float grad_scale, int accumulate, double *loss_out);
+/* Forward only: mean token loss (evaluation). */
+int mt_loss(mt_model *model, const int32_t *inputs, const int32_t *targets, int B, int T,
+            double *loss_out);
+/* Forward only: logits (B,T,V), or (B,V) of the last position when last_only. */
+int mt_forward_logits(mt_model *model, const int32_t *inputs, int B, int T, int last_only,
+                      float *logits);
+/* Training calls (mt_forward_backward) and windows (sum of their B) since creation. */
+void mt_counters(const mt_model *model, uint64_t *train_calls, uint64_t *windows);
 
 /* ---- optimizer.c ---- */
 /* AdamW as torch.optim.AdamW, global gradient norm and clipping as clip_grad_norm_, on flat

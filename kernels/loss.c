@@ -1,0 +1,89 @@
+/* The output layer (untied lm_head, no bias) with a fused, chunked softmax + cross-entropy.
+ *
+ * The [B*T, V] logits are never materialised in training: rows are processed in chunks of R
+ * rows through one shared (R,V) buffer. Per chunk, every thread
+ *   1. computes its vocabulary slice of the chunk's logits (one GEMM, M = R rows),
+ *   2. turns its rows into losses and, in place, dlogits = (softmax - onehot) * grad_scale,
+ *   3. adds its vocabulary slice of dW_lm (summing over the chunk's rows) and writes its
+ *      column slice of dlnf,
+ * with a barrier after each step. Chunks are visited in order, so each dW_lm element is a sum
+ * in a fixed order whatever the thread count. */
+#include <math.h>
+#include "mt_internal.h"
+
+/* Max of x[0..n) with 8 independent lanes (vectorisable; max is order-independent). */
+static float row_max(const float *x, int n) {
+    float m[8];
+    for (int k = 0; k < 8; k++) m[k] = -INFINITY;
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) m[k] = x[i + k] > m[k] ? x[i + k] : m[k];
+    float r = -INFINITY;
+    for (int k = 0; k < 8; k++) r = m[k] > r ? m[k] : r;
+    for (; i < n; i++) r = x[i] > r ? x[i] : r;
+    return r;
+}
+
+/* x[i] = exp(x[i] - mx) in place; returns the sum (8 lanes, then lanes in order). */
+static float exp_sum_inplace(float *x, int n, float mx) {
+    float s[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) { float e = mt_expf(x[i + k] - mx); x[i + k] = e; s[k] += e; }
+    float r = 0.0f;
+    for (int k = 0; k < 8; k++) r += s[k];
+    for (; i < n; i++) { float e = mt_expf(x[i] - mx); x[i] = e; r += e; }
+    return r;
+}
+
+/* logits (R,V); losses (R); targets (R) in [0,V). */
+void softmax_xent_rows(float *logits, float *losses, const int32_t *targets, int R, int V,
+                       float grad_scale, int want_grad) {
+    for (int r = 0; r < R; r++) {
+        float *x = logits + (size_t)r * V;
+        int tgt = targets[r];
+        float mx = row_max(x, V);
+        float xt = x[tgt];
+        float sum = exp_sum_inplace(x, V, mx);
+        float lse = mx + logf(sum);
+        losses[r] = lse - xt;
+        if (want_grad) {
+            float s = grad_scale / sum;
+            for (int i = 0; i < V; i++) x[i] *= s;
+            x[tgt] -= grad_scale;
+        }
+    }
+}
+
+void output_layer_chunked(mt_pool *p, int tid, int nt, const float *lnf, const float *wlm,
+                          float *dwlm, float *dlnf, const int32_t *targets, float *losses,
+                          float *chunk, int R, int N, int C, int V, float grad_scale) {
+    int v0, v1, k0, k1;
+    mt_split(V, tid, nt, 16, &v0, &v1);
+    mt_split(C, tid, nt, 16, &k0, &k1);
+    for (int c0 = 0; c0 < N; c0 += R) {
+        int rows = N - c0 < R ? N - c0 : R;
+        const float *x = lnf + (size_t)c0 * C;
+        /* chunk[:, v0:v1] (rows, v1-v0) = x (rows,C) @ wlm[v0:v1] (v1-v0,C)^T */
+        if (v1 > v0)
+            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, v1 - v0, C, 1.0f, x, C,
+                        wlm + (size_t)v0 * C, C, 0.0f, chunk + v0, V);
+        pool_barrier(p);
+        int r0, r1;
+        mt_split(rows, tid, nt, 1, &r0, &r1);
+        softmax_xent_rows(chunk + (size_t)r0 * V, losses + c0 + r0, targets + c0 + r0,
+                          r1 - r0, V, grad_scale, dlnf != NULL);
+        pool_barrier(p);
+        if (dlnf) {
+            /* dwlm[v0:v1] (v1-v0,C) += chunk[:, v0:v1]^T @ x (rows,C) */
+            if (v1 > v0)
+                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, v1 - v0, C, rows, 1.0f,
+                            chunk + v0, V, x, C, 1.0f, dwlm + (size_t)v0 * C, C);
+            /* dlnf[c0:, k0:k1] (rows, k1-k0) = chunk (rows,V) @ wlm[:, k0:k1] (V, k1-k0) */
+            if (k1 > k0)
+                scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, k1 - k0, V, 1.0f,
+                            chunk, V, wlm + k0, C, 0.0f, dlnf + (size_t)c0 * C + k0, C);
+            pool_barrier(p);
+        }
+    }
+}

@@ -1,0 +1,316 @@
+/* The model object: parameter table (GPT-2 state_dict names and order, linear weights
+ * [out,in]), views into the caller's four arenas, GPT-2 initialisation from a seed,
+ * activation buffers that grow on demand, and the API calls that run a step on the pool. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include "mt_internal.h"
+
+#define BLOCK_TENSORS 12
+#define FORWARD_ONLY_ROWS 2048     /* forward-only calls run in groups of about this many rows */
+#define CHUNK_FLOATS (8u << 20)    /* output-layer chunk budget: 32 MB of logits */
+
+static const char *BLOCK_NAMES[BLOCK_TENSORS] = {
+    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"};
+
+static int config_ok(const mt_config *c) {
+    return c->vocab_size > 0 && c->max_seq_len > 0 && c->d_model > 0 && c->n_layers > 0 &&
+           c->n_heads > 0 && c->d_ff > 0 && c->d_model % c->n_heads == 0;
+}
+
+int mt_num_tensors(const mt_config *cfg) { return 5 + BLOCK_TENSORS * cfg->n_layers; }
+
+/* Name and shape of tensor i; returns its element count (0 if i is out of range). */
+static size_t tensor_at(const mt_config *c, int i, char *name, int cap, int *ndim, int *shape) {
+    int C = c->d_model, L = c->n_layers;
+    char buf[96];
+    int d = 2, s0 = 0, s1 = 0;
+    if (i < 0 || i >= mt_num_tensors(c)) return 0;
+    if (i == 0) { snprintf(buf, sizeof buf, "transformer.wte.weight"); s0 = c->vocab_size; s1 = C; }
+    else if (i == 1) { snprintf(buf, sizeof buf, "transformer.wpe.weight"); s0 = c->max_seq_len; s1 = C; }
+    else if (i < 2 + BLOCK_TENSORS * L) {
+        int l = (i - 2) / BLOCK_TENSORS, k = (i - 2) % BLOCK_TENSORS;
+        static const int out_mul[BLOCK_TENSORS] = {1, 1, 3, 3, 1, 1, 1, 1, 0, 0, 1, 1};
+        snprintf(buf, sizeof buf, "transformer.h.%d.%s", l, BLOCK_NAMES[k]);
+        s0 = out_mul[k] ? out_mul[k] * C : c->d_ff;  /* output features */
+        if (k % 2) d = 1;                            /* odd entries: biases, LN bias */
+        else if (k == 0 || k == 6) d = 1;            /* LN weights */
+        else s1 = (k == 10) ? c->d_ff : C;           /* input features */
+    } else if (i == 2 + BLOCK_TENSORS * L) { snprintf(buf, sizeof buf, "transformer.ln_f.weight"); d = 1; s0 = C; }
+    else if (i == 3 + BLOCK_TENSORS * L) { snprintf(buf, sizeof buf, "transformer.ln_f.bias"); d = 1; s0 = C; }
+    else { snprintf(buf, sizeof buf, "lm_head.weight"); s0 = c->vocab_size; s1 = C; }
+    if (name && cap > 0) snprintf(name, (size_t)cap, "%s", buf);
+    if (ndim) *ndim = d;
+    if (shape) { shape[0] = s0; shape[1] = d == 2 ? s1 : 0; }
+    return d == 2 ? (size_t)s0 * s1 : (size_t)s0;
+}
+
+size_t mt_num_params(const mt_config *cfg) {
+    if (!config_ok(cfg)) return 0;
+    size_t n = 0;
+    for (int i = 0; i < mt_num_tensors(cfg); i++) n += tensor_at(cfg, i, NULL, 0, NULL, NULL);
+    return n;
+}
+
+int mt_tensor_info(const mt_config *cfg, int i, char *name, int name_cap, size_t *offset,
+                   int *ndim, int *shape) {
+    if (!config_ok(cfg) || i < 0 || i >= mt_num_tensors(cfg)) return MT_EINVAL;
+    size_t off = 0;
+    for (int j = 0; j < i; j++) off += tensor_at(cfg, j, NULL, 0, NULL, NULL);
+    tensor_at(cfg, i, name, name_cap, ndim, shape);
+    if (offset) *offset = off;
+    return MT_OK;
+}
+
+/* Points the views at an arena laid out as the table says. */
+static void make_views(const mt_config *c, float *base, mt_views *v) {
+    size_t off = 0;
+    for (int i = 0; i < mt_num_tensors(c); i++) {
+        float *p = base + off;
+        off += tensor_at(c, i, NULL, 0, NULL, NULL);
+        if (i == 0) v->wte = p;
+        else if (i == 1) v->wpe = p;
+        else if (i < 2 + BLOCK_TENSORS * c->n_layers) {
+            mt_block *b = &v->h[(i - 2) / BLOCK_TENSORS];
+            float **f[BLOCK_TENSORS] = {&b->ln1w, &b->ln1b, &b->qkvw, &b->qkvb, &b->projw,
+                                        &b->projb, &b->ln2w, &b->ln2b, &b->fcw, &b->fcb,
+                                        &b->fcprojw, &b->fcprojb};
+            *f[(i - 2) % BLOCK_TENSORS] = p;
+        } else if (i == 2 + BLOCK_TENSORS * c->n_layers) v->lnfw = p;
+        else if (i == 3 + BLOCK_TENSORS * c->n_layers) v->lnfb = p;
+        else v->lm = p;
+    }
+}
+
+/* ---- deterministic initialisation ---------------------------------------------------------- */
+
+static uint64_t splitmix64(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Box-Muller in double: both values of each pair are used, in order. */
+typedef struct { uint64_t state; int have; double spare; } normal_rng;
+
+static double normal_next(normal_rng *r) {
+    if (r->have) { r->have = 0; return r->spare; }
+    double u1 = ((splitmix64(&r->state) >> 11) + 1.0) * 0x1.0p-53; /* (0,1] */
+    double u2 = (splitmix64(&r->state) >> 11) * 0x1.0p-53;          /* [0,1) */
+    double rad = sqrt(-2.0 * log(u1)), th = 6.283185307179586 * u2;
+    r->spare = rad * sin(th);
+    r->have = 1;
+    return rad * cos(th);
+}
+
+void mt_model_init(mt_model *model, uint64_t seed) {
+    const mt_config *c = &model->cfg;
+    normal_rng rng = {seed, 0, 0.0};
+    char name[96];
+    int ndim, shape[2];
+    size_t off = 0;
+    double proj_std = 0.02 / sqrt(2.0 * c->n_layers);
+    for (int i = 0; i < mt_num_tensors(c); i++) {
+        size_t n = tensor_at(c, i, name, sizeof name, &ndim, shape);
+        float *p = model->params + off;
+        off += n;
+        if (ndim == 2) {
+            size_t len = strlen(name);
+            int is_proj = len > 13 && strcmp(name + len - 13, "c_proj.weight") == 0;
+            double std = is_proj ? proj_std : 0.02;
+            for (size_t j = 0; j < n; j++) p[j] = (float)(std * normal_next(&rng));
+        } else {
+            size_t len = strlen(name);
+            float val = (len > 6 && strcmp(name + len - 6, "weight") == 0) ? 1.0f : 0.0f;
+            for (size_t j = 0; j < n; j++) p[j] = val;
+        }
+    }
+}
+
+/* ---- activation buffers ----------------------------------------------------------------- */
+
+static void acts_free(mt_acts *a) {
+    free(a->mem);
+    free(a->slot);
+    memset(a, 0, sizeof *a);
+}
+
+/* Carves one allocation into the buffers for `rows` rows (pass 0 measures, pass 1 assigns). */
+static int acts_alloc(mt_acts *a, const mt_config *c, int rows, int training) {
+    size_t N = (size_t)rows, C = c->d_model, F = c->d_ff, NH = c->n_heads;
+    int nslots = training ? c->n_layers : 1;
+    mt_acts z = {0};
+    z.slot = calloc((size_t)nslots, sizeof(mt_block_acts));
+    if (!z.slot) return MT_ENOMEM;
+    size_t total = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        size_t off = 0;
+        float *base = z.mem;
+#define TAKE(ptr, count) do { if (pass) ptr = base + off; off += ((count) + 15) & ~(size_t)15; } while (0)
+        for (int l = 0; l < nslots; l++) {
+            mt_block_acts *A = &z.slot[l];
+            TAKE(A->x, N * C); TAKE(A->ln1_mean, N); TAKE(A->ln1_rstd, N);
+            TAKE(A->qkv, N * 3 * C); TAKE(A->atty, N * C); TAKE(A->lse, N * NH);
+            TAKE(A->res2, N * C); TAKE(A->ln2_mean, N); TAKE(A->ln2_rstd, N);
+            TAKE(A->fch, N * F);
+        }
+        if (training) TAKE(z.xL, N * C);
+        TAKE(z.lnf, N * C); TAKE(z.lnf_mean, N); TAKE(z.lnf_rstd, N); TAKE(z.losses, N);
+        TAKE(z.lnbuf, N * C); TAKE(z.G, N * F);
+        if (training) {
+            TAKE(z.dresid, N * C); TAKE(z.dln, N * C); TAKE(z.datty, N * C);
+            TAKE(z.dqkv, N * 3 * C);
+        }
+#undef TAKE
+        if (!pass) {
+            total = off;
+            z.mem = aligned_alloc(64, total * sizeof(float));
+            if (!z.mem) { free(z.slot); return MT_ENOMEM; }
+        }
+    }
+    if (!training) z.xL = z.slot[0].x;
+    z.cap_rows = rows;
+    z.nslots = nslots;
+    z.training = training;
+    acts_free(a);
+    *a = z;
+    return MT_OK;
+}
+
+static int ensure_chunk(mt_model *m, int N) {
+    int V = m->cfg.vocab_size;
+    int R = (int)(CHUNK_FLOATS / (unsigned)V) & ~15;
+    if (R < 16) R = 16;
+    if (R > N) R = N;
+    if (m->chunk && m->chunk_rows >= R) return MT_OK;
+    float *p = aligned_alloc(64, ((size_t)R * V * sizeof(float) + 63) & ~(size_t)63);
+    if (!p) return MT_ENOMEM;
+    free(m->chunk);
+    m->chunk = p;
+    m->chunk_rows = R;
+    return MT_OK;
+}
+
+/* ---- the model object ---------------------------------------------------------------------- */
+
+int mt_model_set_threads(mt_model *m, int threads) {
+    if (threads < 1 || threads > 1024) return MT_EINVAL;
+    if (m->pool && pool_size(m->pool) == threads) return MT_OK;
+    size_t T = (size_t)m->cfg.max_seq_len;
+    float *scratch = malloc(sizeof(float) * 2 * T * T * (size_t)threads);
+    mt_pool *pool = scratch ? pool_create(threads) : NULL;
+    if (!pool) { free(scratch); return MT_ENOMEM; }
+    pool_destroy(m->pool);
+    free(m->att_scratch);
+    m->pool = pool;
+    m->att_scratch = scratch;
+    return MT_OK;
+}
+
+int mt_model_threads(const mt_model *m) { return pool_size(m->pool); }
+
+mt_model *mt_model_new(const mt_config *cfg, float *params, float *grads, float *mom,
+                       float *vel, int threads) {
+    if (!config_ok(cfg) || !params || !grads || !mom || !vel) return NULL;
+    /* Our threads are the parallelism: OpenBLAS must not start its own inside them. */
+    scipy_openblas_set_num_threads(1);
+    mt_model *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    m->cfg = *cfg;
+    m->nparams = mt_num_params(cfg);
+    m->params = params; m->grads = grads; m->m = mom; m->v = vel;
+    m->P.h = calloc((size_t)cfg->n_layers, sizeof(mt_block));
+    m->G.h = calloc((size_t)cfg->n_layers, sizeof(mt_block));
+    if (!m->P.h || !m->G.h || mt_model_set_threads(m, threads) != MT_OK) {
+        mt_model_free(m);
+        return NULL;
+    }
+    make_views(cfg, params, &m->P);
+    make_views(cfg, grads, &m->G);
+    return m;
+}
+
+void mt_model_free(mt_model *m) {
+    if (!m) return;
+    pool_destroy(m->pool);
+    free(m->att_scratch);
+    acts_free(&m->train);
+    acts_free(&m->infer);
+    free(m->chunk);
+    free(m->P.h);
+    free(m->G.h);
+    free(m);
+}
+
+void mt_counters(const mt_model *m, uint64_t *train_calls, uint64_t *windows) {
+    if (train_calls) *train_calls = m->train_calls;
+    if (windows) *windows = m->windows;
+}
+
+static int ids_ok(const int32_t *ids, size_t n, int V) {
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= V) return 0;
+    return 1;
+}
+
+static int batch_ok(const mt_model *m, const int32_t *inp, const int32_t *tgt, int B, int T) {
+    if (B < 1 || T < 1 || T > m->cfg.max_seq_len || (size_t)B * T > (size_t)1 << 30) return 0;
+    size_t n = (size_t)B * T;
+    return ids_ok(inp, n, m->cfg.vocab_size) && (!tgt || ids_ok(tgt, n, m->cfg.vocab_size));
+}
+
+int mt_forward_backward(mt_model *m, const int32_t *inputs, const int32_t *targets, int B,
+                        int T, float grad_scale, int accumulate, double *loss_out) {
+    if (!batch_ok(m, inputs, targets, B, T) || !targets) return MT_EINVAL;
+    int N = B * T;
+    if (m->train.cap_rows < N && acts_alloc(&m->train, &m->cfg, N, 1) != MT_OK) return MT_ENOMEM;
+    if (ensure_chunk(m, N) != MT_OK) return MT_ENOMEM;
+    mt_step s = {.m = m, .a = &m->train, .inp = inputs, .tgt = targets, .B = B, .T = T,
+                 .mode = STEP_TRAIN, .grad_scale = grad_scale, .accumulate = accumulate};
+    pool_run(m->pool, step_task, &s);
+    double sum = 0.0;
+    for (int n = 0; n < N; n++) sum += m->train.losses[n];
+    *loss_out = sum / N;
+    m->train_calls += 1;
+    m->windows += (uint64_t)B;
+    return MT_OK;
+}
+
+/* Forward-only calls run in groups of whole sequences through the 1-slot buffers. */
+static int forward_only(mt_model *m, const int32_t *inp, const int32_t *tgt, int B, int T,
+                        int mode, int last_only, float *logits, double *loss_out) {
+    if (!batch_ok(m, inp, tgt, B, T)) return MT_EINVAL;
+    int per = FORWARD_ONLY_ROWS / T > 0 ? FORWARD_ONLY_ROWS / T : 1;
+    if (per > B) per = B;
+    if (m->infer.cap_rows < per * T && acts_alloc(&m->infer, &m->cfg, per * T, 0) != MT_OK)
+        return MT_ENOMEM;
+    if (mode == STEP_LOSS && ensure_chunk(m, per * T) != MT_OK) return MT_ENOMEM;
+    double sum = 0.0;
+    size_t V = (size_t)m->cfg.vocab_size;
+    for (int b = 0; b < B; b += per) {
+        int nb = B - b < per ? B - b : per;
+        size_t off = (size_t)b * T;
+        mt_step s = {.m = m, .a = &m->infer, .inp = inp + off, .tgt = tgt ? tgt + off : NULL,
+                     .B = nb, .T = T, .mode = mode, .last_only = last_only};
+        if (logits) s.logits = logits + (last_only ? (size_t)b * V : off * V);
+        pool_run(m->pool, step_task, &s);
+        if (mode == STEP_LOSS)
+            for (int n = 0; n < nb * T; n++) sum += m->infer.losses[n];
+    }
+    if (loss_out) *loss_out = sum / ((double)B * T);
+    return MT_OK;
+}
+
+int mt_loss(mt_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+            double *loss_out) {
+    if (!targets) return MT_EINVAL;
+    return forward_only(m, inputs, targets, B, T, STEP_LOSS, 0, NULL, loss_out);
+}
+
+int mt_forward_logits(mt_model *m, const int32_t *inputs, int B, int T, int last_only,
+                      float *logits) {
+    return forward_only(m, inputs, NULL, B, T, STEP_LOGITS, last_only, logits, NULL);
+}

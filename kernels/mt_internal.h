@@ -1,0 +1,168 @@
+/* Private declarations shared by the kernel's C files (not parsed by cffi, not Python API).
+ * Shapes in comments: N = B*T rows, C = d_model, F = d_ff, V = vocab_size, NH = heads. */
+#ifndef MT_INTERNAL_H
+#define MT_INTERNAL_H
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <cblas.h>
+#include "mpitrain_kernel.h"
+
+/* ---- threads.c: persistent pool + sleeping barrier ---------------------------------------- */
+typedef struct mt_pool mt_pool;
+/* A task runs on every pool thread at once (SPMD); tid 0 is the calling thread. */
+typedef void (*mt_task)(void *ctx, int tid, int nthreads);
+mt_pool *pool_create(int nthreads);
+void pool_destroy(mt_pool *p);
+int pool_size(const mt_pool *p);
+/* Runs fn(ctx, tid, n) on all n threads; returns when every thread has finished. */
+void pool_run(mt_pool *p, mt_task fn, void *ctx);
+/* All n threads of the running task must call it; nobody leaves before everybody arrived. */
+void pool_barrier(mt_pool *p);
+
+/* Thread tid's share [lo,hi) of `total` items in n near-equal contiguous parts whose inner
+ * boundaries are multiples of `align` (alignment keeps GEMM blocks and cache lines whole). */
+static inline void mt_split(int total, int tid, int n, int align, int *lo, int *hi) {
+    long units = (total + align - 1) / align;
+    long a = units * tid / n * align, b = units * (tid + 1) / n * align;
+    *lo = (int)(a < total ? a : total);
+    *hi = (int)(b < total ? b : total);
+}
+
+/* ---- fast vectorisable exp / tanh (accuracy tested in tests/test_ops.py) ------------------- */
+/* exp(x) = 2^n * e^r with n = round(x/ln2), |r| <= ln2/2, r's polynomial from Cephes expf.
+ * Written branch-free (clamps, a magic-number round, bit casts) so GCC vectorises loops
+ * calling it. Relative error ~2 ulp on [-87.3, 88]; inputs are clamped to that range, so
+ * exp(-inf) gives ~1e-38 rather than 0 (callers that need exact zeros do not call it there). */
+static inline float mt_expf(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float t = x * 1.44269504088896341f + 12582912.0f;  /* 1.5*2^23: rounds to an integer */
+    float n = t - 12582912.0f;
+    int32_t ti;
+    memcpy(&ti, &t, 4);
+    int32_t ni = ti - 0x4B400000;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t e = (ni + 127) << 23;
+    float s;
+    memcpy(&s, &e, 4);
+    return p * s;
+}
+
+/* tanh(x) = (e^{2x} - 1) / (e^{2x} + 1); |x| clamped to 9 where tanh is 1 in float32.
+ * Absolute error ~2e-7 (relative error grows near 0, where callers add it to 1). */
+static inline float mt_tanhf(float x) {
+    x = x < -9.0f ? -9.0f : x;
+    x = x > 9.0f ? 9.0f : x;
+    float e = mt_expf(2.0f * x);
+    return (e - 1.0f) / (e + 1.0f);
+}
+
+/* ---- layers.c: row-range and column-range pieces used by the threaded step ---------------- */
+/* out rows [r0,r1) of (N,OC) = inp (N,IC) @ w(OC,IC)^T + bias (+ add (N,OC) if not NULL). */
+void matmul_forward_rows(float *out, const float *inp, const float *w, const float *bias,
+                         const float *add, int r0, int r1, int IC, int OC);
+/* dinp rows [r0,r1) of (N,IC) = dout (N,OC) @ w (OC,IC)   (written, not added). */
+void matmul_backward_dinp_rows(float *dinp, const float *dout, const float *w,
+                               int r0, int r1, int IC, int OC);
+/* dw rows [o0,o1) of (OC,IC) += dout(N,OC)^T @ inp(N,IC); dbias[o0:o1] += column sums of dout.
+ * Each output row sums over all N rows in a fixed order (thread count does not matter). */
+void matmul_backward_dweight_rows(float *dw, float *dbias, const float *dout, const float *inp,
+                                  int N, int IC, int OC, int o0, int o1);
+/* LayerNorm dx only: adds into dinp rows (N,C); no parameter gradients. */
+void layernorm_backward_dx(float *dinp, const float *dout, const float *inp, const float *weight,
+                           const float *mean, const float *rstd, int N, int C);
+/* LayerNorm parameter gradients for columns [c0,c1), summed over all N rows in order. */
+void layernorm_backward_dparams(float *dweight, float *dbias, const float *dout,
+                                const float *inp, const float *mean, const float *rstd,
+                                int N, int C, int c0, int c1);
+/* out (N,C) = (inp - mean) * rstd * weight + bias from cached statistics (recomputation). */
+void layernorm_apply(float *out, const float *inp, const float *weight, const float *bias,
+                     const float *mean, const float *rstd, int N, int C);
+
+/* ---- attention.c: one (batch, head) item; att and datt are (T,T) scratch ------------------ */
+void attention_forward_item(float *out, float *lse, const float *qkv, int b, int h,
+                            int T, int C, int NH, float *att);
+void attention_backward_item(float *dqkv, const float *dout, const float *qkv, const float *lse,
+                             int b, int h, int T, int C, int NH, float *att, float *datt);
+
+/* dbuf (n) *= gelu'(inp) in place: turns d(gelu output) into d(gelu input). */
+void gelu_grad_inplace(float *dbuf, const float *inp, size_t n);
+
+/* ---- loss.c: the chunked output layer, called by every pool thread (see loss.c) ---------- */
+/* lnf (N,C), wlm (V,C), chunk (R,V) shared scratch, losses (N). With dlnf: dlnf (N,C) is
+ * written and dwlm (V,C) accumulated; without (NULL), forward only. */
+void output_layer_chunked(mt_pool *p, int tid, int nt, const float *lnf, const float *wlm,
+                          float *dwlm, float *dlnf, const int32_t *targets, float *losses,
+                          float *chunk, int R, int N, int C, int V, float grad_scale);
+
+/* ---- model.c / step.c: the model object ------------------------------------------------- */
+/* Views of one transformer block's tensors inside an arena (parameters or gradients). */
+typedef struct {
+    float *ln1w, *ln1b, *qkvw, *qkvb, *projw, *projb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw,
+        *fcprojb;
+} mt_block;
+
+typedef struct {
+    float *wte, *wpe, *lnfw, *lnfb, *lm;
+    mt_block *h; /* n_layers */
+} mt_views;
+
+/* Saved activations of one block for N rows (kept for the backward pass). */
+typedef struct {
+    float *x;                   /* (N,C) block input (residual stream) */
+    float *ln1_mean, *ln1_rstd; /* (N) */
+    float *qkv;                 /* (N,3C) */
+    float *atty;                /* (N,C) attention output before c_proj */
+    float *lse;                 /* (B,NH,T) per-row log-sum-exp of the attention scores */
+    float *res2;                /* (N,C) residual after attention */
+    float *ln2_mean, *ln2_rstd; /* (N) */
+    float *fch;                 /* (N,F) c_fc output before GELU */
+} mt_block_acts;
+
+/* One activation set: L slots for training, 1 slot reused by every block for forward-only. */
+typedef struct {
+    int cap_rows, nslots, training;
+    float *mem;
+    mt_block_acts *slot;
+    float *xL, *lnf, *lnf_mean, *lnf_rstd, *losses; /* (N,C) (N,C) (N) (N) (N) */
+    float *lnbuf, *G;                                /* scratch (N,C), (N,F) */
+    float *dresid, *dln, *datty, *dqkv;              /* training scratch (N,C)x3, (N,3C) */
+} mt_acts;
+
+struct mt_model {
+    mt_config cfg;
+    size_t nparams;
+    float *params, *grads, *m, *v; /* caller-owned arenas */
+    mt_views P, G;
+    mt_pool *pool;
+    float *att_scratch;            /* per thread 2*maxT*maxT */
+    mt_acts train, infer;
+    float *chunk;                  /* (R,V) output-layer chunk */
+    int chunk_rows;
+    uint64_t train_calls, windows;
+};
+
+typedef struct {
+    mt_model *m;
+    mt_acts *a;
+    const int32_t *inp, *tgt; /* (B,T) */
+    int B, T;
+    int mode;                 /* STEP_TRAIN, STEP_LOSS or STEP_LOGITS */
+    float grad_scale;
+    int accumulate, last_only;
+    float *logits;
+} mt_step;
+enum { STEP_TRAIN = 0, STEP_LOSS = 1, STEP_LOGITS = 2 };
+/* step.c: the pool task that runs one forward (+ backward) on a batch. */
+void step_task(void *ctx, int tid, int nt);
+
+#endif

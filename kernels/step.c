@@ -1,0 +1,180 @@
+/* The training step: forward, loss and backward of one micro-batch, run by every pool thread.
+ *
+ * Ownership (what each thread writes, so no locks and no float atomics):
+ *   rows    [r0,r1) of every (N,*) activation and row-local gradient (LayerNorm, GEMM dinp,
+ *           GELU) -- the same rows in every phase, so row-local phases need no barrier;
+ *   items   (batch, head) pairs of attention;
+ *   columns / output rows of each weight gradient: each thread sums its slice over all N rows
+ *           in a fixed order (GEMM over the whole batch, then bias/LayerNorm sums in row order).
+ * A barrier separates a phase that writes something from the next that reads other threads'
+ * part of it. Memory-saving recomputation: LayerNorm outputs and GELU outputs are rebuilt in
+ * the backward pass from the cached statistics / pre-activations instead of being stored. */
+#include <string.h>
+#include "mt_internal.h"
+
+#define LN_EPS 1e-5f
+
+static float *att_scratch(const mt_model *m, int tid) {
+    size_t T = (size_t)m->cfg.max_seq_len;
+    return m->att_scratch + (size_t)tid * 2 * T * T;
+}
+
+static void forward(mt_step *s, int tid, int nt) {
+    mt_model *m = s->m;
+    mt_acts *a = s->a;
+    int C = m->cfg.d_model, F = m->cfg.d_ff, NH = m->cfg.n_heads, L = m->cfg.n_layers;
+    int T = s->T, N = s->B * T;
+    int r0, r1, i0, i1;
+    mt_split(N, tid, nt, 8, &r0, &r1);
+    mt_split(s->B * NH, tid, nt, 1, &i0, &i1);
+    int nr = r1 - r0;
+    float *att = att_scratch(m, tid);
+
+    /* embedding: x0 (N,C) = wte[token] + wpe[t] */
+    for (int n = r0; n < r1; n++) {
+        const float *e = m->P.wte + (size_t)s->inp[n] * C, *p = m->P.wpe + (size_t)(n % T) * C;
+        float *o = a->slot[0].x + (size_t)n * C;
+        for (int i = 0; i < C; i++) o[i] = e[i] + p[i];
+    }
+    for (int l = 0; l < L; l++) {
+        mt_block_acts *A = &a->slot[a->nslots > 1 ? l : 0];
+        const mt_block *W = &m->P.h[l];
+        /* Block output: next slot's input, or xL; forward-only overwrites x in place. */
+        float *xn = a->nslots > 1 ? (l + 1 < L ? a->slot[l + 1].x : a->xL) : A->x;
+        size_t rc = (size_t)r0 * C;
+        layernorm_forward(a->lnbuf + rc, A->ln1_mean + r0, A->ln1_rstd + r0, A->x + rc,
+                          W->ln1w, W->ln1b, nr, C, LN_EPS);
+        matmul_forward_rows(A->qkv, a->lnbuf, W->qkvw, W->qkvb, NULL, r0, r1, C, 3 * C);
+        pool_barrier(m->pool);
+        for (int i = i0; i < i1; i++)
+            attention_forward_item(A->atty, A->lse, A->qkv, i / NH, i % NH, T, C, NH, att);
+        pool_barrier(m->pool);
+        matmul_forward_rows(A->res2, A->atty, W->projw, W->projb, A->x, r0, r1, C, C);
+        layernorm_forward(a->lnbuf + rc, A->ln2_mean + r0, A->ln2_rstd + r0, A->res2 + rc,
+                          W->ln2w, W->ln2b, nr, C, LN_EPS);
+        matmul_forward_rows(A->fch, a->lnbuf, W->fcw, W->fcb, NULL, r0, r1, C, F);
+        gelu_forward(a->G + (size_t)r0 * F, A->fch + (size_t)r0 * F, (size_t)nr * F);
+        matmul_forward_rows(xn, a->G, W->fcprojw, W->fcprojb, A->res2, r0, r1, F, C);
+    }
+    layernorm_forward(a->lnf + (size_t)r0 * C, a->lnf_mean + r0, a->lnf_rstd + r0,
+                      a->xL + (size_t)r0 * C, m->P.lnfw, m->P.lnfb, nr, C, LN_EPS);
+    pool_barrier(m->pool);
+}
+
+static void backward(mt_step *s, int tid, int nt) {
+    mt_model *m = s->m;
+    mt_acts *a = s->a;
+    int C = m->cfg.d_model, F = m->cfg.d_ff, NH = m->cfg.n_heads, L = m->cfg.n_layers;
+    int V = m->cfg.vocab_size, T = s->T, N = s->B * T;
+    int r0, r1, i0, i1, c0, c1, q0, q1, f0, f1;
+    mt_split(N, tid, nt, 8, &r0, &r1);
+    mt_split(s->B * NH, tid, nt, 1, &i0, &i1);
+    mt_split(C, tid, nt, 16, &c0, &c1);
+    mt_split(3 * C, tid, nt, 16, &q0, &q1);
+    mt_split(F, tid, nt, 16, &f0, &f1);
+    int nr = r1 - r0;
+    size_t rc = (size_t)r0 * C, rf = (size_t)r0 * F;
+    float *att = att_scratch(m, tid), *datt = att + (size_t)m->cfg.max_seq_len * m->cfg.max_seq_len;
+
+    /* final LayerNorm: dlnf is in a->dln (written by the output layer) */
+    memset(a->dresid + rc, 0, sizeof(float) * (size_t)nr * C);
+    layernorm_backward_dx(a->dresid + rc, a->dln + rc, a->xL + rc, m->P.lnfw, a->lnf_mean + r0,
+                          a->lnf_rstd + r0, nr, C);
+    layernorm_backward_dparams(m->G.lnfw, m->G.lnfb, a->dln, a->xL, a->lnf_mean, a->lnf_rstd,
+                               N, C, c0, c1);
+    pool_barrier(m->pool);
+    for (int l = L - 1; l >= 0; l--) {
+        mt_block_acts *A = &a->slot[l];
+        const mt_block *W = &m->P.h[l];
+        mt_block *D = &m->G.h[l];
+        /* MLP out: x_next = res2 + gelu(fch) @ Wfcproj^T + b; dresid holds d x_next. */
+        gelu_forward(a->G + rf, A->fch + rf, (size_t)nr * F);
+        pool_barrier(m->pool);
+        matmul_backward_dweight_rows(D->fcprojw, D->fcprojb, a->dresid, a->G, N, F, C, c0, c1);
+        pool_barrier(m->pool);
+        matmul_backward_dinp_rows(a->G, a->dresid, W->fcprojw, r0, r1, F, C);
+        gelu_grad_inplace(a->G + rf, A->fch + rf, (size_t)nr * F);
+        layernorm_apply(a->lnbuf + rc, A->res2 + rc, W->ln2w, W->ln2b, A->ln2_mean + r0,
+                        A->ln2_rstd + r0, nr, C);
+        pool_barrier(m->pool);
+        /* MLP in: fch = ln2(res2) @ Wfc^T + b; G now holds d fch. */
+        matmul_backward_dweight_rows(D->fcw, D->fcb, a->G, a->lnbuf, N, C, F, f0, f1);
+        matmul_backward_dinp_rows(a->dln, a->G, W->fcw, r0, r1, C, F);
+        layernorm_backward_dx(a->dresid + rc, a->dln + rc, A->res2 + rc, W->ln2w,
+                              A->ln2_mean + r0, A->ln2_rstd + r0, nr, C);
+        pool_barrier(m->pool);
+        /* dresid now holds d res2. Attention out: res2 = x + atty @ Wproj^T + b. */
+        layernorm_backward_dparams(D->ln2w, D->ln2b, a->dln, A->res2, A->ln2_mean, A->ln2_rstd,
+                                   N, C, c0, c1);
+        matmul_backward_dweight_rows(D->projw, D->projb, a->dresid, A->atty, N, C, C, c0, c1);
+        matmul_backward_dinp_rows(a->datty, a->dresid, W->projw, r0, r1, C, C);
+        memset(a->dqkv + 3 * rc, 0, sizeof(float) * (size_t)nr * 3 * C);
+        layernorm_apply(a->lnbuf + rc, A->x + rc, W->ln1w, W->ln1b, A->ln1_mean + r0,
+                        A->ln1_rstd + r0, nr, C);
+        pool_barrier(m->pool);
+        for (int i = i0; i < i1; i++)
+            attention_backward_item(a->dqkv, a->datty, A->qkv, A->lse, i / NH, i % NH, T, C, NH,
+                                    att, datt);
+        pool_barrier(m->pool);
+        /* qkv = ln1(x) @ Wqkv^T + b */
+        matmul_backward_dweight_rows(D->qkvw, D->qkvb, a->dqkv, a->lnbuf, N, C, 3 * C, q0, q1);
+        matmul_backward_dinp_rows(a->dln, a->dqkv, W->qkvw, r0, r1, C, 3 * C);
+        layernorm_backward_dx(a->dresid + rc, a->dln + rc, A->x + rc, W->ln1w,
+                              A->ln1_mean + r0, A->ln1_rstd + r0, nr, C);
+        pool_barrier(m->pool);
+        layernorm_backward_dparams(D->ln1w, D->ln1b, a->dln, A->x, A->ln1_mean, A->ln1_rstd,
+                                   N, C, c0, c1);
+    }
+    /* embedding: dresid is d x0. Token rows split by vocabulary id, positions by t; each
+     * row sums its contributions in position order. */
+    int v0, v1, t0, t1;
+    mt_split(V, tid, nt, 1, &v0, &v1);
+    mt_split(T, tid, nt, 1, &t0, &t1);
+    for (int n = 0; n < N; n++) {
+        int tok = s->inp[n];
+        if (tok < v0 || tok >= v1) continue;
+        const float *g = a->dresid + (size_t)n * C;
+        float *d = m->G.wte + (size_t)tok * C;
+        for (int i = 0; i < C; i++) d[i] += g[i];
+    }
+    for (int n = 0; n < N; n++) {
+        int t = n % T;
+        if (t < t0 || t >= t1) continue;
+        const float *g = a->dresid + (size_t)n * C;
+        float *d = m->G.wpe + (size_t)t * C;
+        for (int i = 0; i < C; i++) d[i] += g[i];
+    }
+}
+
+void step_task(void *ctx, int tid, int nt) {
+    mt_step *s = ctx;
+    mt_model *m = s->m;
+    mt_acts *a = s->a;
+    int C = m->cfg.d_model, V = m->cfg.vocab_size, N = s->B * s->T;
+    if (s->mode == STEP_TRAIN && !s->accumulate) {
+        size_t p0 = m->nparams * (size_t)tid / nt, p1 = m->nparams * (size_t)(tid + 1) / nt;
+        memset(m->grads + p0, 0, sizeof(float) * (p1 - p0));
+    }
+    forward(s, tid, nt);
+    if (s->mode == STEP_LOGITS) {
+        if (s->last_only) {
+            int b0, b1;
+            mt_split(s->B, tid, nt, 1, &b0, &b1);
+            for (int b = b0; b < b1; b++) {
+                size_t row = (size_t)b * s->T + s->T - 1;
+                matmul_forward_rows(s->logits + (size_t)b * V, a->lnf + row * C, m->P.lm, NULL,
+                                    NULL, 0, 1, C, V);
+            }
+        } else {
+            int r0, r1;
+            mt_split(N, tid, nt, 8, &r0, &r1);
+            matmul_forward_rows(s->logits, a->lnf, m->P.lm, NULL, NULL, r0, r1, C, V);
+        }
+        return;
+    }
+    int train = s->mode == STEP_TRAIN;
+    output_layer_chunked(m->pool, tid, nt, a->lnf, m->P.lm, train ? m->G.lm : NULL,
+                         train ? a->dln : NULL, s->tgt, a->losses, m->chunk, m->chunk_rows, N,
+                         C, V, s->grad_scale);
+    if (train) backward(s, tid, nt);
+}

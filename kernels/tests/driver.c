@@ -1,0 +1,262 @@
+/* A C test driver for the kernel's threaded paths, built directly with gcc (no Python) so it can
+ * run under ThreadSanitizer and AddressSanitizer + UndefinedBehaviorSanitizer
+ * (scripts/sanitize.sh builds and runs it).
+ *
+ *   driver THREADS     (THREADS >= 2; default 4)
+ *
+ * 1. optimizer: clip + AdamW on synthetic gradients through the self-threaded "_flat" entry
+ *    points and through the "_part" functions run on pthreads here; every result must be bitwise
+ *    equal to the single-threaded one.
+ * 2. model: a tiny model trains 3 steps (forward+backward on THREADS kernel threads, clip, AdamW
+ *    on THREADS threads), twice; both runs must agree bit for bit, and with a 1-thread run to
+ *    float tolerance. Also the forward-only loss and the counters.
+ * Exit 0 when all checks pass, 1 otherwise (sanitizer reports abort the run on their own). */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "mpitrain_kernel.h"
+
+static int failures = 0;
+
+#define CHECK(cond, ...)                                   \
+    do {                                                   \
+        if (!(cond)) {                                     \
+            fprintf(stderr, "driver: FAIL: " __VA_ARGS__); \
+            fprintf(stderr, "\n");                         \
+            failures++;                                    \
+        }                                                  \
+    } while (0)
+
+static uint64_t lcg_state = 12345;
+static uint32_t lcg(void) {
+    lcg_state = lcg_state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (uint32_t)(lcg_state >> 33);
+}
+static float uniform(void) { return (float)lcg() / 2147483648.0f - 1.0f; } /* [-1, 1) */
+
+static float *fvec(size_t n) {
+    float *p = calloc(n ? n : 1, sizeof(float));
+    if (!p) { fprintf(stderr, "driver: out of memory\n"); exit(2); }
+    return p;
+}
+
+/* ---- 1. optimizer ----------------------------------------------------------------------------- */
+
+typedef struct {
+    float *p, *g, *m, *v;
+    int64_t n;
+    const int64_t *bounds;
+    const unsigned char *decay;
+    int nseg;
+    int64_t step;
+    double *partials;
+    int phase;  /* 0: sum of squares, 1: scale by factor, 2: AdamW */
+    float factor;
+    int part, nparts;
+} part_job;
+
+static void *part_main(void *arg) {
+    part_job *j = arg;
+    if (j->phase == 0) grad_sumsq_part(j->partials, j->g, j->n, j->part, j->nparts);
+    else if (j->phase == 1) scale_part(j->g, j->n, j->factor, j->part, j->nparts);
+    else adamw_part(j->p, j->g, j->m, j->v, j->n, j->bounds, j->decay, j->nseg, 1e-2, 0.9, 0.999,
+                    1e-8, 0.1, j->step, j->part, j->nparts);
+    return NULL;
+}
+
+/* Runs one phase of the "_part" API on nparts pthreads (a stand-in for a caller's pool). */
+static void run_phase(part_job proto, int nparts) {
+    pthread_t th[64];
+    part_job jobs[64];
+    for (int k = 0; k < nparts; k++) {
+        jobs[k] = proto;
+        jobs[k].part = k;
+        jobs[k].nparts = nparts;
+        if (pthread_create(&th[k], NULL, part_main, &jobs[k]) != 0) {
+            fprintf(stderr, "driver: pthread_create failed\n");
+            exit(2);
+        }
+    }
+    for (int k = 0; k < nparts; k++) pthread_join(th[k], NULL);
+}
+
+/* Three clip + AdamW steps; mode 0: _flat on `threads`, mode 1: _part on `threads` pthreads. */
+static void optimizer_run(int threads, int mode, float *p, float *m, float *v, int64_t n,
+                          const int64_t *bounds, const unsigned char *decay, int nseg,
+                          double *norms) {
+    float *g = fvec((size_t)n);
+    lcg_state = 777;
+    for (int64_t i = 0; i < n; i++) { p[i] = uniform(); m[i] = v[i] = 0.0f; }
+    for (int step = 1; step <= 3; step++) {
+        for (int64_t i = 0; i < n; i++) g[i] = 0.05f * uniform();
+        if (mode == 0) {
+            norms[step - 1] = clip_grad_norm_flat(g, n, 1.0, threads);
+            CHECK(adamw_step_flat(p, g, m, v, n, bounds, decay, nseg, 1e-2, 0.9, 0.999, 1e-8, 0.1,
+                                  step, threads) == 0, "adamw_step_flat refused valid arguments");
+        } else {
+            int64_t nb = optim_norm_blocks(n);
+            double *partials = calloc((size_t)nb, sizeof(double));
+            part_job j = {p, g, m, v, n, bounds, decay, nseg, step, partials, 0, 1.0f, 0, 1};
+            run_phase(j, threads);
+            double norm = sqrt(optim_sum_partials(partials, nb));
+            double coef = clip_coefficient(norm, 1.0);
+            if (coef < 1.0) {
+                j.phase = 1;
+                j.factor = (float)coef;
+                run_phase(j, threads);
+            }
+            j.phase = 2;
+            run_phase(j, threads);
+            norms[step - 1] = norm;
+            free(partials);
+        }
+    }
+    free(g);
+}
+
+static void test_optimizer(int threads) {
+    /* Segments of uneven sizes around the norm's block size (8192) so ranges cut through them. */
+    const int64_t bounds[] = {0, 5000, 5003, 20000, 20001, 41000};
+    const unsigned char decay[] = {1, 0, 1, 0, 1};
+    const int nseg = 5;
+    const int64_t n = bounds[nseg];
+    float *p1 = fvec(n), *m1 = fvec(n), *v1 = fvec(n);
+    float *p2 = fvec(n), *m2 = fvec(n), *v2 = fvec(n);
+    double norms1[3], norms2[3];
+    optimizer_run(1, 0, p1, m1, v1, n, bounds, decay, nseg, norms1);
+    for (int mode = 0; mode < 2; mode++) {
+        optimizer_run(threads, mode, p2, m2, v2, n, bounds, decay, nseg, norms2);
+        CHECK(memcmp(norms1, norms2, sizeof norms1) == 0, "optimizer mode %d: norms differ", mode);
+        CHECK(memcmp(p1, p2, n * sizeof(float)) == 0, "optimizer mode %d: params differ", mode);
+        CHECK(memcmp(m1, m2, n * sizeof(float)) == 0 && memcmp(v1, v2, n * sizeof(float)) == 0,
+              "optimizer mode %d: moments differ", mode);
+    }
+    CHECK(norms1[0] > 1.0, "the first step should have been clipped (norm %g)", norms1[0]);
+    CHECK(adamw_step_flat(p1, p1, m1, v1, n, bounds, decay, nseg, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0,
+                          threads) == -1, "step 0 must be refused");
+    free(p1); free(m1); free(v1); free(p2); free(m2); free(v2);
+    printf("driver: optimizer on %d threads: bitwise equal to 1 thread (flat and part APIs)\n",
+           threads);
+}
+
+/* ---- 2. the model's threaded step ---------------------------------------------------------- */
+
+typedef struct {
+    float *p, *g, *m, *v;
+    float *g_first;  /* gradients of step 1 (same parameters in every run) */
+    double losses[3];
+    double eval_loss;
+} model_run;
+
+static int model_train(const mt_config *cfg, int threads, model_run *r) {
+    enum { B = 6, T = 16 };
+    size_t n = mt_num_params(cfg);
+    int nt = mt_num_tensors(cfg);
+    int64_t *bounds = calloc((size_t)nt + 1, sizeof(int64_t));
+    unsigned char *decay = calloc((size_t)nt, 1);
+    for (int i = 0; i < nt; i++) {
+        char name[128];
+        size_t off;
+        int ndim, shape[2];
+        if (mt_tensor_info(cfg, i, name, sizeof name, &off, &ndim, shape) != 0) return -1;
+        bounds[i] = (int64_t)off;
+        decay[i] = ndim >= 2;
+    }
+    bounds[nt] = (int64_t)n;
+    r->p = fvec(n); r->g = fvec(n); r->m = fvec(n); r->v = fvec(n); r->g_first = fvec(n);
+    mt_model *model = mt_model_new(cfg, r->p, r->g, r->m, r->v, threads);
+    if (!model) return -1;
+    mt_model_init(model, 42);
+    int32_t inputs[B * T], targets[B * T];
+    lcg_state = 99;
+    for (int i = 0; i < B * T; i++) {
+        inputs[i] = (int32_t)(lcg() % (uint32_t)cfg->vocab_size);
+        targets[i] = (int32_t)(lcg() % (uint32_t)cfg->vocab_size);
+    }
+    int rc = 0;
+    for (int step = 1; step <= 3 && rc == 0; step++) {
+        rc = mt_forward_backward(model, inputs, targets, B, T, 1.0f / (B * T), 0, &r->losses[step - 1]);
+        if (rc == 0 && step == 1) memcpy(r->g_first, r->g, n * sizeof(float));
+        if (rc == 0) clip_grad_norm_flat(r->g, (int64_t)n, 1.0, threads);
+        if (rc == 0) rc = adamw_step_flat(r->p, r->g, r->m, r->v, (int64_t)n, bounds, decay, nt,
+                                          3e-3, 0.9, 0.999, 1e-8, 0.01, step, threads);
+    }
+    if (rc == 0) rc = mt_loss(model, inputs, targets, B, T, &r->eval_loss);
+    uint64_t calls = 0, windows = 0;
+    mt_counters(model, &calls, &windows);
+    CHECK(calls == 3 && windows == 3 * B, "counters: %llu calls, %llu windows",
+          (unsigned long long)calls, (unsigned long long)windows);
+    mt_model_free(model);
+    free(bounds);
+    free(decay);
+    return rc;
+}
+
+static void model_run_free(model_run *r) {
+    free(r->p); free(r->g); free(r->m); free(r->v); free(r->g_first);
+}
+
+static double max_abs(const float *x, size_t n) {
+    double w = 0.0;
+    for (size_t i = 0; i < n; i++) w = fmax(w, fabs((double)x[i]));
+    return w;
+}
+
+static double max_abs_diff(const float *x, const float *y, size_t n) {
+    double w = 0.0;
+    for (size_t i = 0; i < n; i++) w = fmax(w, fabs((double)x[i] - y[i]));
+    return w;
+}
+
+static void test_model(int threads) {
+    const mt_config cfg = {.vocab_size = 97, .max_seq_len = 16, .d_model = 32, .n_layers = 2,
+                           .n_heads = 4, .d_ff = 64};
+    size_t n = mt_num_params(&cfg);
+    model_run a, b, one;
+    CHECK(model_train(&cfg, threads, &a) == 0, "model run on %d threads failed", threads);
+    CHECK(model_train(&cfg, threads, &b) == 0, "second model run on %d threads failed", threads);
+    CHECK(model_train(&cfg, 1, &one) == 0, "model run on 1 thread failed");
+    if (failures) return;
+    CHECK(memcmp(a.losses, b.losses, sizeof a.losses) == 0 && a.eval_loss == b.eval_loss,
+          "repeated %d-thread runs: losses differ", threads);
+    CHECK(memcmp(a.p, b.p, n * sizeof(float)) == 0 && memcmp(a.g, b.g, n * sizeof(float)) == 0,
+          "repeated %d-thread runs: params or grads differ", threads);
+    /* Different thread counts may sum in a different order: float tolerance only. Step-1
+     * gradients to 1e-5 of their largest entry; parameters after 3 AdamW steps (lr 3e-3) to
+     * 1e-4, because AdamW's m/sqrt(v) turns tiny gradient differences of near-zero entries into
+     * differences of a fraction of lr. */
+    double gdiff = max_abs_diff(a.g_first, one.g_first, n), gmax = max_abs(one.g_first, n);
+    CHECK(gdiff <= 1e-5 * gmax, "step-1 grads: %d threads vs 1 differ by %g (max |g| %g)",
+          threads, gdiff, gmax);
+    double worst = max_abs_diff(a.p, one.p, n);
+    CHECK(worst < 1e-4, "params after 3 steps: %d threads vs 1 differ by %g", threads, worst);
+    for (int s = 0; s < 3; s++)
+        CHECK(fabs(a.losses[s] - one.losses[s]) < 1e-5 * fabs(one.losses[s]),
+              "loss of step %d: %.9g (%d threads) vs %.9g (1 thread)", s + 1, a.losses[s],
+              threads, one.losses[s]);
+    CHECK(a.losses[2] < a.losses[0], "loss did not fall: %g -> %g", a.losses[0], a.losses[2]);
+    printf("driver: model on %d threads: losses %.6f %.6f %.6f, eval %.6f; repeat bitwise equal, "
+           "vs 1 thread: max |dgrad| %.2g (max |g| %.2g), max |dparam| %.2g\n", threads, a.losses[0],
+           a.losses[1], a.losses[2], a.eval_loss, gdiff, gmax, worst);
+    model_run_free(&a);
+    model_run_free(&b);
+    model_run_free(&one);
+}
+
+int main(int argc, char **argv) {
+    int threads = argc > 1 ? atoi(argv[1]) : 4;
+    if (threads < 2 || threads > 64) {
+        fprintf(stderr, "usage: driver [THREADS in 2..64]\n");
+        return 2;
+    }
+    test_optimizer(threads);
+    test_model(threads);
+    if (failures) {
+        fprintf(stderr, "driver: %d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("driver: all checks passed\n");
+    return 0;
+}

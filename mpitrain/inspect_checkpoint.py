@@ -226,6 +226,10 @@ def format_compare(d):
         for k, (a, b) in d["attrs"].items():
             lines.append(f"  {k}: A {str(a)[:60]}  B {str(b)[:60]}")
     for where, rows in d["tensors"].items():
+        only = {r["status"] for r in rows}
+        if len(only) == 1 and only <= {"only in A", "only in B"}:  # a whole group, e.g. vs export
+            lines += ["", f"/{where}: {only.pop()} ({len(rows)} tensors)"]
+            continue
         same = sum(r["status"] == "identical" for r in rows)
         lines += ["", f"/{where}: {same} of {len(rows)} tensors bit-identical"]
         width = max([len(r["name"]) for r in rows] + [6])
@@ -243,12 +247,15 @@ def format_compare(d):
 
 
 def run_extra(args) -> int:
-    """`mpitrain inspect --verify FILE [FILE2]` and `mpitrain inspect A.h5 B.h5` (called by
+    """`mpitrain inspect --verify FILE...` and `mpitrain inspect A.h5 B.h5` (called by
     mpitrain.commands.inspect). Exit status: --verify as verify_files; a comparison 0 when the
     files are identical, 1 when they differ."""
-    paths = [args.file] + ([args.other] if args.other else [])
+    paths = [args.file] + list(args.others)
     if args.verify:
         return verify_files(paths, as_json=getattr(args, "json", False))
-    d = compare(args.file, args.other)
+    if len(paths) != 2:
+        raise UserError(f"inspect compares exactly two files, got {len(paths)} "
+                        "(use --verify to check several)")
+    d = compare(*paths)
     print(json.dumps(d, indent=1) if getattr(args, "json", False) else format_compare(d))
     return 0 if d["identical"] else 1

@@ -9,6 +9,7 @@ import pytest
 from mpitrain import inspect_checkpoint as ic
 from mpitrain.checkpoint import export_weights
 from mpitrain.commands import inspect as inspect_cmd
+from mpitrain.errors import UserError
 from test_checkpoint import _flip_byte_in, _save, _tensors
 
 
@@ -79,6 +80,8 @@ def test_verify_exit_codes(tmp_path, capsys):
         assert _run(["--verify", str(p)]) == 2
     assert capsys.readouterr().out.count(": error: ") == 3
     assert ic.verify_files([str(good), str(bad)], out=lambda _: None) == 1
+    assert _run(["--verify", str(good), str(bad), str(trunc)]) == 1  # several files at once
+    assert capsys.readouterr().out.count("DAMAGED") == 2
     exported = export_weights(good, tmp_path / "model.h5")
     assert ic.verify_files([str(exported)], out=lambda _: None) == 0
     assert _run(["--verify", "--json", str(bad)]) == 1
@@ -107,6 +110,8 @@ def test_compare_two_checkpoints(tmp_path, capsys):
     assert rows["transformer.wpe.weight"]["status"] == "identical"
     assert d["tensors"]["optimizer/m"][0]["status"] == "identical"
     assert _run([str(a), str(c)]) == 1
+    with pytest.raises(UserError, match="compares exactly two files, got 3"):
+        _run([str(a), str(b), str(c)])
     out = capsys.readouterr().out
     assert "/params: 5 of 6 tensors bit-identical" in out and "the files differ" in out
     # A checkpoint against its export: parameters identical, optimizer only in A.

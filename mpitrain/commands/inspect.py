@@ -28,8 +28,8 @@ def add_arguments(p):
     p.add_argument("--top", type=int, default=10,
                    help="how many of the most frequent tokens to list")
     p.add_argument("--no-tree", action="store_true", help="print only the summary")
-    p.add_argument("other", nargs="?", metavar="OTHER.h5", help="a second checkpoint or export: "
-                   "print the per-tensor difference (exit 0 identical, 1 different)")
+    p.add_argument("others", nargs="*", metavar="OTHER.h5", help="a second checkpoint or "
+                   "export: print the per-tensor difference (exit 0 identical, 1 different)")
     p.add_argument("--verify", action="store_true", help="verify checkpoints/exports: structure "
                    "and checksums (exit 0 sound, 1 damaged, 2 missing or not a checkpoint)")
 
@@ -56,7 +56,7 @@ def inspect_file(path, top=10):
 
 
 def run(args):
-    if args.verify or args.other:  # checkpoint verification / comparison
+    if args.verify or args.others:  # checkpoint verification / comparison
         return importlib.import_module("mpitrain.inspect_checkpoint").run_extra(args)
     if args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")

@@ -86,7 +86,7 @@ def run_mpi(options: dict) -> int:
             del checkpoint
             _install_signals(world, rank, node_zero.request_stop)
             node_zero.run()
-            if node_zero.stop_signal is not None and not plan.quiet:
+            if node_zero.stop_signal is not None:  # said even with --quiet
                 print(f"mpitrain: stopped by signal {node_zero.stop_signal} after step "
                       f"{node_zero.done}; continue with --resume auto", flush=True)
         else:

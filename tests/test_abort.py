@@ -1,0 +1,22 @@
+"""An uncaught exception on any rank aborts the whole job promptly, naming the rank.
+
+The fault is injected with the test hook MPITRAIN_FAULT=RANK:STEP (docs/TRAINING.md). Without
+the abort path a plain `python` rank that raises leaves the others waiting forever; with it the
+job ends in about a second (limit here: 30 s)."""
+import time
+
+import pytest
+
+from test_train_support import run_train, tiny_args, tiny_dataset  # noqa: F401 (fixture)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_exception_on_one_rank_aborts_the_job(tiny_dataset, tmp_path, rank):
+    t0 = time.monotonic()
+    proc = run_train(4, *tiny_args(tiny_dataset, str(tmp_path / "run")),
+                     env={"MPITRAIN_FAULT": f"{rank}:3"}, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert f"mpitrain: rank {rank}: RuntimeError: injected fault (MPITRAIN_FAULT) at step 3" \
+        in proc.stderr, proc.stderr
+    assert elapsed < 30, elapsed

@@ -1,0 +1,101 @@
+"""Signals with the bundled MPICH launcher: SIGTERM (or Ctrl-C) to mpirun reaches every rank;
+Node Zero evaluates, saves a checkpoint and every rank exits within 30 s, and the run resumes
+from it. A second Ctrl-C aborts at once. A SIGKILL of one rank ends the whole job.
+
+Each test starts a long tiny run (thousands of planned steps) and signals it once training is
+under way (heartbeat.json shows a step > 0)."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from mpitrain.checkpoint import load_checkpoint
+from test_train_support import (heartbeat, read_metrics, run_train, start_train, step_losses,
+                                tiny_dataset)  # noqa: F401 (fixture)
+
+LIMIT = 30.0  # s from the signal to the end of the job
+
+
+def _long_run(dataset, run_dir, n=4):
+    return start_train(n, "--preset", "tiny", "--dataset", dataset, "--run-dir", run_dir,
+                       "--epochs", 10000, "--eval-every", 100000, "--save-every", 100000,
+                       "--quiet")
+
+
+def _wait_training(proc, run_dir, timeout=60.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        beat = heartbeat(run_dir)
+        if beat is not None and beat["step"] > 0:
+            return beat
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("training did not start")
+
+
+def _finish(proc, t_signal):
+    try:
+        out, err = proc.communicate(timeout=LIMIT + 10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job did not end after the signal")
+    return out, err, time.monotonic() - t_signal
+
+
+def test_sigterm_saves_and_exits(tiny_dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = _long_run(tiny_dataset, run_dir)
+    _wait_training(proc, run_dir)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err, elapsed = _finish(proc, t0)
+    assert proc.returncode == 0, err
+    assert elapsed < LIMIT
+    records = read_metrics(run_dir)
+    last = max(step_losses(records))
+    assert any(r.get("event") == "signal" and r["signal"] == signal.SIGTERM for r in records)
+    assert any(r.get("event") == "checkpoint" and r["step"] == last for r in records)
+    ck = load_checkpoint(os.path.join(run_dir, f"checkpoint_step_{last}.h5"))
+    assert ck.step == last
+    assert f"stopped by signal {int(signal.SIGTERM)} after step {last}" in out
+    # and the run continues from there
+    resumed = run_train(4, "--preset", "tiny", "--dataset", tiny_dataset, "--run-dir", run_dir,
+                        "--epochs", 10000, "--resume", "auto", "--stop-at", last + 2, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert max(step_losses(read_metrics(run_dir))) == last + 2
+
+
+def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = _long_run(tiny_dataset, run_dir)
+    _wait_training(proc, run_dir)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err, elapsed = _finish(proc, t0)
+    assert proc.returncode == 0, err
+    assert elapsed < LIMIT
+    assert any(r.get("event") == "signal" for r in read_metrics(run_dir))
+
+    run_dir = str(tmp_path / "run2")
+    proc = _long_run(tiny_dataset, run_dir)
+    _wait_training(proc, run_dir)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err, elapsed = _finish(proc, t0)
+    assert elapsed < 10
+
+
+def test_sigkill_of_a_worker_ends_the_job(tiny_dataset, tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = _long_run(tiny_dataset, run_dir)
+    beat = _wait_training(proc, run_dir)
+    t0 = time.monotonic()
+    os.kill(beat["ranks"][2]["pid"], signal.SIGKILL)
+    out, err, elapsed = _finish(proc, t0)
+    assert proc.returncode != 0
+    assert elapsed < LIMIT

@@ -37,10 +37,10 @@ static void forward(mt_step *s, int tid, int nt) {
         for (int i = 0; i < C; i++) o[i] = e[i] + p[i];
     }
     for (int l = 0; l < L; l++) {
-        mt_block_acts *A = &a->slot[a->nslots > 1 ? l : 0];
+        mt_block_acts *A = &a->slot[a->training ? l : 0];
         const mt_block *W = &m->P.h[l];
         /* Block output: next slot's input, or xL; forward-only overwrites x in place. */
-        float *xn = a->nslots > 1 ? (l + 1 < L ? a->slot[l + 1].x : a->xL) : A->x;
+        float *xn = a->training ? (l + 1 < L ? a->slot[l + 1].x : a->xL) : A->x;
         size_t rc = (size_t)r0 * C;
         layernorm_forward(a->lnbuf + rc, A->ln1_mean + r0, A->ln1_rstd + r0, A->x + rc,
                           W->ln1w, W->ln1b, nr, C, LN_EPS);

@@ -162,6 +162,7 @@ def _run_model(cfg, a):
         from mpitrain import Model
     except ImportError as e:  # before the model lands: the peak alone is still useful
         return {"error": f"mpitrain.Model unavailable ({e})"}
+    res = {}
     model = Model(cfg, seed=0, threads=a.threads)
     x, y = (t.astype(np.int32) for t in random_batch(cfg, a.batch, a.seq))
     timers = getattr(model, "timers", None)
@@ -333,7 +334,7 @@ def report(t, ours, ref, floor, tokens, fpt):
         print(f"    GEMM floor: {floor.get('error')}")
     if "parts" in ours:
         p = ours["parts"]
-        print("    ours per step: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in p.items()))
+        print("    ours per step: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in p.items()))
     if "kinds" in ours:
         total = sum(ours["kinds"].values()) or 1.0
         print("    ours by layer kind: " + ", ".join(

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -205,11 +206,17 @@ def merge_counts(gathered):
 
 
 def choose_split(doc_tokens, val_fraction):
-    """({"train"|"val": [k,2] token ranges}, {"train"|"val": documents}). Several documents: round(D * val_fraction)
-    documents (at least 1), evenly spaced (document d is held out when
-    floor((d+1) * n_val / D) > floor(d * n_val / D)). One document: the last
-    ceil(T * val_fraction) tokens of its stream."""
+    """({"train"|"val": [k,2] token ranges}, {"train"|"val": documents}).
+
+    D >= 2 documents: n_val = max(1, round(D * val_fraction)) whole documents are held out,
+    spread over the corpus and sized to the target: the documents are cut into n_val
+    consecutive blocks (document d is in block floor(d * n_val / D)); in each block the
+    document whose token count is closest to val_fraction * T / n_val is held out (ties: the
+    first). So validation is about val_fraction of the tokens even when a corpus of few
+    documents has one huge one. One document: the last ceil(T * val_fraction) tokens.
+    """
     d = len(doc_tokens)
+    doc_tokens = np.asarray(doc_tokens, dtype=np.int64)
     ends = np.cumsum(doc_tokens)
     starts = ends - doc_tokens
     if d == 1:
@@ -221,8 +228,12 @@ def choose_split(doc_tokens, val_fraction):
         return ({"train": np.array([[0, t - n_val]]), "val": np.array([[t - n_val, t]])},
                 {"train": 1, "val": 1})
     n_val = min(max(1, round(d * val_fraction)), d - 1)
-    k = np.arange(d)
-    is_val = (k + 1) * n_val // d > k * n_val // d
+    target = val_fraction * float(ends[-1]) / n_val
+    block = np.arange(d) * n_val // d
+    # sort by (block, distance to target, index): each block's first entry is its choice
+    order = np.lexsort((np.arange(d), np.abs(doc_tokens - target), block))
+    is_val = np.zeros(d, dtype=bool)
+    is_val[order[np.searchsorted(block[order], np.arange(n_val))]] = True
     return ({"train": _runs(starts, ends, ~is_val), "val": _runs(starts, ends, is_val)},
             {"train": d - n_val, "val": n_val})
 
@@ -330,8 +341,10 @@ def _finish(o, tok, stream, doc_tokens, metas, n_binary, *, fallback, pretokens,
         "token_dtype": np.dtype(stream.dtype).name,
         "seq_len": o.seq_len,
         "val_fraction": float(o.val_fraction),
-        "split_rule": ("round(documents * val_fraction) documents (at least 1) evenly spaced; "
-                       "one document: the last ceil(tokens * val_fraction) tokens"),
+        "split_rule": ("n_val = max(1, round(documents * val_fraction)) documents: in each of "
+                       "n_val consecutive blocks of documents, the one whose token count is "
+                       "closest to val_fraction * tokens / n_val; one document: the last "
+                       "ceil(tokens * val_fraction) tokens"),
         "files": len(metas),
         "binary_files_skipped": n_binary,
         "invalid_utf8_files": sum(1 for m in metas if m[3]),
@@ -395,7 +408,10 @@ def _write_atomically(o, tok, content):
             for p in (out, vtxt)]
     if os.path.exists(out) and not o.force:  # appeared while we worked
         raise UserError(f"output exists: {out} (use --force to replace it)")
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # SIGTERM (a job scheduler's kill) unwinds like Ctrl-C so the temporaries are removed;
+    # only the main thread may set a handler.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main else None
     try:
         if out == DEFAULT_OUT:
             os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -411,7 +427,8 @@ def _write_atomically(o, tok, content):
     except _Terminated:
         raise UserError("terminated; nothing was written") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         for t in tmps:
             if os.path.exists(t):
                 os.unlink(t)

@@ -39,6 +39,18 @@ def corpus_dir(tmp_path):
     return write_corpus(tmp_path / "corpus")
 
 
+def ref_val_documents(doc_tokens, val_fraction):
+    """Held-out documents by DESIGN's rule as docs/FORMATS.md states it, in plain Python."""
+    d, total = len(doc_tokens), sum(doc_tokens)
+    n_val = min(max(1, round(d * val_fraction)), d - 1)
+    target = val_fraction * total / n_val
+    chosen = []
+    for b in range(n_val):
+        block = [i for i in range(d) if i * n_val // d == b]
+        chosen.append(min(block, key=lambda i: (abs(doc_tokens[i] - target), i)))
+    return chosen
+
+
 def run_cli(*args, cwd=None, timeout=120, launcher=()):
     """Run `python -m mpitrain ARGS` in a subprocess; returns CompletedProcess (text)."""
     env = dict(os.environ)

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_corpus
+from conftest import ref_val_documents, run_cli, write_corpus
 from mpitrain.dataset import Dataset
 from mpitrain.errors import UserError
 from mpitrain.tokenizer import Tokenizer
@@ -29,14 +29,16 @@ def test_open_and_split_tokens(prepared):
     assert ds.seq_len == 16 and ds.vocab_size == tok.vocab_size == ds.attrs["vocab_size"]
     assert ds.attrs["format"] == "mpitrain-dataset" and ds.num_documents == 10
     docs = [np.append(tok.encode(t), tok.eod_id) for t in texts]
-    # 2 of 10 documents held out, evenly spaced: documents 4 and 9 (0-based)
+    # 2 of 10 documents held out, one per block of 5
+    held = ref_val_documents([len(d) for d in docs], 0.2)
+    assert len(held) == 2 and held[0] < 5 <= held[1]
     val = ds.split_tokens("val")
     train = ds.split_tokens("train")
     assert val.dtype == np.uint16 and train.dtype == np.uint16
-    np.testing.assert_array_equal(val, np.concatenate([docs[4], docs[9]]))
+    np.testing.assert_array_equal(val, np.concatenate([docs[i] for i in held]))
     np.testing.assert_array_equal(train, np.concatenate([d for i, d in enumerate(docs)
-                                                         if i not in (4, 9)]))
-    assert tok.decode(val).split("<|endoftext|>")[:2] == [texts[4], texts[9]]
+                                                         if i not in held]))
+    assert tok.decode(val).split("<|endoftext|>")[:2] == [texts[i] for i in held]
     assert ds.num_windows("train") == (train.size - 1) // 16
     assert ds.attrs["train_windows"] == ds.num_windows("train")
     with pytest.raises(ValueError, match="unknown split"):

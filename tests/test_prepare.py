@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import CORPUS_FILES, assert_user_error, run_cli, write_corpus
+from conftest import CORPUS_FILES, assert_user_error, ref_val_documents, run_cli, write_corpus
 from mpitrain.prepare import choose_split, partition
 from mpitrain.tokenizer import PATTERN, Tokenizer
 
@@ -60,10 +60,15 @@ def test_prepare_writes_what_the_definition_says(tmp_path, corpus_dir):
         # the raw text holds no U+FFFD of its own, so each one in the decoded text is a replacement
         assert f["sources/replaced"][()].tolist() == [t.count("\ufffd") for t in texts]
         train, val = f["splits/train/ranges"][()], f["splits/val/ranges"][()]
-    n_docs = len(names)  # 6 text files; round(6 * 0.3) = 2 held out, evenly spaced: 3rd and 6th
-    assert n_docs == 6
-    assert val.tolist() == [[offsets[2], offsets[3]], [offsets[5], offsets[6]]]
-    assert train.tolist() == [[0, offsets[2]], [offsets[3], offsets[5]]]
+    assert len(names) == 6  # 6 text files; round(6 * 0.3) = 2 held out, one per block of 3
+    held = ref_val_documents(np.diff(offsets).tolist(), 0.3)
+    assert len(held) == 2 and held[0] < 3 <= held[1]
+    np.testing.assert_array_equal(
+        np.concatenate([tokens[a:b] for a, b in val]),
+        np.concatenate([tokens[offsets[i]:offsets[i + 1]] for i in held]))
+    np.testing.assert_array_equal(
+        np.concatenate([tokens[a:b] for a, b in train]),
+        np.concatenate([tokens[offsets[i]:offsets[i + 1]] for i in range(6) if i not in held]))
     assert a["files"] == 6 and a["binary_files_skipped"] == 1
     assert a["invalid_utf8_files"] == 1 and a["replacement_characters"] == 4
     assert a["bytes"] == sum(len(r) for r in raw)
@@ -234,10 +239,25 @@ def test_h5_tools_read_the_file(tmp_path, corpus_dir):
 
 
 def test_choose_split_and_partition_rules():
-    splits, docs = choose_split(np.array([5, 5, 5, 5, 5, 5, 5, 5, 5, 5]), 0.2)
-    assert splits["val"].tolist() == [[20, 25], [45, 50]] and docs == {"train": 8, "val": 2}
+    # equal documents: every one is as close to the target; ties take each block's first
+    splits, docs = choose_split(np.array([5] * 10), 0.2)
+    assert splits["val"].tolist() == [[0, 5], [25, 30]] and docs == {"train": 8, "val": 2}
+    assert splits["train"].tolist() == [[5, 25], [30, 50]]
+    # one huge document is not taken when a document near 1% of the tokens exists
+    splits, docs = choose_split(np.array([10, 1000, 20, 30]), 0.01)
+    assert splits["val"].tolist() == [[0, 10]] and docs == {"train": 3, "val": 1}
     splits, docs = choose_split(np.array([3, 4]), 0.01)  # at least one document held out
-    assert splits["val"].tolist() == [[3, 7]] and splits["train"].tolist() == [[0, 3]]
+    assert splits["val"].tolist() == [[0, 3]] and splits["train"].tolist() == [[3, 7]]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 500, size=rng.integers(2, 40))
+        f = float(rng.uniform(0.01, 0.5))
+        splits, _ = choose_split(lengths, f)
+        ends = np.cumsum(lengths)
+        held = ref_val_documents(lengths.tolist(), f)
+        got = [i for i in range(len(lengths))
+               if any(a <= ends[i] - lengths[i] and ends[i] <= b for a, b in splits["val"])]
+        assert got == held
     owner = partition([10, 10, 10, 10, 100, 1], 3)
     assert owner.tolist() == sorted(owner.tolist()) and owner[0] == 0 and owner.max() <= 2
     assert partition([0, 0, 0], 2).tolist() == [0, 0, 1]

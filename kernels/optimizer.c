@@ -53,22 +53,23 @@ static adamw_scalars adamw_prepare(double lr, double beta1, double beta2, double
 
 /* One contiguous slice of n floats of one tensor (all four arrays point at its start). The
  * operation order follows torch/optim/adamw.py (_single_tensor_adamw) and the CPU kernels of
- * mul_, lerp_ (weight < 0.5: m + w * (g - m)), addcmul_, sqrt, div, add_ and addcdiv_. */
+ * mul_, lerp_ (weight < 0.5: m + w * (g - m)), addcmul_, sqrt, div, add_ and addcdiv_, in one
+ * pass: p * decay_factor is rounded to float before the update is added, as PyTorch's separate
+ * mul_ does, and a factor of exactly 1 (no decay) leaves p unchanged. */
 static void adamw_slice(float *restrict p, const float *restrict g, float *restrict m,
                         float *restrict v, int64_t n, const adamw_scalars *s, int decay) {
-    const float df = s->decay_factor, w1 = s->one_minus_b1, b2 = s->beta2, w2 = s->one_minus_b2;
+    const float df = decay ? s->decay_factor : 1.0f;
+    const float w1 = s->one_minus_b1, b2 = s->beta2, w2 = s->one_minus_b2;
     const float nss = s->neg_step_size, bc2 = s->bc2_sqrt, eps = s->eps;
-    if (decay) {
-        for (int64_t i = 0; i < n; i++) p[i] = p[i] * df;
-    }
     for (int64_t i = 0; i < n; i++) {
         float gi = g[i];
         float mi = m[i] + w1 * (gi - m[i]);
         float vi = v[i] * b2 + w2 * gi * gi;
         float denom = sqrtf(vi) / bc2 + eps;
+        float pd = p[i] * df;
         m[i] = mi;
         v[i] = vi;
-        p[i] = p[i] + nss * mi / denom;
+        p[i] = pd + nss * mi / denom;
     }
 }
 

@@ -36,7 +36,7 @@ class Options:
     out: str = DEFAULT_OUT    # dataset file; the vocabulary goes beside it as NAME.vocab.txt
     vocab_size: int = 30000   # total ids: specials + 256 bytes + pre-tokens
     seq_len: int = 128        # training window length the dataset is meant for
-    val_fraction: float = 0.01  # fraction of documents held out (at least one)
+    val_fraction: float = 0.01  # validation share (whole documents; see choose_split)
     force: bool = False       # replace an existing output
     quiet: bool = False       # no progress bars
 

@@ -32,3 +32,44 @@ def test_top_level_lists_prepare_and_inspect():
 ])
 def test_usage_mistakes_are_one_line(tmp_path, args, fragment):
     assert_user_error(run_cli(*args, cwd=tmp_path), fragment)
+
+
+def _run_in_terminal(args, cwd):
+    """Run `python -m mpitrain ARGS` on a pseudo-terminal (120 columns); returns its output."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import sys
+    import termios
+
+    from conftest import REPO
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: a terminal of known size, then the real command line
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.chdir(cwd)
+        os.environ["PYTHONPATH"] = REPO
+        os.execv(sys.executable, [sys.executable, "-m", "mpitrain", *map(str, args)])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return out.decode("utf-8", "replace")
+
+
+def test_progress_bars_only_on_a_terminal_without_quiet(tmp_path, corpus_dir):
+    shown = _run_in_terminal(["prepare", "--data", corpus_dir, "--out", tmp_path / "a.h5"],
+                             tmp_path)
+    for phase in ("read:", "count:", "encode:"):
+        assert phase in shown
+    quiet = _run_in_terminal(["prepare", "--data", corpus_dir, "--out", tmp_path / "b.h5",
+                              "--quiet"], tmp_path)
+    assert "count:" not in quiet and "wrote" in quiet

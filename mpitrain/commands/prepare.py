@@ -27,8 +27,9 @@ def add_arguments(p):
                    help="training window length the dataset is prepared for (stored; used to "
                         "count windows)")
     p.add_argument("--val-fraction", type=float, default=0.01,
-                   help="fraction of documents held out for validation, in (0, 0.5]; at least "
-                        "one document (one document: the tail of its tokens)")
+                   help="validation share, in (0, 0.5]: round(documents * fraction) whole "
+                        "documents (at least one) of about fraction * tokens in total; a single "
+                        "document gives the tail of its tokens")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars and a one-line report")

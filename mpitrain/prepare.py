@@ -274,6 +274,7 @@ def prepare(o: Options, comm=None):
     texts = [r[4] for r in records if r[4] is not None]
     meta = [r[:4] for r in records if r[4] is not None]
     n_binary = len(records) - len(texts)
+    del records  # the texts live only in `texts` now, freed after counting
     timings["read"] = time.perf_counter() - t0
     # 2. count
     distinct, counts, docs = _count(texts, re.compile(PATTERN), show)

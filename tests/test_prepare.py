@@ -98,9 +98,13 @@ def test_vocab_is_truncated_by_count(tmp_path, corpus_dir):
     assert tok.vocab_size == 270 and tok.pretokens == pretokens
 
 
-def test_mpirun_3_is_byte_identical(tmp_path, corpus_dir, mpirun):
-    extra = {f"many/doc{i:02d}.txt": f"document {i} " + "word " * i + "\n" for i in range(20)}
-    write_corpus(corpus_dir, extra)
+@pytest.mark.parametrize("shape", ["many files", "fewer files than ranks"])
+def test_mpirun_3_is_byte_identical(tmp_path, corpus_dir, mpirun, shape):
+    if shape == "many files":
+        extra = {f"many/doc{i:02d}.txt": f"document {i} " + "word " * i + "\n" for i in range(20)}
+        write_corpus(corpus_dir, extra)
+    else:
+        corpus_dir = write_corpus(tmp_path / "two", {"a.txt": "one file", "b/c.txt": "two files"})
     one, three = tmp_path / "one.h5", tmp_path / "three.h5"
     p1 = run_cli("prepare", "--data", corpus_dir, "--out", one, "--vocab-size", 290, "--quiet")
     assert p1.returncode == 0, p1.stderr

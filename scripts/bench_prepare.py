@@ -1,19 +1,23 @@
 """Benchmark `mpitrain prepare` against a count-only baseline on the same files.
 
-  python scripts/bench_prepare.py [DIR] [--vocab-size 30000] [--repeat 2]
+  python scripts/bench_prepare.py [DIR] [--vocab-size 30000] [--repeat 2] [--mpirun N ...]
 
 DIR defaults to ../shared/data/production_training relative to the repository. The baseline is
 plain Python: read every file under DIR (sorted) and count
 re.findall(r" ?[^\\W\\d_]+| ?\\d+| ?[^\\s\\w]+|\\s+", text) with collections.Counter. The full
 prepare (read, count, vocabulary, encode, write the .h5 and vocab.txt) runs in this process on
 one rank. Each is run --repeat times, alternating; the best time of each is reported, with
-their ratio (goal: prepare within 2x of the baseline).
+their ratio (goal: prepare within 2x of the baseline). --mpirun N also times
+`mpirun -n N python -m mpitrain prepare` (a subprocess: start-up and imports included) and
+checks that its file is byte-identical to the single-process one.
 """
 import argparse
 import collections
 import os
 import platform
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +61,8 @@ def main():
                     default=os.path.join(REPO, "..", "shared", "data", "production_training"))
     ap.add_argument("--vocab-size", type=int, default=30000)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--mpirun", type=int, nargs="*", default=[], metavar="N",
+                    help="also time prepare under mpirun -n N (once per N)")
     args = ap.parse_args()
     data = os.path.normpath(args.data)
     if not os.path.isdir(data):
@@ -73,6 +79,18 @@ def main():
             summary = prepare(Options(data=data, out=os.path.join(tmp, "bench.h5"),
                                       vocab_size=args.vocab_size, force=True, quiet=True))
             best_full = min(best_full, time.perf_counter() - t)
+        mpi = {}
+        for n in args.mpirun:
+            out = os.path.join(tmp, f"bench_n{n}.h5")
+            launcher = os.path.join(os.path.dirname(sys.executable), "mpirun")
+            cmd = [launcher if os.path.exists(launcher) else shutil.which("mpirun"), "-n", str(n),
+                   sys.executable, "-m", "mpitrain", "prepare", "--data", data, "--out", out,
+                   "--vocab-size", str(args.vocab_size), "--quiet"]
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+            elapsed = time.perf_counter() - t
+            with open(out, "rb") as a, open(os.path.join(tmp, "bench.h5"), "rb") as b:
+                mpi[n] = (elapsed, a.read() == b.read())
     tm = summary["timings"]
     print(f"data: {data}: {n_files} files, {n_bytes / 1e6:.1f} MB, "
           f"{sum(counts.values()):,} pre-tokens by the baseline regex")
@@ -84,6 +102,9 @@ def main():
           f"{tm['vocab'] - tm['count']:.2f}, encode {tm['encode'] - tm['vocab']:.2f}, "
           f"write {tm['write'] - tm['encode']:.2f}")
     print(f"ratio prepare / baseline: {best_full / best_base:.2f} (goal <= 2)")
+    for n, (elapsed, same) in mpi.items():
+        print(f"mpirun -n {n} prepare (whole command): {elapsed:.2f} s, "
+              f"{'byte-identical to' if same else 'DIFFERS FROM'} the single-process file")
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def prepare(o: Options, comm=None):
     c = _Comm(comm)
     show = c.rank == 0 and not o.quiet
     t0 = time.perf_counter()
-    timings = {}
+    timings = {}  # phase -> seconds since the start when that phase ended (rank 0's clock)
     err = None
     if c.rank == 0:
         try:
@@ -293,7 +293,9 @@ def prepare(o: Options, comm=None):
             totals = merge_counts([(g[0], g[1]) for g in gathered])
             tok = Tokenizer.from_counts(totals, o.vocab_size)
     c.agree(c.bcast(err))
-    tok = Tokenizer(c.bcast(tok.pretokens if c.rank == 0 else None))
+    if c.comm:
+        pretokens = c.bcast(tok.pretokens if c.rank == 0 else None)
+        tok = tok or Tokenizer(pretokens)
     timings["vocab"] = time.perf_counter() - t0
     # 4. encode
     stream, doc_tokens, fallback = _encode(distinct, counts, docs, tok, show)

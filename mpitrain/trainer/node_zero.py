@@ -25,7 +25,7 @@ from collections import deque
 import numpy as np
 
 from mpitrain import schedule
-from mpitrain.trainer import sampling
+from mpitrain.trainer import peak, sampling
 from mpitrain.trainer.comm import NODE_ZERO_SLEEP
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.runlog import RunLog, fmt_duration
@@ -263,13 +263,19 @@ class NodeZero:
         p, tc = self.plan, self.tc
         steps = self.done - p.start_step
         tokens = steps * self.tokens_per_step
+        tokens_per_s = tokens / wall if wall > 0 else 0.0
+        gflops = tokens_per_s * peak.flops_per_token(p.model_config, tc.seq_len) / 1e9
+        sgemm = peak.sgemm_peak_gflops()
         stats = {"wall_s": wall, "steps": steps, "last_step": self.done, "tokens": tokens,
-                 "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+                 "tokens_per_s": tokens_per_s, "gflops": gflops, "sgemm_peak_gflops": sgemm,
+                 "fraction_of_sgemm_peak": gflops / sgemm,
                  "final_val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
                  "counters": counters.tolist(),
                  "windows_per_step": tc.batch_size}
         lines = [f"done: {steps} steps in {fmt_duration(wall)} ({wall:.1f} s), {tokens:,} tokens, "
-                 f"{stats['tokens_per_s']:,.0f} tokens/s",
+                 f"{tokens_per_s:,.0f} tokens/s",
+                 f"{gflops:.2f} GFLOP/s = {100 * gflops / sgemm:.1f}% of the SGEMM peak "
+                 f"measured now ({sgemm:.1f} GFLOP/s on {os.cpu_count()} CPU(s))",
                  f"validation loss: final {_fmt(self.val_loss)}, best {_fmt(self.best_val_loss)}",
                  "kernel counters (training calls, windows) by rank: "
                  + ", ".join(f"{r}: ({c}, {w})" for r, (c, w) in enumerate(counters.tolist()))]

@@ -144,6 +144,7 @@ def prepare_default(path: str, preset: str, quiet: bool) -> None:
     from mpitrain import prepare
 
     cfg = PRESETS[preset]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     prepare.prepare(prepare.Options(data=None, out=path, vocab_size=cfg["model"]["vocab_size"],
                                     seq_len=cfg["train"]["seq_len"], quiet=quiet), comm=None)
 

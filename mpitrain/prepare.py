@@ -11,6 +11,7 @@ Pipeline (each rank handles a contiguous block of sources, balanced by bytes; ra
               file under a temporary name and renames it
 The result depends only on the sources, so any number of ranks gives the same bytes.
 """
+import itertools
 import math
 import os
 import re
@@ -151,15 +152,24 @@ def _read(sources, show):
 
 
 def _count(texts, regex, show):
-    """Distinct pre-tokens (list, U), their counts [U] int64 and per-document index arrays."""
+    """Distinct pre-tokens (list, U, first-seen order), their counts [U] int64 and one int32
+    array of indices into them per document."""
     index, docs = {}, []
+    position = itertools.count()
     with bar(sum(len(t) for t in texts), "count", "char", unit_scale=True, enabled=show) as b:
         for text in texts:
             toks = regex.findall(text)
-            new = [t for t in set(toks) if t not in index]
-            index.update(zip(new, range(len(index), len(index) + len(new))))
-            docs.append(np.fromiter(map(index.__getitem__, toks), dtype=np.int32, count=len(toks)))
+            # One C-level pass per token: a new pre-token gets the running position of its
+            # first occurrence as its provisional id (setdefault's default), a known one its id.
+            docs.append(np.fromiter(map(index.setdefault, toks, position), dtype=np.int64,
+                                    count=len(toks)))
             b.update(len(text))
+    # Provisional ids (first-occurrence positions) -> 0..U-1 in first-seen order.
+    remap = np.zeros(next(position), dtype=np.int32)
+    remap[np.fromiter(index.values(), dtype=np.int64, count=len(index))] = np.arange(
+        len(index), dtype=np.int32)
+    docs = [remap[d] for d in docs]
+    del remap
     counts = np.bincount(np.concatenate(docs), minlength=len(index)) if docs else np.zeros(0)
     return list(index), counts.astype(np.int64), docs
 

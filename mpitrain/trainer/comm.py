@@ -165,6 +165,17 @@ class MPIWorkerComm:
         """In-place sum over all workers (zero-copy on `array`, e.g. model.grad_buffer)."""
         wait([self.workers.Iallreduce(_mpi().IN_PLACE, array, op=_mpi().SUM)], WORKER_SLEEP)
 
+    def reduce_scatter_sum(self, array: np.ndarray, shard: np.ndarray, counts: list) -> None:
+        """shard = this worker's slice (counts[index] floats, slices in worker order) of the
+        sum of `array` over all workers."""
+        wait([self.workers.Ireduce_scatter(array, shard, counts, op=_mpi().SUM)], WORKER_SLEEP)
+
+    def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
+        """Every worker's slice [displs[w], displs[w] + counts[w]) of `array` to all."""
+        MPI = _mpi()
+        wait([self.workers.Iallgatherv(MPI.IN_PLACE, [array, counts, displs, MPI.FLOAT])],
+             WORKER_SLEEP)
+
     def report(self, report: Report) -> None:
         buf = report.encode()
         self._reports = [(r, b) for r, b in self._reports if not r.Test()]

@@ -3,20 +3,27 @@ workers, clipping by the global norm, AdamW.
 
 The step invariant (DESIGN.md): each worker's forward_backward runs with grad_scale = 1 / (the
 global batch's target tokens), so its gradient is its share of the *sum* of token gradients
-already divided by the global count; the sum over workers (an in-place Allreduce on the kernel's
-gradient arena, no copy) is then the gradient of the global mean loss, whatever the number of
-workers. Every replica clips and applies AdamW to the identical reduced gradient, so the
-replicas stay equal. A worker whose groups are empty in a step contributes zeros.
+already divided by the global count; summed over the workers it is the gradient of the global
+mean loss, whatever the number of workers. A worker whose groups are empty in a step
+contributes zeros.
 
-Works with any transport offering MPIWorkerComm's methods (next_command, allreduce_sum, report,
-send_state, receive_state, send_counters, finish).
+The optimizer state is sharded (as ZeRO stage 1): the parameter arena is cut into one
+contiguous slice per worker; a reduce-scatter leaves each worker the summed gradient of its
+slice, the global norm comes from the slices' sums of squares, each worker clips and applies
+AdamW to its slice only, and an in-place all-gather gives every worker all parameters again.
+The communication equals one all-reduce; the AdamW work (and memory traffic) is divided by the
+number of workers instead of repeated on each. Each worker's Adam moments are current only on its
+own slice; before a checkpoint they are all-gathered too. The result is a fixed function of the
+gradients for a given world size (bitwise reproducible, so a resume continues bit for bit).
+
+Works with any transport offering MPIWorkerComm's methods.
 """
 import json
 import os
 
 import numpy as np
 
-from mpitrain import schedule
+from mpitrain import optim, schedule
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import EVAL, SAVE, STEP, STOP, Report
 from mpitrain.trainer.node_zero import injected_fault
@@ -40,6 +47,15 @@ class Worker:
         self.eval_x, self.eval_y = schedule.gather_windows(
             ds.split_tokens("val"), plan.eval_ids[eval_share], tc.seq_len)
         self.scale = 1.0 / (tc.batch_size * tc.seq_len)
+        # This worker's slice of the arenas: [lo, hi); counts/displs of every worker's slice.
+        n, k = self.model.num_params, comm.num_workers
+        self.counts = [n // k + (1 if w < n % k else 0) for w in range(k)]
+        self.displs = [sum(self.counts[:w]) for w in range(k)]
+        self.lo = self.displs[comm.index]
+        self.hi = self.lo + self.counts[comm.index]
+        self.grad_shard = np.empty(self.hi - self.lo, np.float32)
+        self.segments = _slice_segments(optim.decay_segments(
+            self.model.param_shapes[name] for name in self.model.param_names), self.lo, self.hi)
         self._sums = np.zeros(2, np.float64)
         trace_dir = os.environ.get("MPITRAIN_TRACE_WINDOWS")
         self.trace = None
@@ -60,6 +76,8 @@ class Worker:
             elif command.kind == EVAL:
                 self._evaluate(command.step)
             elif command.kind == SAVE:
+                for moment in (m.m_buffer, m.v_buffer):  # each worker holds its slice only
+                    self.comm.allgather_in_place(moment, self.counts, self.displs)
                 if self.comm.is_lead:
                     self.comm.report(Report(SAVE, command.step))
                     self.comm.send_state([m.param_buffer, m.m_buffer, m.v_buffer])
@@ -82,14 +100,21 @@ class Worker:
         else:
             m.grad_buffer[...] = 0.0
             self._sums[0] = 0.0
-        self._sums[1] = 0.0
-        self.comm.allreduce_sum(self._sums[:1])
-        self.comm.allreduce_sum(m.grad_buffer)
-        norm = m.clip_grad_norm(tc.clip) if tc.clip > 0 else m.grad_norm()
+        lo, hi = self.lo, self.hi
+        self.comm.reduce_scatter_sum(m.grad_buffer, self.grad_shard, self.counts)
+        self._sums[1] = optim.grad_norm(self.grad_shard, threads=m.threads) ** 2
+        self.comm.allreduce_sum(self._sums)   # [sum of token losses, squared gradient norm]
+        norm = float(np.sqrt(self._sums[1]))
         if self.comm.is_lead:
             self.comm.report(Report(STEP, command.step, self._sums[0] * self.scale, norm))
-        m.adamw_step(command.lr, command.step, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps,
-                     weight_decay=tc.weight_decay)
+        coefficient = tc.clip / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+        if tc.clip > 0 and np.isfinite(norm) and coefficient < 1.0:
+            self.grad_shard *= np.float32(coefficient)
+        optim.adamw_step(m.param_buffer[lo:hi], self.grad_shard, m.m_buffer[lo:hi],
+                         m.v_buffer[lo:hi], lr=command.lr, step=command.step, beta1=tc.beta1,
+                         beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
+                         segments=self.segments, threads=m.threads)
+        self.comm.allgather_in_place(m.param_buffer, self.counts, self.displs)
 
     def _evaluate(self, step: int) -> None:
         n = len(self.eval_x)
@@ -103,3 +128,16 @@ class Worker:
         if self.comm.is_lead:
             self.comm.report(Report(EVAL, step, self._sums[0] / self._sums[1]))
             self.comm.send_state([self.model.param_buffer])
+
+
+def _slice_segments(segments, lo: int, hi: int):
+    """The weight-decay segments of arena range [lo, hi), rebased to start at 0."""
+    bounds, decay = [0], []
+    for k in range(len(segments.decay)):
+        a, b = max(int(segments.bounds[k]), lo), min(int(segments.bounds[k + 1]), hi)
+        if a < b:
+            bounds.append(b - lo)
+            decay.append(int(segments.decay[k]))
+    if not decay:  # an empty slice (more workers than parameters)
+        return optim.Segments([0, 0], [0])
+    return optim.Segments(bounds, decay)

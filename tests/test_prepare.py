@@ -125,6 +125,20 @@ def test_mpirun_error_ends_every_rank(tmp_path, mpirun):
     assert not (tmp_path / "x.h5").exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/mem"), reason="needs Linux /proc")
+def test_mpirun_read_error_on_the_last_rank_ends_every_rank(tmp_path, mpirun):
+    # /proc/self/mem is a "regular file" that fails with EIO when read from offset 0: an
+    # unreadable source that even root cannot read. Sorted last and empty, rank 2 owns it.
+    d = write_corpus(tmp_path / "c", {f"f{i}.txt": f"file {i} text\n" for i in range(5)})
+    os.symlink("/proc/self/mem", os.path.join(d, "zzz.txt"))
+    p = run_cli("prepare", "--data", d, "--out", tmp_path / "x.h5",
+                launcher=(mpirun, "-n", "3"), timeout=60)
+    assert p.returncode == 2
+    ours = [l for l in p.stderr.splitlines() if l.startswith("mpitrain: error:")]
+    assert len(ours) == 1 and "cannot read" in ours[0] and "zzz.txt" in ours[0]
+    assert not (tmp_path / "x.h5").exists()
+
+
 def test_single_document_splits_at_the_tail(tmp_path):
     d = write_corpus(tmp_path / "one", {"only.txt": "word " * 100})
     out = tmp_path / "one.h5"

@@ -55,10 +55,11 @@ void softmax_xent_rows(float *logits, float *losses, const int32_t *targets, int
     }
 }
 
-void output_layer_chunked(mt_pool *p, int tid, int nt, const float *lnf, const float *wlm,
+void output_layer_chunked(mt_model *m, int tid, int nt, const float *lnf, const float *wlm,
                           float *dwlm, float *dlnf, const int32_t *targets, float *losses,
                           float *chunk, int R, int N, int C, int V, float grad_scale) {
     int v0, v1, k0, k1;
+    mt_tick(m, tid, TK_OUTPUT);
     mt_split(V, tid, nt, 16, &v0, &v1);
     mt_split(C, tid, nt, 16, &k0, &k1);
     for (int c0 = 0; c0 < N; c0 += R) {
@@ -68,12 +69,12 @@ void output_layer_chunked(mt_pool *p, int tid, int nt, const float *lnf, const f
         if (v1 > v0)
             scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, v1 - v0, C, 1.0f, x, C,
                         wlm + (size_t)v0 * C, C, 0.0f, chunk + v0, V);
-        pool_barrier(p);
+        mt_sync(m, tid);
         int r0, r1;
         mt_split(rows, tid, nt, 1, &r0, &r1);
         softmax_xent_rows(chunk + (size_t)r0 * V, losses + c0 + r0, targets + c0 + r0,
                           r1 - r0, V, grad_scale, dlnf != NULL);
-        pool_barrier(p);
+        mt_sync(m, tid);
         if (dlnf) {
             /* dwlm[v0:v1] (v1-v0,C) += chunk[:, v0:v1]^T @ x (rows,C) */
             if (v1 > v0)
@@ -83,7 +84,7 @@ void output_layer_chunked(mt_pool *p, int tid, int nt, const float *lnf, const f
             if (k1 > k0)
                 scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, k1 - k0, V, 1.0f,
                             chunk, V, wlm + k0, C, 0.0f, dlnf + (size_t)c0 * C + k0, C);
-            pool_barrier(p);
+            mt_sync(m, tid);
         }
     }
 }

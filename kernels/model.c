@@ -196,6 +196,8 @@ static int ensure_chunk(mt_model *m, int N) {
 
 /* ---- the model object ---------------------------------------------------------------------- */
 
+static void update_parts(mt_model *m);
+
 int mt_model_set_threads(mt_model *m, int threads) {
     if (threads < 1 || threads > 1024) return MT_EINVAL;
     if (m->pool && pool_size(m->pool) == threads) return MT_OK;
@@ -207,10 +209,28 @@ int mt_model_set_threads(mt_model *m, int threads) {
     free(m->att_scratch);
     m->pool = pool;
     m->att_scratch = scratch;
+    update_parts(m);
     return MT_OK;
 }
 
 int mt_model_threads(const mt_model *m) { return pool_size(m->pool); }
+
+/* Compute-bound phases gain nothing from more parts than CPUs: extra parts only repeat GEMM
+ * packing and add context switches. Threads beyond the parts wait at the barriers asleep. */
+static void update_parts(mt_model *m) {
+    int n = pool_size(m->pool), cpus = mt_cpu_count();
+    int p = m->parts_req > 0 ? m->parts_req : (cpus < n ? cpus : n);
+    m->parts = p < 1 ? 1 : (p > n ? n : p);
+}
+
+int mt_model_set_parts(mt_model *m, int parts) {
+    if (parts < 0) return MT_EINVAL;
+    m->parts_req = parts;
+    update_parts(m);
+    return MT_OK;
+}
+
+int mt_model_parts(const mt_model *m) { return m->parts; }
 
 mt_model *mt_model_new(const mt_config *cfg, float *params, float *grads, float *mom,
                        float *vel, int threads) {
@@ -248,6 +268,18 @@ void mt_model_free(mt_model *m) {
 void mt_counters(const mt_model *m, uint64_t *train_calls, uint64_t *windows) {
     if (train_calls) *train_calls = m->train_calls;
     if (windows) *windows = m->windows;
+}
+
+int mt_timer_count(void) { return TK_COUNT; }
+
+const char *mt_timer_name(int kind) {
+    static const char *names[TK_COUNT] = {"embedding", "layernorm", "matmul", "attention",
+                                          "gelu", "output+loss", "sync", "other"};
+    return kind >= 0 && kind < TK_COUNT ? names[kind] : "";
+}
+
+double mt_timer_seconds(const mt_model *m, int kind) {
+    return kind >= 0 && kind < TK_COUNT ? m->timers[kind] : 0.0;
 }
 
 static int ids_ok(const int32_t *ids, size_t n, int V) {

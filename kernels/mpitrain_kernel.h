@@ -75,6 +75,10 @@ mt_model *mt_model_new(const mt_config *cfg, float *params, float *grads, float 
 void mt_model_free(mt_model *model);
 int mt_model_set_threads(mt_model *model, int threads);
 int mt_model_threads(const mt_model *model);
+/* Parts the work of a step is split into (<= threads): 0 = automatic, min(threads, CPUs this
+ * process may use). Results depend on the parts (float rounding), never on timing. */
+int mt_model_set_parts(mt_model *model, int parts);
+int mt_model_parts(const mt_model *model);
 /* GPT-2 initialisation from a seed: normal(0, 0.02) weights (residual projections scaled by
  * 1/sqrt(2*n_layers)), zero biases, LayerNorm weights one. Deterministic C RNG. */
 void mt_model_init(mt_model *model, uint64_t seed);
@@ -90,6 +94,11 @@ int mt_forward_logits(mt_model *model, const int32_t *inputs, int B, int T, int 
                       float *logits);
 /* Training calls (mt_forward_backward) and windows (sum of their B) since creation. */
 void mt_counters(const mt_model *model, uint64_t *train_calls, uint64_t *windows);
+/* Where the time goes: seconds thread 0 spent per layer kind since creation (its own share of
+ * the work; "sync" is its waiting at barriers). Kinds are numbered 0..mt_timer_count()-1. */
+int mt_timer_count(void);
+const char *mt_timer_name(int kind);
+double mt_timer_seconds(const mt_model *model, int kind);
 
 /* ---- optimizer.c ---- */
 /* AdamW as torch.optim.AdamW, global gradient norm and clipping as clip_grad_norm_, on flat
@@ -120,5 +129,22 @@ double optim_sum_partials(const double *partials, int64_t nblocks);
 void scale_part(float *x, int64_t n, float factor, int part, int nparts);
 /* max_norm / (norm + 1e-6): clip_grad_norm_ scales by it when it is below 1. */
 double clip_coefficient(double norm, double max_norm);
+
+/* ---- generate.c ---- */
+/* Generation for one sequence with a key/value cache over a model's parameters (the model
+ * must outlive it). The cache holds up to max_seq_len positions. */
+typedef struct mt_gen mt_gen;
+mt_gen *mt_gen_new(mt_model *model);   /* NULL when out of memory */
+void mt_gen_free(mt_gen *gen);
+void mt_gen_reset(mt_gen *gen);        /* empty context */
+/* Appends ids (n, 1 <= n <= max_seq_len) to the context, computing only the new positions;
+ * logits (V, may be NULL) get the next-token logits after the last one. When the context
+ * would pass max_seq_len, only its newest half (fewer if the n ids need the room) is kept and
+ * the cache is rebuilt from position 0. MT_EINVAL for bad n or ids. */
+int mt_gen_feed(mt_gen *gen, const int32_t *ids, int n, float *logits);
+int mt_gen_length(const mt_gen *gen);                /* positions in the context */
+int mt_gen_context(const mt_gen *gen, int32_t *out); /* copies them (max_seq_len room) */
+uint64_t mt_gen_slides(const mt_gen *gen);           /* times the context was cut */
+uint64_t mt_gen_rows(const mt_gen *gen);             /* positions computed (all feeds) */
 
 #endif

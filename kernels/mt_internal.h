@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <cblas.h>
 #include "mpitrain_kernel.h"
 
@@ -15,6 +16,8 @@ typedef void (*mt_task)(void *ctx, int tid, int nthreads);
 mt_pool *pool_create(int nthreads);
 void pool_destroy(mt_pool *p);
 int pool_size(const mt_pool *p);
+/* CPUs this process may run on (its affinity mask). */
+int mt_cpu_count(void);
 /* Runs fn(ctx, tid, n) on all n threads; returns when every thread has finished. */
 void pool_run(mt_pool *p, mt_task fn, void *ctx);
 /* All n threads of the running task must call it; nobody leaves before everybody arrived. */
@@ -100,7 +103,7 @@ void gelu_grad_inplace(float *dbuf, const float *inp, size_t n);
 /* ---- loss.c: the chunked output layer, called by every pool thread (see loss.c) ---------- */
 /* lnf (N,C), wlm (V,C), chunk (R,V) shared scratch, losses (N). With dlnf: dlnf (N,C) is
  * written and dwlm (V,C) accumulated; without (NULL), forward only. */
-void output_layer_chunked(mt_pool *p, int tid, int nt, const float *lnf, const float *wlm,
+void output_layer_chunked(mt_model *m, int tid, int nt, const float *lnf, const float *wlm,
                           float *dwlm, float *dlnf, const int32_t *targets, float *losses,
                           float *chunk, int R, int N, int C, int V, float grad_scale);
 
@@ -138,18 +141,50 @@ typedef struct {
     float *dresid, *dln, *datty, *dqkv;              /* training scratch (N,C)x3, (N,3C) */
 } mt_acts;
 
+/* Time per layer kind, measured on thread 0 (its own work; waits at barriers are "sync"). */
+enum { TK_EMBEDDING, TK_LAYERNORM, TK_MATMUL, TK_ATTENTION, TK_GELU, TK_OUTPUT, TK_SYNC,
+       TK_OTHER, TK_COUNT };
+
 struct mt_model {
     mt_config cfg;
     size_t nparams;
     float *params, *grads, *m, *v; /* caller-owned arenas */
     mt_views P, G;
     mt_pool *pool;
+    int parts_req;                 /* requested work parts, 0 = automatic */
+    int parts;                     /* parts the work is split into: <= pool threads */
     float *att_scratch;            /* per thread 2*maxT*maxT */
     mt_acts train, infer;
     float *chunk;                  /* (R,V) output-layer chunk */
     int chunk_rows;
     uint64_t train_calls, windows;
+    double timers[TK_COUNT]; /* seconds per kind, thread 0 only */
+    double t_last;
+    int t_kind;
 };
+
+static inline double mt_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Thread 0 closes the running interval and starts one of `kind`; other threads do nothing. */
+static inline void mt_tick(mt_model *m, int tid, int kind) {
+    if (tid) return;
+    double t = mt_now();
+    m->timers[m->t_kind] += t - m->t_last;
+    m->t_last = t;
+    m->t_kind = kind;
+}
+
+/* A pool barrier whose wait is booked as sync time. */
+static inline void mt_sync(mt_model *m, int tid) {
+    int kind = tid ? 0 : m->t_kind;
+    mt_tick(m, tid, TK_SYNC);
+    pool_barrier(m->pool);
+    mt_tick(m, tid, kind);
+}
 
 typedef struct {
     mt_model *m;

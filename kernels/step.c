@@ -30,6 +30,7 @@ static void forward(mt_step *s, int tid, int nt) {
     int nr = r1 - r0;
     float *att = att_scratch(m, tid);
 
+    mt_tick(m, tid, TK_EMBEDDING);
     /* embedding: x0 (N,C) = wte[token] + wpe[t] */
     for (int n = r0; n < r1; n++) {
         const float *e = m->P.wte + (size_t)s->inp[n] * C, *p = m->P.wpe + (size_t)(n % T) * C;
@@ -42,23 +43,32 @@ static void forward(mt_step *s, int tid, int nt) {
         /* Block output: next slot's input, or xL; forward-only overwrites x in place. */
         float *xn = a->training ? (l + 1 < L ? a->slot[l + 1].x : a->xL) : A->x;
         size_t rc = (size_t)r0 * C;
+        mt_tick(m, tid, TK_LAYERNORM);
         layernorm_forward(a->lnbuf + rc, A->ln1_mean + r0, A->ln1_rstd + r0, A->x + rc,
                           W->ln1w, W->ln1b, nr, C, LN_EPS);
+        mt_tick(m, tid, TK_MATMUL);
         matmul_forward_rows(A->qkv, a->lnbuf, W->qkvw, W->qkvb, NULL, r0, r1, C, 3 * C);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
+        mt_tick(m, tid, TK_ATTENTION);
         for (int i = i0; i < i1; i++)
             attention_forward_item(A->atty, A->lse, A->qkv, i / NH, i % NH, T, C, NH, att);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
+        mt_tick(m, tid, TK_MATMUL);
         matmul_forward_rows(A->res2, A->atty, W->projw, W->projb, A->x, r0, r1, C, C);
+        mt_tick(m, tid, TK_LAYERNORM);
         layernorm_forward(a->lnbuf + rc, A->ln2_mean + r0, A->ln2_rstd + r0, A->res2 + rc,
                           W->ln2w, W->ln2b, nr, C, LN_EPS);
+        mt_tick(m, tid, TK_MATMUL);
         matmul_forward_rows(A->fch, a->lnbuf, W->fcw, W->fcb, NULL, r0, r1, C, F);
+        mt_tick(m, tid, TK_GELU);
         gelu_forward(a->G + (size_t)r0 * F, A->fch + (size_t)r0 * F, (size_t)nr * F);
+        mt_tick(m, tid, TK_MATMUL);
         matmul_forward_rows(xn, a->G, W->fcprojw, W->fcprojb, A->res2, r0, r1, F, C);
     }
+    mt_tick(m, tid, TK_LAYERNORM);
     layernorm_forward(a->lnf + (size_t)r0 * C, a->lnf_mean + r0, a->lnf_rstd + r0,
                       a->xL + (size_t)r0 * C, m->P.lnfw, m->P.lnfb, nr, C, LN_EPS);
-    pool_barrier(m->pool);
+    mt_sync(m, tid);
 }
 
 static void backward(mt_step *s, int tid, int nt) {
@@ -77,56 +87,71 @@ static void backward(mt_step *s, int tid, int nt) {
     float *att = att_scratch(m, tid), *datt = att + (size_t)m->cfg.max_seq_len * m->cfg.max_seq_len;
 
     /* final LayerNorm: dlnf is in a->dln (written by the output layer) */
+    mt_tick(m, tid, TK_LAYERNORM);
     memset(a->dresid + rc, 0, sizeof(float) * (size_t)nr * C);
     layernorm_backward_dx(a->dresid + rc, a->dln + rc, a->xL + rc, m->P.lnfw, a->lnf_mean + r0,
                           a->lnf_rstd + r0, nr, C);
     layernorm_backward_dparams(m->G.lnfw, m->G.lnfb, a->dln, a->xL, a->lnf_mean, a->lnf_rstd,
                                N, C, c0, c1);
-    pool_barrier(m->pool);
+    mt_sync(m, tid);
     for (int l = L - 1; l >= 0; l--) {
         mt_block_acts *A = &a->slot[l];
         const mt_block *W = &m->P.h[l];
         mt_block *D = &m->G.h[l];
         /* MLP out: x_next = res2 + gelu(fch) @ Wfcproj^T + b; dresid holds d x_next. */
+        mt_tick(m, tid, TK_GELU);
         gelu_forward(a->G + rf, A->fch + rf, (size_t)nr * F);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
+        mt_tick(m, tid, TK_MATMUL);
         matmul_backward_dweight_rows(D->fcprojw, D->fcprojb, a->dresid, a->G, N, F, C, c0, c1);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
         matmul_backward_dinp_rows(a->G, a->dresid, W->fcprojw, r0, r1, F, C);
+        mt_tick(m, tid, TK_GELU);
         gelu_grad_inplace(a->G + rf, A->fch + rf, (size_t)nr * F);
+        mt_tick(m, tid, TK_LAYERNORM);
         layernorm_apply(a->lnbuf + rc, A->res2 + rc, W->ln2w, W->ln2b, A->ln2_mean + r0,
                         A->ln2_rstd + r0, nr, C);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
         /* MLP in: fch = ln2(res2) @ Wfc^T + b; G now holds d fch. */
+        mt_tick(m, tid, TK_MATMUL);
         matmul_backward_dweight_rows(D->fcw, D->fcb, a->G, a->lnbuf, N, C, F, f0, f1);
         matmul_backward_dinp_rows(a->dln, a->G, W->fcw, r0, r1, C, F);
+        mt_tick(m, tid, TK_LAYERNORM);
         layernorm_backward_dx(a->dresid + rc, a->dln + rc, A->res2 + rc, W->ln2w,
                               A->ln2_mean + r0, A->ln2_rstd + r0, nr, C);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
         /* dresid now holds d res2. Attention out: res2 = x + atty @ Wproj^T + b. */
+        mt_tick(m, tid, TK_LAYERNORM);
         layernorm_backward_dparams(D->ln2w, D->ln2b, a->dln, A->res2, A->ln2_mean, A->ln2_rstd,
                                    N, C, c0, c1);
+        mt_tick(m, tid, TK_MATMUL);
         matmul_backward_dweight_rows(D->projw, D->projb, a->dresid, A->atty, N, C, C, c0, c1);
         matmul_backward_dinp_rows(a->datty, a->dresid, W->projw, r0, r1, C, C);
+        mt_tick(m, tid, TK_OTHER);
         memset(a->dqkv + 3 * rc, 0, sizeof(float) * (size_t)nr * 3 * C);
+        mt_tick(m, tid, TK_LAYERNORM);
         layernorm_apply(a->lnbuf + rc, A->x + rc, W->ln1w, W->ln1b, A->ln1_mean + r0,
                         A->ln1_rstd + r0, nr, C);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
+        mt_tick(m, tid, TK_ATTENTION);
         for (int i = i0; i < i1; i++)
             attention_backward_item(a->dqkv, a->datty, A->qkv, A->lse, i / NH, i % NH, T, C, NH,
                                     att, datt);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
         /* qkv = ln1(x) @ Wqkv^T + b */
+        mt_tick(m, tid, TK_MATMUL);
         matmul_backward_dweight_rows(D->qkvw, D->qkvb, a->dqkv, a->lnbuf, N, C, 3 * C, q0, q1);
         matmul_backward_dinp_rows(a->dln, a->dqkv, W->qkvw, r0, r1, C, 3 * C);
+        mt_tick(m, tid, TK_LAYERNORM);
         layernorm_backward_dx(a->dresid + rc, a->dln + rc, A->x + rc, W->ln1w,
                               A->ln1_mean + r0, A->ln1_rstd + r0, nr, C);
-        pool_barrier(m->pool);
+        mt_sync(m, tid);
         layernorm_backward_dparams(D->ln1w, D->ln1b, a->dln, A->x, A->ln1_mean, A->ln1_rstd,
                                    N, C, c0, c1);
     }
     /* embedding: dresid is d x0. Token rows split by vocabulary id, positions by t; each
      * row sums its contributions in position order. */
+    mt_tick(m, tid, TK_EMBEDDING);
     int v0, v1, t0, t1;
     mt_split(V, tid, nt, 1, &v0, &v1);
     mt_split(T, tid, nt, 1, &t0, &t1);
@@ -146,17 +171,25 @@ static void backward(mt_step *s, int tid, int nt) {
     }
 }
 
-void step_task(void *ctx, int tid, int nt) {
+void step_task(void *ctx, int tid, int pool_threads) {
     mt_step *s = ctx;
     mt_model *m = s->m;
+    /* Work is split into m->parts parts; threads with tid >= parts get empty ranges from
+     * mt_split everywhere and only take part in the barriers. */
+    int nt = m->parts < pool_threads ? m->parts : pool_threads;
     mt_acts *a = s->a;
     int C = m->cfg.d_model, V = m->cfg.vocab_size, N = s->B * s->T;
-    if (s->mode == STEP_TRAIN && !s->accumulate) {
+    if (tid == 0) {
+        m->t_last = mt_now();
+        m->t_kind = TK_OTHER;
+    }
+    if (s->mode == STEP_TRAIN && !s->accumulate && tid < nt) {
         size_t p0 = m->nparams * (size_t)tid / nt, p1 = m->nparams * (size_t)(tid + 1) / nt;
         memset(m->grads + p0, 0, sizeof(float) * (p1 - p0));
     }
     forward(s, tid, nt);
     if (s->mode == STEP_LOGITS) {
+        mt_tick(m, tid, TK_OUTPUT);
         if (s->last_only) {
             int b0, b1;
             mt_split(s->B, tid, nt, 1, &b0, &b1);
@@ -170,11 +203,13 @@ void step_task(void *ctx, int tid, int nt) {
             mt_split(N, tid, nt, 8, &r0, &r1);
             matmul_forward_rows(s->logits, a->lnf, m->P.lm, NULL, NULL, r0, r1, C, V);
         }
+        mt_tick(m, tid, TK_OTHER);
         return;
     }
     int train = s->mode == STEP_TRAIN;
-    output_layer_chunked(m->pool, tid, nt, a->lnf, m->P.lm, train ? m->G.lm : NULL,
+    output_layer_chunked(m, tid, nt, a->lnf, m->P.lm, train ? m->G.lm : NULL,
                          train ? a->dln : NULL, s->tgt, a->losses, m->chunk, m->chunk_rows, N,
                          C, V, s->grad_scale);
     if (train) backward(s, tid, nt);
+    mt_tick(m, tid, TK_OTHER);
 }

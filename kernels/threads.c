@@ -85,13 +85,19 @@ static void *worker_main(void *argp) {
     }
 }
 
+int mt_cpu_count(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
 mt_pool *pool_create(int nthreads) {
     if (nthreads < 1) return NULL;
     mt_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     p->n = nthreads;
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    p->spin = (ncpu > 0 && nthreads <= ncpu) ? 4000 : 0;
+    p->spin = nthreads <= mt_cpu_count() ? 4000 : 0;
     p->threads = calloc((size_t)nthreads, sizeof(pthread_t));
     if (!p->threads) { free(p); return NULL; }
     for (int t = 1; t < nthreads; t++) {

@@ -105,12 +105,35 @@ class Model:
         if self._lib.mt_model_set_threads(self._handle, value) != 0:
             raise MemoryError(f"the kernel could not start {value} threads")
 
+    @property
+    def work_parts(self):
+        """Parts each step's work is split into: by default min(threads, CPUs available), since
+        more parts than CPUs only add overhead (the extra threads sleep at the barriers).
+        Setting a number (1..threads) forces that split; 0 restores the default."""
+        return int(self._lib.mt_model_parts(self._handle))
+
+    @work_parts.setter
+    def work_parts(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or not 0 <= value <= self.threads:
+            raise ValueError(f"work_parts must be an integer in [0, threads={self.threads}], "
+                             f"got {value!r}")
+        self._lib.mt_model_set_parts(self._handle, int(value))
+
     def counters(self):
         """(training calls, windows) processed by forward_backward in this process."""
         calls = self._ffi.new("uint64_t *")
         windows = self._ffi.new("uint64_t *")
         self._lib.mt_counters(self._handle, calls, windows)
         return int(calls[0]), int(windows[0])
+
+    def timers(self):
+        """Seconds per layer kind (embedding, layernorm, matmul, attention, gelu, output+loss,
+        sync, other) spent by the kernel's thread 0 since creation; "sync" is its waiting at
+        barriers. For profiling (scripts/bench_kernel.py)."""
+        lib, ffi = self._lib, self._ffi
+        return {ffi.string(lib.mt_timer_name(k)).decode(): float(lib.mt_timer_seconds(self._handle, k))
+                for k in range(lib.mt_timer_count())}
 
     # ---- input checks -----------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ def test_thread_counts_agree():
     results = {}
     for threads in (1, 2, 12):
         model = Model(CFG, seed=4, threads=threads)
+        model.work_parts = threads  # really split 12 ways, even on a machine with fewer CPUs
         loss = model.forward_backward(inputs, targets)
         results[threads] = (loss, {n: g.copy() for n, g in model.grads.items()},
                             model.loss(inputs, targets), model.forward(inputs))
@@ -58,6 +59,7 @@ def test_thread_counts_agree():
 def test_more_threads_than_work():
     # B*NH = 4 attention items, 3 rows, C = 48 columns: most of 12 threads own nothing somewhere.
     model = Model(CFG, seed=5, threads=12)
+    model.work_parts = 12
     ref = Model(CFG, seed=5, threads=1)
     inputs, targets = data(B=1, T=3)
     assert model.forward_backward(inputs, targets) == pytest.approx(
@@ -97,3 +99,19 @@ def test_optimizer_through_the_model_is_thread_independent():
             model.adamw_step(lr=1e-3, step=step)
         buffers.append(model.param_buffer.copy())
     np.testing.assert_allclose(buffers[0], buffers[1], rtol=0, atol=1e-6)
+
+
+def test_default_work_parts_follow_the_cpus():
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    model = Model(CFG, threads=12)
+    assert model.work_parts == min(12, cpus)
+    model.work_parts = 5
+    assert model.work_parts == 5
+    model.threads = 3  # a request above the new thread count is capped
+    assert model.work_parts == 3
+    model.work_parts = 0
+    assert model.work_parts == min(3, cpus)
+    with pytest.raises(ValueError):
+        model.work_parts = 4

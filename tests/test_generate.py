@@ -1,0 +1,170 @@
+"""Generation with the key/value cache (kernels/generate.c, mpitrain/generate.py).
+
+Proofs held here:
+- every step's logits equal the full-context forward (Model.forward over the ids the cache
+  holds) to 2e-5 relative to the logits' spread, for 1, 2 and 3 threads, prompts of 1..max_seq_len
+  ids, and across several slides (context cut to its newest half, cache rebuilt);
+- greedy decoding's first 20 tokens equal a float64 NumPy reference decode of the same weights;
+- a step computes one new position only (the kernel's row counter), a slide max_seq_len/2 + 1;
+- sampling: temperature 0 is argmax, the top-k / top-p distribution equals a plain definition,
+  seeded draws repeat, and their frequencies follow the distribution.
+"""
+import numpy as np
+import pytest
+
+import reference_gpt
+from mpitrain.generate import Generator, Sampler
+from test_generate_support import CONFIG, TOKENIZER, reference_greedy, save_model, scaled_model
+
+T = CONFIG.max_seq_len
+REL = 2e-5
+
+
+def _check_close(got, ref):
+    spread = float(np.ptp(ref))
+    assert spread > 1.0, spread          # the scaled model has O(1) logits
+    err = float(np.abs(got - ref).max())
+    assert err <= REL * spread, (err, spread)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("prompt_len", [1, 5, T])
+def test_cache_matches_full_context_forward_across_slides(threads, prompt_len):
+    model = scaled_model(threads=threads)
+    gen = Generator(model)
+    rng = np.random.default_rng(prompt_len)
+    ids = rng.integers(0, CONFIG.vocab_size, prompt_len + 3 * T)
+    logits = gen.feed(ids[:prompt_len]).copy()
+    _check_close(logits, model.forward(ids[None, :prompt_len].astype(np.int32), True)[0])
+    for t in range(prompt_len, ids.size):
+        logits = gen.feed(ids[t:t + 1]).copy()
+        ctx = gen.context()
+        assert ctx[-1] == ids[t] and 1 <= ctx.size <= T
+        _check_close(logits, model.forward(ctx[None], last_only=True)[0])
+    assert gen.slides >= 5
+
+
+def test_slide_keeps_newest_half_and_recomputes_only_then():
+    model = scaled_model()
+    gen = Generator(model)
+    ids = np.arange(3 * T) % CONFIG.vocab_size
+    gen.feed(ids[:5])
+    assert gen.rows_computed == 5
+    for t in range(5, T):
+        gen.feed(ids[t:t + 1])
+    assert gen.rows_computed == T and gen.slides == 0      # one new position per step
+    gen.feed(ids[T:T + 1])                                 # the context is full: slide
+    assert gen.slides == 1
+    assert gen.context().tolist() == ids[T - T // 2:T + 1].tolist()   # newest half + new id
+    assert gen.rows_computed == T + T // 2 + 1
+    gen.feed(ids[T + 1:T + 2])
+    assert gen.rows_computed == T + T // 2 + 2
+    # a feed of several ids that does not fit keeps fewer old ids so that all new ones fit
+    gen.feed(ids[:T - 2])
+    assert len(gen) == T and gen.context().tolist()[-(T - 2):] == ids[:T - 2].tolist()
+
+
+def test_against_numpy_reference_first_20_greedy_tokens():
+    model = scaled_model(seed=6)
+    gen = Generator(model)
+    prompt = TOKENIZER.encode(" the quick brown fox")
+    got = list(gen.generate(prompt, 20, Sampler(temperature=0)))
+    ref = reference_greedy(model.params, CONFIG, prompt, 20)
+    assert got == ref
+    assert len(set(got)) > 3          # not a degenerate repetition of one id
+    assert gen.slides >= 1            # 4 + 20 ids pass max_seq_len 16: the slide is covered
+
+
+def test_greedy_is_deterministic_and_thread_independent(tmp_path):
+    path = save_model(tmp_path / "m.h5", scaled_model(seed=5))
+    runs = []
+    for threads in (1, 2, 1):
+        gen = Generator.from_file(path, threads=threads)
+        runs.append(list(gen.generate(TOKENIZER.encode("the fox"), 30, Sampler(0))))
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_from_file_loads_the_weights(tmp_path):
+    model = scaled_model(seed=6)
+    path = save_model(tmp_path / "m.h5", model)
+    gen = Generator.from_file(path)
+    assert gen.tokenizer.vocab_size == CONFIG.vocab_size and gen.checkpoint.step == 3
+    for name in model.param_names:
+        np.testing.assert_array_equal(gen.model.params[name], model.params[name])
+    ids = TOKENIZER.encode(" lazy dog")
+    _check_close(gen.feed(ids), model.forward(ids[None], True)[0])
+
+
+def test_generate_continues_context_and_stops_at_stop_id():
+    model = scaled_model(seed=7)
+    gen = Generator(model)
+    first = list(gen.generate([3, 4, 5], 4, Sampler(0)))
+    assert gen.context().tolist() == [3, 4, 5] + first
+    more = list(gen.generate([], 3, Sampler(0)))
+    ref = reference_greedy(model.params, CONFIG, [3, 4, 5] + first, 3)
+    assert more == ref
+    stop = more[0]
+    gen.reset()
+    assert len(gen) == 0
+    assert list(gen.generate([3, 4, 5] + first, 10, Sampler(0), stop_ids={stop})) == [stop]
+    with pytest.raises(ValueError):
+        Generator(model).generate([], 2, Sampler(0)).__next__()
+
+
+@pytest.mark.parametrize("ids", [[], list(range(T + 1)), [-1], [CONFIG.vocab_size]])
+def test_feed_refuses_bad_ids(ids):
+    with pytest.raises(ValueError):
+        Generator(scaled_model()).feed(np.array(ids, np.int64))
+
+
+def _plain_distribution(logits, temperature, top_k, top_p):
+    """top-k then top-p over softmax(logits / T), written as plainly as possible."""
+    z = [x / temperature for x in logits]
+    order = sorted(range(len(z)), key=lambda i: (-z[i], i))
+    allowed = order[:top_k] if top_k else order
+    m = max(z)
+    w = {i: np.exp(z[i] - m) for i in allowed}
+    s = sum(w.values())
+    p = {i: w[i] / s for i in allowed}
+    kept, mass = [], 0.0
+    for i in order:
+        if i not in p:
+            continue
+        kept.append(i)
+        mass += p[i]
+        if mass >= top_p:
+            break
+    s = sum(p[i] for i in kept)
+    out = np.zeros(len(z))
+    for i in kept:
+        out[i] = p[i] / s
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.9, 8, 0.8), (2.0, 1, 1.0), (1.0, 0, 1e-9)])
+def test_sampler_distribution(temperature, top_k, top_p):
+    logits = np.random.default_rng(1).normal(0, 2, 40).astype(np.float32)
+    got = Sampler(temperature, top_k, top_p).probabilities(logits)
+    ref = _plain_distribution(logits.astype(np.float64), temperature, top_k, top_p)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+
+
+def test_sampler_draws():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert Sampler(0)(logits) == 0
+    a = [Sampler(1.0, seed=3)(logits) for _ in range(3)]
+    s1, s2 = Sampler(1.0, seed=3), Sampler(1.0, seed=3)
+    d1 = [s1(logits) for _ in range(50)]
+    assert d1 == [s2(logits) for _ in range(50)]
+    assert a == [d1[0]] * 3
+    s = Sampler(1.0, seed=11)
+    counts = np.bincount([s(logits) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)  # ~4 sigma
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(temperature=float("nan")),
+                                dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+def test_sampler_refuses_bad_settings(kw):
+    with pytest.raises(ValueError):
+        Sampler(**kw)

@@ -90,10 +90,13 @@ static void attend_head(mt_gen *g, int l, int h, int p0, int n, float *att) {
                       0.0f, g->atty + (size_t)h * hs, C);
 }
 
-static void feed_task(void *ctx, int tid, int nt) {
+static void feed_task(void *ctx, int tid, int pool_threads) {
     gen_feed *f = ctx;
     mt_gen *g = f->g;
     mt_model *m = g->m;
+    /* As step.c: the work goes into m->parts parts (no more than the CPUs by default); pool
+     * threads beyond them get empty ranges and only pass the barriers. */
+    int nt = m->parts < pool_threads ? m->parts : pool_threads;
     mt_pool *pool = m->pool;
     int C = m->cfg.d_model, F = m->cfg.d_ff, NH = m->cfg.n_heads, L = m->cfg.n_layers;
     int T = m->cfg.max_seq_len, V = m->cfg.vocab_size, n = f->n, p0 = f->p0;

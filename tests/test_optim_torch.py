@@ -86,9 +86,8 @@ def test_ten_training_steps_of_the_model_match_torch():
     chosen by the model's own tensor table) against TorchGPT + clip_grad_norm_ + AdamW from the
     same weights. Float32 summation orders differ between the two and Adam's normalised steps
     carry that along: measured loss differences <= 1.3e-7 and norm differences <= 6.5e-7
-    relative, parameters <= 8e-6
-    absolute; we allow rtol 1e-6 (loss), 3e-6 (norm) and atol 5e-5 (parameters). A decay on LayerNorm
-    weights alone would move them by lr * wd = 3e-4 per step."""
+    relative, parameters <= 8e-6 absolute; we allow rtol 1e-6 (loss), 3e-6 (norm) and atol 5e-5
+    (parameters). A decay on LayerNorm weights alone would move them by lr * wd = 3e-4 a step."""
     import pathlib
     import sys
 

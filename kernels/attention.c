@@ -9,7 +9,7 @@
 
 /* att (T,T) = softmax over j <= i of scale * q_i . k_j, zeros above the diagonal.
  * If lse is given it is written (forward); otherwise lse_in is used to recompute. */
-static void causal_weights(float *att, float *lse_out, const float *lse_in, const float *q,
+MT_HOT static void causal_weights(float *att, float *lse_out, const float *lse_in, const float *q,
                            const float *k, int T, int hs, int ld, float scale) {
     /* att (T,T) = scale * q (T,hs) @ k (T,hs)^T; the upper triangle is computed and then
      * overwritten: one GEMM call beats T small ones at these sizes. */

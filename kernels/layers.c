@@ -7,7 +7,7 @@
 #include "mt_internal.h"
 
 /* inp, out are (N,C); mean, rstd are (N). */
-void layernorm_forward(float *out, float *mean, float *rstd,
+MT_HOT void layernorm_forward(float *out, float *mean, float *rstd,
                        const float *inp, const float *weight, const float *bias,
                        int N, int C, float eps) {
     for (int n = 0; n < N; n++) {
@@ -57,7 +57,7 @@ void layernorm_backward(float *dinp, float *dweight, float *dbias,
 /* ---- LayerNorm pieces for the threaded backward ------------------------------------------ */
 
 /* dout, inp, dinp are (N,C): dinp += d(LN)/d(inp) . dout. */
-void layernorm_backward_dx(float *dinp, const float *dout, const float *inp, const float *weight,
+MT_HOT void layernorm_backward_dx(float *dinp, const float *dout, const float *inp, const float *weight,
                            const float *mean, const float *rstd, int N, int C) {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
@@ -81,7 +81,7 @@ void layernorm_backward_dx(float *dinp, const float *dout, const float *inp, con
 
 /* dweight[c] += sum_n xhat[n,c]*dout[n,c], dbias[c] += sum_n dout[n,c], for c in [c0,c1);
  * rows summed in order 0..N-1 whatever the thread split. */
-void layernorm_backward_dparams(float *dweight, float *dbias, const float *dout,
+MT_HOT void layernorm_backward_dparams(float *dweight, float *dbias, const float *dout,
                                 const float *inp, const float *mean, const float *rstd,
                                 int N, int C, int c0, int c1) {
     for (int n = 0; n < N; n++) {
@@ -96,7 +96,7 @@ void layernorm_backward_dparams(float *dweight, float *dbias, const float *dout,
 }
 
 /* out (N,C) = LayerNorm(inp) from cached mean, rstd (N). */
-void layernorm_apply(float *out, const float *inp, const float *weight, const float *bias,
+MT_HOT void layernorm_apply(float *out, const float *inp, const float *weight, const float *bias,
                      const float *mean, const float *rstd, int N, int C) {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
@@ -188,7 +188,7 @@ void matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
 
 #define GELU_K 0.7978845608028654f /* sqrt(2/pi) */
 
-void gelu_forward(float *out, const float *inp, size_t n) {
+MT_HOT void gelu_forward(float *out, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         float t = mt_tanhf(GELU_K * (x + 0.044715f * x * x * x));
@@ -197,7 +197,7 @@ void gelu_forward(float *out, const float *inp, size_t n) {
 }
 
 /* d gelu/dx = 0.5(1+tanh u) + 0.5 x (1 - tanh^2 u) du/dx, u = k(x + 0.044715 x^3). */
-void gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
+MT_HOT void gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         float t = mt_tanhf(GELU_K * (x + 0.044715f * x * x * x));
@@ -206,7 +206,7 @@ void gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
     }
 }
 
-void gelu_grad_inplace(float *dbuf, const float *inp, size_t n) {
+MT_HOT void gelu_grad_inplace(float *dbuf, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         float t = mt_tanhf(GELU_K * (x + 0.044715f * x * x * x));
@@ -215,10 +215,10 @@ void gelu_grad_inplace(float *dbuf, const float *inp, size_t n) {
     }
 }
 
-void vec_expf(float *out, const float *inp, size_t n) {
+MT_HOT void vec_expf(float *out, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = mt_expf(inp[i]);
 }
 
-void vec_tanhf(float *out, const float *inp, size_t n) {
+MT_HOT void vec_tanhf(float *out, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = mt_tanhf(inp[i]);
 }

@@ -11,33 +11,33 @@
 #include <math.h>
 #include "mt_internal.h"
 
-/* Max of x[0..n) with 8 independent lanes (vectorisable; max is order-independent). */
-static float row_max(const float *x, int n) {
-    float m[8];
-    for (int k = 0; k < 8; k++) m[k] = -INFINITY;
+/* Max of x[0..n) with 16 independent lanes (vectorisable; max is order-independent). */
+static inline __attribute__((always_inline)) float row_max(const float *x, int n) {
+    float m[16];
+    for (int k = 0; k < 16; k++) m[k] = -INFINITY;
     int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) m[k] = x[i + k] > m[k] ? x[i + k] : m[k];
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) m[k] = x[i + k] > m[k] ? x[i + k] : m[k];
     float r = -INFINITY;
-    for (int k = 0; k < 8; k++) r = m[k] > r ? m[k] : r;
+    for (int k = 0; k < 16; k++) r = m[k] > r ? m[k] : r;
     for (; i < n; i++) r = x[i] > r ? x[i] : r;
     return r;
 }
 
-/* x[i] = exp(x[i] - mx) in place; returns the sum (8 lanes, then lanes in order). */
-static float exp_sum_inplace(float *x, int n, float mx) {
-    float s[8] = {0};
+/* x[i] = exp(x[i] - mx) in place; returns the sum (16 lanes, then lanes in order). */
+static inline __attribute__((always_inline)) float exp_sum_inplace(float *x, int n, float mx) {
+    float s[16] = {0};
     int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) { float e = mt_expf(x[i + k] - mx); x[i + k] = e; s[k] += e; }
+    for (; i + 16 <= n; i += 16)
+        for (int k = 0; k < 16; k++) { float e = mt_expf(x[i + k] - mx); x[i + k] = e; s[k] += e; }
     float r = 0.0f;
-    for (int k = 0; k < 8; k++) r += s[k];
+    for (int k = 0; k < 16; k++) r += s[k];
     for (; i < n; i++) { float e = mt_expf(x[i] - mx); x[i] = e; r += e; }
     return r;
 }
 
 /* logits (R,V); losses (R); targets (R) in [0,V). */
-void softmax_xent_rows(float *logits, float *losses, const int32_t *targets, int R, int V,
+MT_HOT void softmax_xent_rows(float *logits, float *losses, const int32_t *targets, int R, int V,
                        float grad_scale, int want_grad) {
     for (int r = 0; r < R; r++) {
         float *x = logits + (size_t)r * V;

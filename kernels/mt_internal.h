@@ -9,6 +9,15 @@
 #include <cblas.h>
 #include "mpitrain_kernel.h"
 
+/* Hot element-wise loops are compiled for AVX-512 and AVX2 as well as the baseline and the
+ * best one is picked at load time (GCC function multiversioning); results on one machine are
+ * always the same. MT_NO_TARGET_CLONES (e.g. for sanitizer builds) turns this off. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MT_NO_TARGET_CLONES)
+#define MT_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MT_HOT
+#endif
+
 /* ---- threads.c: persistent pool + sleeping barrier ---------------------------------------- */
 typedef struct mt_pool mt_pool;
 /* A task runs on every pool thread at once (SPMD); tid 0 is the calling thread. */

@@ -1,6 +1,8 @@
 """Helpers for the generation, infer, monitor and plot tests (no tests here): a small model
 with O(1) logits saved as a real checkpoint, and a plain NumPy greedy decoder over the
 reference model (tests/reference_gpt.py) with the kernel's context rule."""
+import os
+
 import numpy as np
 
 import reference_gpt
@@ -56,3 +58,15 @@ def reference_greedy(params, config, prompt, n_new, stop_id=None):
             ctx = ctx[-(T // 2):]
         ctx.append(nxt)
     return out
+
+
+def tiny_run_dir(base, dataset, steps=10):
+    """A finished tiny training run made by the real `mpirun -n 2 ... train` command."""
+    from test_train_support import run_train, tiny_args
+
+    run_dir = os.path.join(str(base), "run")
+    args = tiny_args(dataset, run_dir)
+    args[args.index("--max-steps") + 1] = steps
+    proc = run_train(2, *args)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir

@@ -13,6 +13,7 @@ COMMANDS = (
     "inspect",
     "train",
     "export",
+    "infer",
 )
 
 # The subcommand used when the first argument is not a command name (DESIGN.md: train).

@@ -198,7 +198,13 @@ static int ensure_chunk(mt_model *m, int N) {
 
 static void update_parts(mt_model *m);
 
-int mt_model_set_threads(mt_model *m, int threads) {
+int mt_model_enter(mt_model *m) {
+    return atomic_exchange_explicit(&m->busy, 1, memory_order_acquire) ? MT_EBUSY : MT_OK;
+}
+
+void mt_model_leave(mt_model *m) { atomic_store_explicit(&m->busy, 0, memory_order_release); }
+
+static int set_threads(mt_model *m, int threads) {
     if (threads < 1 || threads > 1024) return MT_EINVAL;
     if (m->pool && pool_size(m->pool) == threads) return MT_OK;
     size_t T = (size_t)m->cfg.max_seq_len;
@@ -213,6 +219,13 @@ int mt_model_set_threads(mt_model *m, int threads) {
     return MT_OK;
 }
 
+int mt_model_set_threads(mt_model *m, int threads) {
+    if (mt_model_enter(m) != MT_OK) return MT_EBUSY;
+    int rc = set_threads(m, threads);
+    mt_model_leave(m);
+    return rc;
+}
+
 int mt_model_threads(const mt_model *m) { return pool_size(m->pool); }
 
 /* Compute-bound phases gain nothing from more parts than CPUs: extra parts only repeat GEMM
@@ -225,8 +238,10 @@ static void update_parts(mt_model *m) {
 
 int mt_model_set_parts(mt_model *m, int parts) {
     if (parts < 0) return MT_EINVAL;
+    if (mt_model_enter(m) != MT_OK) return MT_EBUSY;
     m->parts_req = parts;
     update_parts(m);
+    mt_model_leave(m);
     return MT_OK;
 }
 
@@ -244,7 +259,7 @@ mt_model *mt_model_new(const mt_config *cfg, float *params, float *grads, float 
     m->params = params; m->grads = grads; m->m = mom; m->v = vel;
     m->P.h = calloc((size_t)cfg->n_layers, sizeof(mt_block));
     m->G.h = calloc((size_t)cfg->n_layers, sizeof(mt_block));
-    if (!m->P.h || !m->G.h || mt_model_set_threads(m, threads) != MT_OK) {
+    if (!m->P.h || !m->G.h || set_threads(m, threads) != MT_OK) {
         mt_model_free(m);
         return NULL;
     }
@@ -294,7 +309,7 @@ static int batch_ok(const mt_model *m, const int32_t *inp, const int32_t *tgt, i
     return ids_ok(inp, n, m->cfg.vocab_size) && (!tgt || ids_ok(tgt, n, m->cfg.vocab_size));
 }
 
-int mt_forward_backward(mt_model *m, const int32_t *inputs, const int32_t *targets, int B,
+static int forward_backward(mt_model *m, const int32_t *inputs, const int32_t *targets, int B,
                         int T, float grad_scale, int accumulate, double *loss_out) {
     if (!batch_ok(m, inputs, targets, B, T) || !targets) return MT_EINVAL;
     int N = B * T;
@@ -311,9 +326,17 @@ int mt_forward_backward(mt_model *m, const int32_t *inputs, const int32_t *targe
     return MT_OK;
 }
 
+int mt_forward_backward(mt_model *m, const int32_t *inputs, const int32_t *targets, int B,
+                        int T, float grad_scale, int accumulate, double *loss_out) {
+    if (mt_model_enter(m) != MT_OK) return MT_EBUSY;
+    int rc = forward_backward(m, inputs, targets, B, T, grad_scale, accumulate, loss_out);
+    mt_model_leave(m);
+    return rc;
+}
+
 /* Forward-only calls run in groups of whole sequences through the 1-slot buffers. */
-static int forward_only(mt_model *m, const int32_t *inp, const int32_t *tgt, int B, int T,
-                        int mode, int last_only, float *logits, double *loss_out) {
+static int forward_only_locked(mt_model *m, const int32_t *inp, const int32_t *tgt, int B,
+                               int T, int mode, int last_only, float *logits, double *loss_out) {
     if (!batch_ok(m, inp, tgt, B, T)) return MT_EINVAL;
     int per = FORWARD_ONLY_ROWS / T > 0 ? FORWARD_ONLY_ROWS / T : 1;
     if (per > B) per = B;
@@ -334,6 +357,14 @@ static int forward_only(mt_model *m, const int32_t *inp, const int32_t *tgt, int
     }
     if (loss_out) *loss_out = sum / ((double)B * T);
     return MT_OK;
+}
+
+static int forward_only(mt_model *m, const int32_t *inp, const int32_t *tgt, int B, int T,
+                        int mode, int last_only, float *logits, double *loss_out) {
+    if (mt_model_enter(m) != MT_OK) return MT_EBUSY;
+    int rc = forward_only_locked(m, inp, tgt, B, T, mode, last_only, logits, loss_out);
+    mt_model_leave(m);
+    return rc;
 }
 
 int mt_loss(mt_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,

@@ -6,8 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Return codes of the model API. */
-enum { MT_OK = 0, MT_EINVAL = -1, MT_ENOMEM = -2 };
+/* Return codes of the model API (MT_EBUSY: another call on the same model is running). */
+enum { MT_OK = 0, MT_EINVAL = -1, MT_ENOMEM = -2, MT_EBUSY = -3 };
 
 /* ---- layers.c ---------------------------------------------------------------------------- */
 /* out (N,C) = (inp - mean) * rstd * weight + bias over the last axis; mean, rstd (N) cached. */

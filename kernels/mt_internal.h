@@ -4,6 +4,7 @@
 #define MT_INTERNAL_H
 #include <stddef.h>
 #include <stdint.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <time.h>
 #include <cblas.h>
@@ -167,6 +168,7 @@ struct mt_model {
     float *chunk;                  /* (R,V) output-layer chunk */
     int chunk_rows;
     uint64_t train_calls, windows;
+    atomic_int busy;               /* a call is running on the pool (see mt_model_enter) */
     double timers[TK_COUNT]; /* seconds per kind, thread 0 only */
     double t_last;
     int t_kind;
@@ -177,6 +179,11 @@ static inline double mt_now(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
+
+/* Every API call that runs the pool holds the model for its duration: a second caller (another
+ * Python thread: cffi releases the GIL) gets MT_EBUSY instead of corrupting the pool. */
+int mt_model_enter(mt_model *m);   /* MT_OK or MT_EBUSY */
+void mt_model_leave(mt_model *m);
 
 /* Thread 0 closes the running interval and starts one of `kind`; other threads do nothing. */
 static inline void mt_tick(mt_model *m, int tid, int kind) {

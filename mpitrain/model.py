@@ -102,7 +102,10 @@ class Model:
     @threads.setter
     def threads(self, value):
         value = _check_threads(value)
-        if self._lib.mt_model_set_threads(self._handle, value) != 0:
+        rc = self._lib.mt_model_set_threads(self._handle, value)
+        if rc == -3:
+            self._check(rc, "threads")
+        if rc != 0:
             raise MemoryError(f"the kernel could not start {value} threads")
 
     @property
@@ -118,7 +121,7 @@ class Model:
                 or not 0 <= value <= self.threads:
             raise ValueError(f"work_parts must be an integer in [0, threads={self.threads}], "
                              f"got {value!r}")
-        self._lib.mt_model_set_parts(self._handle, int(value))
+        self._check(self._lib.mt_model_set_parts(self._handle, int(value)), "work_parts")
 
     def counters(self):
         """(training calls, windows) processed by forward_backward in this process."""
@@ -162,6 +165,9 @@ class Model:
         return inputs, targets
 
     def _check(self, rc, what):
+        if rc == -3:
+            raise RuntimeError(f"{what}: another call on this model is running (a Model is "
+                               f"not shared between Python threads; use its own threads)")
         if rc == -2:
             raise MemoryError(f"{what}: the kernel ran out of memory")
         if rc != 0:

@@ -115,3 +115,29 @@ def test_default_work_parts_follow_the_cpus():
     assert model.work_parts == min(3, cpus)
     with pytest.raises(ValueError):
         model.work_parts = 4
+
+
+def test_concurrent_calls_on_one_model_are_refused_not_corrupting():
+    # cffi releases the GIL: two Python threads calling one Model must not share its pool.
+    import threading
+
+    model = Model(CFG, seed=9, threads=2)
+    inputs, targets = data(B=8)
+    want = model.forward_backward(inputs, targets)
+    outcomes = []
+
+    def run():
+        for _ in range(20):
+            try:
+                outcomes.append(model.forward_backward(inputs, targets))
+            except RuntimeError as e:
+                assert "another call" in str(e)
+                outcomes.append("busy")
+
+    workers = [threading.Thread(target=run) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert all(o == "busy" or o == want for o in outcomes)
+    assert model.forward_backward(inputs, targets) == want

@@ -87,8 +87,10 @@ def main():
                    sys.executable, "-m", "mpitrain", "prepare", "--data", data, "--out", out,
                    "--vocab-size", str(args.vocab_size), "--quiet"]
             t = time.perf_counter()
-            subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             elapsed = time.perf_counter() - t
+            if proc.returncode != 0:
+                sys.exit(f"bench_prepare: {' '.join(cmd)} failed:\n{proc.stderr}")
             with open(out, "rb") as a, open(os.path.join(tmp, "bench.h5"), "rb") as b:
                 mpi[n] = (elapsed, a.read() == b.read())
     tm = summary["timings"]

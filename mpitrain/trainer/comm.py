@@ -94,8 +94,8 @@ class WorkerLink:
         raise NotImplementedError
 
     def gather_counters(self, own: tuple) -> Pending:
-        """Every rank's kernel counters (train_calls, windows): int64 [ranks, 2], Node Zero
-        first."""
+        """Every rank's (kernel train_calls, kernel windows, peak RSS in KiB): int64
+        [ranks, 3], Node Zero first."""
         raise NotImplementedError
 
     def release(self) -> Pending:
@@ -131,7 +131,7 @@ class MPIWorkerLink(WorkerLink):
 
     def gather_counters(self, own: tuple) -> Pending:
         send = np.array(own, np.int64)
-        recv = np.empty((self.world.Get_size(), 2), np.int64)
+        recv = np.empty((self.world.Get_size(), send.size), np.int64)
         return Pending([self.world.Igather(send, recv, root=0)], lambda: recv)
 
     def release(self) -> Pending:

@@ -11,7 +11,8 @@ Node Zero never computes a training batch. It talks to the workers only through 
            from which Node Zero generates the sample.
   SAVE n   the lead reports, sends parameters and both Adam moments, and trains on; Node Zero
            writes the checkpoint in a background thread.
-  STOP     the last command: workers send their kernel counters and wait to be released.
+  STOP     the last command: workers send their kernel counters and peak RSS, and wait to be
+           released.
 
 While it waits, Node Zero sleeps (1 ms polls), refreshes heartbeat.json and reacts to a stop
 request (a signal): it then issues EVAL and SAVE for the last issued step and STOP, so the run
@@ -32,6 +33,13 @@ from mpitrain.trainer.runlog import RunLog, fmt_duration
 from mpitrain.trainer.saver import Saver
 
 LOOKAHEAD = 1   # STEP commands issued beyond the last reported step
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def injected_fault(rank: int, step: int) -> bool:
@@ -105,7 +113,8 @@ class NodeZero:
             self._housekeeping()
             time.sleep(NODE_ZERO_SLEEP)
         self._housekeeping()
-        counters = self._wait(self.link.gather_counters(self.model.counters())).result
+        own = (*self.model.counters(), peak_rss_kib())
+        counters = self._wait(self.link.gather_counters(own)).result
         stats = self._statistics(wall, counters)
         self._wait(self.link.release())
         self.log.close()
@@ -270,7 +279,8 @@ class NodeZero:
                  "tokens_per_s": tokens_per_s, "gflops": gflops, "sgemm_peak_gflops": sgemm,
                  "fraction_of_sgemm_peak": gflops / sgemm,
                  "final_val_loss": self.val_loss, "best_val_loss": self.best_val_loss,
-                 "counters": counters.tolist(),
+                 "counters": counters[:, :2].tolist(),
+                 "peak_rss_mb": [round(k / 1024, 1) for k in counters[:, 2].tolist()],
                  "windows_per_step": tc.batch_size}
         lines = [f"done: {steps} steps in {fmt_duration(wall)} ({wall:.1f} s), {tokens:,} tokens, "
                  f"{tokens_per_s:,.0f} tokens/s",
@@ -278,7 +288,9 @@ class NodeZero:
                  f"measured now ({sgemm:.1f} GFLOP/s on {os.cpu_count()} CPU(s))",
                  f"validation loss: final {_fmt(self.val_loss)}, best {_fmt(self.best_val_loss)}",
                  "kernel counters (training calls, windows) by rank: "
-                 + ", ".join(f"{r}: ({c}, {w})" for r, (c, w) in enumerate(counters.tolist()))]
+                 + ", ".join(f"{r}: ({c}, {w})" for r, (c, w, _) in enumerate(counters.tolist())),
+                 "peak RSS by rank (MB): " + ", ".join(f"{r}: {mb:.0f}" for r, mb in
+                                                       enumerate(stats["peak_rss_mb"]))]
         self.log.metrics(event="end", time=time.time(), **stats)
         self.log.say("\n".join(lines))
         return stats

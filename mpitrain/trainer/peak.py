@@ -2,7 +2,7 @@
 
 FLOPs per training token are counted as scripts/bench_kernel.py counts them (6 x the weights
 used in matrix products + attention's QK^T and AV over the full T x T square, x3 with
-backward); the peak is the best of a few 1024^3 SGEMMs through scipy-openblas32 (the library the
+backward); the peak is the best of five 1024^3 SGEMMs through scipy-openblas32 (the library the
 kernel calls) on one OpenBLAS thread per CPU, timed by Node Zero after training while the
 workers sleep.
 """
@@ -19,7 +19,7 @@ def flops_per_token(cfg, seq_len: int) -> float:
     return 6.0 * matmul_weights + cfg.n_layers * 12.0 * seq_len * d
 
 
-def sgemm_peak_gflops(size: int = 1024, repeats: int = 3, threads: int = None) -> float:
+def sgemm_peak_gflops(size: int = 1024, repeats: int = 5, threads: int = None) -> float:
     import scipy_openblas32
 
     lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"),

@@ -145,6 +145,10 @@ def prepare_default(path: str, preset: str, quiet: bool) -> None:
 
     cfg = PRESETS[preset]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if not quiet:
+        print(f"mpitrain: {path} is missing: preparing the default corpus with the {preset} "
+              f"preset's vocab_size {cfg['model']['vocab_size']} and seq_len "
+              f"{cfg['train']['seq_len']}", flush=True)
     prepare.prepare(prepare.Options(data=None, out=path, vocab_size=cfg["model"]["vocab_size"],
                                     seq_len=cfg["train"]["seq_len"], quiet=quiet), comm=None)
 

@@ -26,7 +26,7 @@ import numpy as np
 from mpitrain import optim, schedule
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import EVAL, SAVE, STEP, STOP, Report
-from mpitrain.trainer.node_zero import injected_fault
+from mpitrain.trainer.node_zero import injected_fault, peak_rss_kib
 
 
 class Worker:
@@ -83,7 +83,7 @@ class Worker:
                     self.comm.send_state([m.param_buffer, m.m_buffer, m.v_buffer])
             elif command.kind == STOP:
                 break
-        self.comm.send_counters(m.counters())
+        self.comm.send_counters((*m.counters(), peak_rss_kib()))
         if self.trace is not None:
             self.trace.close()
         self.comm.finish()

@@ -1,0 +1,154 @@
+"""MPI scaling: the trainer's tokens/s at several world sizes beside the single-process kernel,
+all in one invocation, plus the cost of a checkpoint written while the workers train.
+
+    python scripts/bench_scaling.py                       # seed preset, -n 2, 3 and 12
+    python scripts/bench_scaling.py --preset small --steps 20 --checkpoint-steps 20
+
+For each world size N it runs `mpirun -n N python -m mpitrain train --preset P --max-steps S+1`
+(no evaluation, no checkpoint besides step 0 and the end) and takes the mean tokens/s of steps
+2..S+1 from metrics.jsonl (step 1 warms up), and every worker's peak RSS from the end record.
+The kernel figure is one process running Model.forward_backward + clip + AdamW on the whole
+batch with --kernel-threads threads (second to last step timed the same way). The checkpoint
+overhead compares the summed times of steps 2.. of two -n 3 runs of --checkpoint-steps steps, one
+with a checkpoint in the middle (--save-every half) and one without: the final checkpoint is
+written after the last step and does not count in either.
+Data: hdf5_data/default_PRESET.h5 (prepared from the default corpus when missing).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mpirun():
+    here = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    return here if os.path.exists(here) else "mpirun"
+
+
+def ensure_dataset(preset):
+    sys.path.insert(0, REPO)
+    from mpitrain.config import PRESETS
+    from mpitrain.trainer.plan import default_dataset
+
+    path = os.path.join(REPO, default_dataset(preset))
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cfg = PRESETS[preset]
+        subprocess.run([sys.executable, "-m", "mpitrain", "prepare", "--out", path,
+                        "--vocab-size", str(cfg["model"]["vocab_size"]),
+                        "--seq-len", str(cfg["train"]["seq_len"]), "--quiet"], check=True)
+    return path
+
+
+def train(n, preset, dataset, steps, *extra):
+    """Run the trainer; returns (per-step records, end record)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = os.path.join(tmp, "run")
+        cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "mpitrain", "train",
+               "--preset", preset, "--dataset", dataset, "--run-dir", run_dir,
+               "--max-steps", str(steps), "--epochs", "1000", "--eval-every", "1000000",
+               "--quiet", *extra]
+        if "--save-every" not in extra:
+            cmd += ["--save-every", "1000000"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"bench_scaling: {' '.join(cmd)} failed:\n{proc.stderr}")
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    steps_ = [r for r in records if "loss" in r and "event" not in r]
+    end = [r for r in records if r.get("event") == "end"][-1]
+    return steps_, end
+
+
+def step_seconds(steps_, tokens_per_step, first=2):
+    return [tokens_per_step / r["tokens_per_s"] for r in steps_ if r["step"] >= first]
+
+
+KERNEL = r"""
+import sys, time, json, numpy as np
+sys.path.insert(0, {repo!r})
+from mpitrain import Model, ModelConfig
+from mpitrain.config import PRESETS
+cfg = ModelConfig(**{{**PRESETS[{preset!r}]["model"], "vocab_size": {vocab}}})
+B, T, threads, steps = {batch}, {seq}, {threads}, {steps}
+m = Model(cfg, seed=0, threads=threads)
+rng = np.random.default_rng(0)
+times = []
+for s in range(1, steps + 2):
+    w = rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
+    t0 = time.perf_counter()
+    m.forward_backward(w[:, :-1], w[:, 1:])
+    m.clip_grad_norm(1.0)
+    m.adamw_step(1e-4, s)
+    times.append(time.perf_counter() - t0)
+import resource
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({{"seconds": times[1:], "rss_mb": rss}}))
+"""
+
+
+def kernel_alone(preset, vocab, batch, seq, threads, steps):
+    code = KERNEL.format(repo=REPO, preset=preset, vocab=vocab, batch=batch, seq=seq,
+                         threads=threads, steps=steps)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"bench_scaling: kernel run failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="seed")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per world size")
+    ap.add_argument("--worlds", default="2,3,12", help="mpirun -n values")
+    ap.add_argument("--kernel-threads", type=int, default=2)
+    ap.add_argument("--checkpoint-steps", type=int, default=0,
+                    help="steps of the checkpoint-overhead comparison at -n 3 (0: skip)")
+    a = ap.parse_args(argv)
+    sys.path.insert(0, REPO)
+    from mpitrain.config import PRESETS
+    from mpitrain.dataset import Dataset
+
+    dataset = ensure_dataset(a.preset)
+    ds = Dataset.open(dataset)
+    tc = PRESETS[a.preset]["train"]
+    tokens = tc["batch_size"] * ds.seq_len
+    print(f"preset {a.preset}: batch {tc['batch_size']} x seq_len {ds.seq_len} = {tokens} "
+          f"tokens a step, vocabulary {ds.vocab_size}; {os.cpu_count()} CPU(s); "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    k = kernel_alone(a.preset, ds.vocab_size, tc["batch_size"], ds.seq_len, a.kernel_threads,
+                     a.steps)
+    kernel_tps = tokens / float(np.mean(k["seconds"]))
+    print(f"kernel alone, {a.kernel_threads} threads: {kernel_tps:8.0f} tokens/s   "
+          f"(peak RSS {k['rss_mb']:.0f} MB)")
+    results = {}
+    for n in map(int, a.worlds.split(",")):
+        steps_, end = train(n, a.preset, dataset, a.steps + 1)
+        tps = tokens / float(np.mean(step_seconds(steps_, tokens)))
+        results[n] = tps
+        rss = end["peak_rss_mb"]
+        print(f"mpirun -n {n:2d}:            {tps:8.0f} tokens/s = {tps / kernel_tps:5.2f} x "
+              f"kernel   (worker peak RSS max {max(rss[1:]):.0f} MB, Node Zero {rss[0]:.0f} MB)")
+    if 3 in results and 12 in results:
+        print(f"-n 12 / -n 3 = {results[12] / results[3]:.2f}")
+    if a.checkpoint_steps:
+        half = a.checkpoint_steps // 2
+        plain, _ = train(3, a.preset, dataset, a.checkpoint_steps)
+        saved, end = train(3, a.preset, dataset, a.checkpoint_steps, "--save-every", str(half))
+        t_plain = sum(step_seconds(plain, tokens))  # steps 2..: step 1 includes step 0's save
+        t_saved = sum(step_seconds(saved, tokens))
+        print(f"checkpoint overhead, -n 3, {a.checkpoint_steps} steps: {t_plain:.2f} s without, "
+              f"{t_saved:.2f} s with one checkpoint at step {half}: "
+              f"{100 * (t_saved / t_plain - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()

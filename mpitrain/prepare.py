@@ -140,7 +140,8 @@ def _local(fn, *args):
 
 
 def _read(sources, show):
-    """[(source, text or None, replacements, sha256)] of this rank's sources."""
+    """[(name, bytes, sha256 hex, replacements, text or None if binary)] of this rank's
+    sources."""
     out = []
     with bar(sum(s.size for s in sources), "read", "B", unit_scale=True, enabled=show) as b:
         for s in sources:
@@ -185,12 +186,12 @@ def _encode(distinct, counts, docs, tok, show):
     lengths = np.ones(u + 1, dtype=np.int64)
     lengths[miss] = [len(b) for b in miss_bytes]
     starts = np.cumsum(lengths) - lengths
-    table = np.empty(int(lengths.sum()), dtype=np.int64)
+    table = np.empty(int(lengths.sum()), dtype=np.int32)  # ids < 1,000,000
     hit = np.flatnonzero(single >= 0)
     table[starts[hit]] = single[hit]
     if len(miss):
         raw = np.frombuffer(b"".join(miss_bytes), dtype=np.uint8)
-        table[expand_ranges(starts[miss], lengths[miss])] = raw.astype(np.int64) + tok.byte_offset
+        table[expand_ranges(starts[miss], lengths[miss])] = raw.astype(np.int32) + tok.byte_offset
     table[starts[u]] = tok.eod_id
     eod = np.array([u], dtype=np.int32)
     with bar(len(docs), "encode", "doc", enabled=show) as b:
@@ -201,7 +202,7 @@ def _encode(distinct, counts, docs, tok, show):
             parts.append(ids)
             doc_tokens[k] = ids.size
             b.update(1)
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     return stream, doc_tokens, int(counts[miss].sum())
 
 

@@ -53,6 +53,8 @@ def test_prepare_writes_what_the_definition_says(tmp_path, corpus_dir):
         expected = [np.append(tok.encode(t), tok.eod_id) for t in texts]
         np.testing.assert_array_equal(tokens, np.concatenate(expected))
         np.testing.assert_array_equal(np.diff(offsets), [len(e) for e in expected])
+        for k, text in enumerate(texts):  # every document decodes back to its text
+            assert tok.decode(tokens[offsets[k]:offsets[k + 1] - 1]) == text
         assert [n.decode() for n in f["sources/name"][()]] == names
         assert f["sources/size"][()].tolist() == [len(r) for r in raw]
         assert [h.decode() for h in f["sources/sha256"][()]] == \

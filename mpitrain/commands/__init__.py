@@ -14,6 +14,8 @@ COMMANDS = (
     "train",
     "export",
     "infer",
+    "monitor",
+    "plot",
 )
 
 # The subcommand used when the first argument is not a command name (DESIGN.md: train).

@@ -34,7 +34,8 @@ def test_prepare_writes_what_the_definition_says(tmp_path, corpus_dir):
     files = dict(CORPUS_FILES)
     files["bin/blob.bin"] = b"\x89PNG\x00\x01\x02"
     files["latin1.txt"] = b"caf\xe9 na\xefve \xff\xfe ok\n"
-    write_corpus(corpus_dir, {k: files[k] for k in ("bin/blob.bin", "latin1.txt")})
+    files["b-x.txt"] = "after b/ by components, before it as plain strings\n"
+    write_corpus(corpus_dir, {k: files[k] for k in ("bin/blob.bin", "latin1.txt", "b-x.txt")})
     out = tmp_path / "ds.h5"
     proc = run_cli("prepare", "--data", corpus_dir, "--out", out, "--vocab-size", 400,
                    "--seq-len", 8, "--val-fraction", 0.3)
@@ -62,32 +63,33 @@ def test_prepare_writes_what_the_definition_says(tmp_path, corpus_dir):
         # the raw text holds no U+FFFD of its own, so each one in the decoded text is a replacement
         assert f["sources/replaced"][()].tolist() == [t.count("\ufffd") for t in texts]
         train, val = f["splits/train/ranges"][()], f["splits/val/ranges"][()]
-    assert len(names) == 6  # 6 text files; round(6 * 0.3) = 2 held out, one per block of 3
+    assert names[:5] == ["a.txt", "b/c.txt", "b/d.md", "b/e/f.txt", "b-x.txt"]
+    assert len(names) == 7  # 7 text files; round(7 * 0.3) = 2 held out: blocks 0-3 and 4-6
     held = ref_val_documents(np.diff(offsets).tolist(), 0.3)
-    assert len(held) == 2 and held[0] < 3 <= held[1]
+    assert len(held) == 2 and held[0] < 4 <= held[1]
     np.testing.assert_array_equal(
         np.concatenate([tokens[a:b] for a, b in val]),
         np.concatenate([tokens[offsets[i]:offsets[i + 1]] for i in held]))
     np.testing.assert_array_equal(
         np.concatenate([tokens[a:b] for a, b in train]),
-        np.concatenate([tokens[offsets[i]:offsets[i + 1]] for i in range(6) if i not in held]))
-    assert a["files"] == 6 and a["binary_files_skipped"] == 1
+        np.concatenate([tokens[offsets[i]:offsets[i + 1]] for i in range(7) if i not in held]))
+    assert a["files"] == 7 and a["binary_files_skipped"] == 1
     assert a["invalid_utf8_files"] == 1 and a["replacement_characters"] == 4
     assert a["bytes"] == sum(len(r) for r in raw)
-    assert a["tokens"] == len(tokens) and a["text_tokens"] == len(tokens) - 6
+    assert a["tokens"] == len(tokens) and a["text_tokens"] == len(tokens) - 7
     assert a["train_tokens"] + a["val_tokens"] == len(tokens)
-    assert a["train_documents"] == 4 and a["val_documents"] == 2
+    assert a["train_documents"] == 5 and a["val_documents"] == 2
     pre = [t for text in texts for t in re.findall(PATTERN, text)]
     fallback = [t for t in pre if len(t.encode()) > 1 and t not in tok.ids]
     assert a["pretokens"] == len(pre) and a["pretokens_byte_fallback"] == len(fallback)
     assert a["coverage"] == pytest.approx(1 - len(fallback) / len(pre))
-    assert a["tokens_per_byte"] == pytest.approx((len(tokens) - 6) / a["bytes"])
+    assert a["tokens_per_byte"] == pytest.approx((len(tokens) - 7) / a["bytes"])
     assert a["seq_len"] == 8 and a["vocab_size"] == tok.vocab_size
     # vocab.txt beside the output holds the same vocabulary
     vt = Tokenizer.from_file(tmp_path / "ds.vocab.txt")
     assert vt.pretokens == tok.pretokens
     assert sorted(os.listdir(tmp_path)) == ["corpus", "ds.h5", "ds.vocab.txt"]
-    for line in ("files        6 text", "1 binary skipped", "coverage", "tokens per byte"):
+    for line in ("files        7 text", "1 binary skipped", "coverage", "tokens per byte"):
         assert line in proc.stdout
 
 

@@ -54,7 +54,8 @@ def _display(rel: str) -> str:
 
 
 def list_directory(data_dir: str):
-    """Every regular file under data_dir, recursively, sorted by path components.
+    """Every regular file under data_dir, recursively, sorted by path components (as bytes).
+    Links to files are read; links to directories are not followed (no cycles).
 
     Raises UserError when data_dir is missing, not a directory, or holds no files.
     """

@@ -1,6 +1,7 @@
 """`mpitrain prepare`: a folder of text (or the default standard-library corpus) becomes a
 vocabulary and a tokenized HDF5 dataset. Under `mpirun -n N` the ranks share the work and
 rank 0 writes the same bytes a single process would."""
+import argparse
 import os
 import sys
 import traceback
@@ -13,7 +14,8 @@ HELP = "turn a folder of text into a vocabulary and a tokenized HDF5 dataset"
 
 
 def add_arguments(p):
-    p.add_argument("--data", metavar="DIR", default=None,
+    # default=SUPPRESS: the help states the default itself instead of "(default: None)"
+    p.add_argument("--data", metavar="DIR", default=argparse.SUPPRESS,
                    help="folder of text files, read recursively in sorted path order "
                         "(default: the built-in corpus of this Python's standard-library "
                         "sources and pydoc topics)")
@@ -46,7 +48,7 @@ def mpi_world():
 
 
 def run(args):
-    opts = Options(data=args.data, out=args.out, vocab_size=args.vocab_size,
+    opts = Options(data=getattr(args, "data", None), out=args.out, vocab_size=args.vocab_size,
                    seq_len=args.seq_len, val_fraction=args.val_fraction, force=args.force,
                    quiet=args.quiet)
     comm = mpi_world()

@@ -168,3 +168,21 @@ def test_sampler_draws():
 def test_sampler_refuses_bad_settings(kw):
     with pytest.raises(ValueError):
         Sampler(**kw)
+
+
+def test_bench_infer_smoke():
+    """scripts/bench_infer.py runs (tiny preset, small array) and prints its figures; its
+    bytes-per-token count is asserted inside against the kernel's parameter table."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_infer.py"),
+                           "--preset", "tiny", "--tokens", "8", "--repeat", "1",
+                           "--big-mb", "16"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "kernel feed, 1 token:" in out and "bandwidth limit:" in out
+    assert "greedy generation (total):" in out

@@ -229,7 +229,7 @@ int mt_model_set_threads(mt_model *m, int threads) {
 int mt_model_threads(const mt_model *m) { return pool_size(m->pool); }
 
 /* Compute-bound phases gain nothing from more parts than CPUs: extra parts only repeat GEMM
- * packing and add context switches. Threads beyond the parts wait at the barriers asleep. */
+ * packing and add context switches. Threads beyond the parts sleep through the step. */
 static void update_parts(mt_model *m) {
     int n = pool_size(m->pool), cpus = mt_cpu_count();
     int p = m->parts_req > 0 ? m->parts_req : (cpus < n ? cpus : n);
@@ -317,7 +317,7 @@ static int forward_backward(mt_model *m, const int32_t *inputs, const int32_t *t
     if (ensure_chunk(m, N) != MT_OK) return MT_ENOMEM;
     mt_step s = {.m = m, .a = &m->train, .inp = inputs, .tgt = targets, .B = B, .T = T,
                  .mode = STEP_TRAIN, .grad_scale = grad_scale, .accumulate = accumulate};
-    pool_run(m->pool, step_task, &s);
+    pool_run_parts(m->pool, step_task, &s, m->parts);
     double sum = 0.0;
     for (int n = 0; n < N; n++) sum += m->train.losses[n];
     *loss_out = sum / N;
@@ -351,7 +351,7 @@ static int forward_only_locked(mt_model *m, const int32_t *inp, const int32_t *t
         mt_step s = {.m = m, .a = &m->infer, .inp = inp + off, .tgt = tgt ? tgt + off : NULL,
                      .B = nb, .T = T, .mode = mode, .last_only = last_only};
         if (logits) s.logits = logits + (last_only ? (size_t)b * V : off * V);
-        pool_run(m->pool, step_task, &s);
+        pool_run_parts(m->pool, step_task, &s, m->parts);
         if (mode == STEP_LOSS)
             for (int n = 0; n < nb * T; n++) sum += m->infer.losses[n];
     }

@@ -30,7 +30,10 @@ int pool_size(const mt_pool *p);
 int mt_cpu_count(void);
 /* Runs fn(ctx, tid, n) on all n threads; returns when every thread has finished. */
 void pool_run(mt_pool *p, mt_task fn, void *ctx);
-/* All n threads of the running task must call it; nobody leaves before everybody arrived. */
+/* Runs fn(ctx, tid, active) on threads 0..active-1 only; the others stay asleep (and are not
+ * counted by the task's barriers). */
+void pool_run_parts(mt_pool *p, mt_task fn, void *ctx, int active);
+/* All threads of the running task must call it; nobody leaves before everybody arrived. */
 void pool_barrier(mt_pool *p);
 
 /* Thread tid's share [lo,hi) of `total` items in n near-equal contiguous parts whose inner

@@ -174,16 +174,15 @@ static void backward(mt_step *s, int tid, int nt) {
 void step_task(void *ctx, int tid, int pool_threads) {
     mt_step *s = ctx;
     mt_model *m = s->m;
-    /* Work is split into m->parts parts; threads with tid >= parts get empty ranges from
-     * mt_split everywhere and only take part in the barriers. */
-    int nt = m->parts < pool_threads ? m->parts : pool_threads;
+    /* Runs on the model's m->parts active threads (pool_run_parts); the split is by them. */
+    int nt = pool_threads;
     mt_acts *a = s->a;
     int C = m->cfg.d_model, V = m->cfg.vocab_size, N = s->B * s->T;
     if (tid == 0) {
         m->t_last = mt_now();
         m->t_kind = TK_OTHER;
     }
-    if (s->mode == STEP_TRAIN && !s->accumulate && tid < nt) {
+    if (s->mode == STEP_TRAIN && !s->accumulate) {
         size_t p0 = m->nparams * (size_t)tid / nt, p1 = m->nparams * (size_t)(tid + 1) / nt;
         memset(m->grads + p0, 0, sizeof(float) * (p1 - p0));
     }

@@ -21,13 +21,17 @@ struct mt_pool {
     int n;                      /* threads including the caller (tid 0) */
     int spin;                   /* polls before sleeping; 0 when oversubscribed */
     pthread_t *threads;         /* n-1 workers */
-    _Atomic uint32_t job_gen;   /* bumped to start a task (futex word) */
+    _Atomic uint32_t job;       /* (sequence << ACTIVE_BITS) | active threads (futex word) */
+    int active;                 /* threads taking part in the current task (tid < active) */
     _Atomic int quit;
     mt_task fn;
     void *ctx;
     _Atomic uint32_t bar_count; /* arrivals at the current barrier */
     _Atomic uint32_t bar_gen;   /* bumped when a barrier opens (futex word) */
 };
+
+#define ACTIVE_BITS 11 /* pools have at most 1024 threads */
+#define ACTIVE_MASK ((1u << ACTIVE_BITS) - 1)
 
 typedef struct {
     mt_pool *pool;
@@ -58,9 +62,10 @@ static void wait_for_change(const mt_pool *p, _Atomic uint32_t *word, uint32_t o
 }
 
 void pool_barrier(mt_pool *p) {
-    if (p->n == 1) return;
+    int n = p->active;
+    if (n == 1) return;
     uint32_t gen = atomic_load_explicit(&p->bar_gen, memory_order_acquire);
-    if (atomic_fetch_add_explicit(&p->bar_count, 1, memory_order_acq_rel) == (uint32_t)p->n - 1) {
+    if (atomic_fetch_add_explicit(&p->bar_count, 1, memory_order_acq_rel) == (uint32_t)n - 1) {
         /* Last to arrive: reset the count before opening, so early leavers count afresh. */
         atomic_store_explicit(&p->bar_count, 0, memory_order_relaxed);
         atomic_fetch_add_explicit(&p->bar_gen, 1, memory_order_release);
@@ -77,10 +82,14 @@ static void *worker_main(void *argp) {
     free(arg);
     uint32_t seen = 0;
     for (;;) {
-        wait_for_change(p, &p->job_gen, seen);
-        seen = atomic_load_explicit(&p->job_gen, memory_order_acquire);
+        wait_for_change(p, &p->job, seen);
+        seen = atomic_load_explicit(&p->job, memory_order_acquire);
         if (atomic_load_explicit(&p->quit, memory_order_acquire)) return NULL;
-        p->fn(p->ctx, tid, p->n);
+        /* A task that does not include this thread: back to sleep. The caller waits for the
+         * active threads only, so a generation this thread slept through never included it. */
+        int active = (int)(seen & ACTIVE_MASK);
+        if (tid >= active) continue;
+        p->fn(p->ctx, tid, active);
         pool_barrier(p);  /* completion: the caller leaves pool_run only after this */
     }
 }
@@ -97,6 +106,7 @@ mt_pool *pool_create(int nthreads) {
     mt_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     p->n = nthreads;
+    p->active = nthreads;
     p->spin = nthreads <= mt_cpu_count() ? 4000 : 0;
     p->threads = calloc((size_t)nthreads, sizeof(pthread_t));
     if (!p->threads) { free(p); return NULL; }
@@ -116,8 +126,8 @@ mt_pool *pool_create(int nthreads) {
 void pool_destroy(mt_pool *p) {
     if (!p) return;
     atomic_store_explicit(&p->quit, 1, memory_order_release);
-    atomic_fetch_add_explicit(&p->job_gen, 1, memory_order_release);
-    futex_wake_all(&p->job_gen);
+    atomic_fetch_add_explicit(&p->job, 1u << ACTIVE_BITS, memory_order_release);
+    futex_wake_all(&p->job);
     for (int t = 1; t < p->n; t++) pthread_join(p->threads[t], NULL);
     free(p->threads);
     free(p);
@@ -125,13 +135,20 @@ void pool_destroy(mt_pool *p) {
 
 int pool_size(const mt_pool *p) { return p->n; }
 
-void pool_run(mt_pool *p, mt_task fn, void *ctx) {
+void pool_run_parts(mt_pool *p, mt_task fn, void *ctx, int active) {
+    if (active < 1) active = 1;
+    if (active > p->n) active = p->n;
     p->fn = fn;
     p->ctx = ctx;
-    if (p->n > 1) {
-        atomic_fetch_add_explicit(&p->job_gen, 1, memory_order_release);
-        futex_wake_all(&p->job_gen);
+    p->active = active;
+    if (active > 1) {
+        uint32_t seq = (atomic_load_explicit(&p->job, memory_order_relaxed) >> ACTIVE_BITS) + 1;
+        atomic_store_explicit(&p->job, (seq << ACTIVE_BITS) | (uint32_t)active,
+                              memory_order_release);
+        futex_wake_all(&p->job);
     }
-    fn(ctx, 0, p->n);
+    fn(ctx, 0, active);
     pool_barrier(p);
 }
+
+void pool_run(mt_pool *p, mt_task fn, void *ctx) { pool_run_parts(p, fn, ctx, p->n); }

@@ -16,6 +16,7 @@ import numpy as np
 
 from mpitrain._native import as_ptr, kernel
 from mpitrain.checkpoint import load_checkpoint
+from mpitrain.errors import UserError
 from mpitrain.model import Model
 
 
@@ -54,6 +55,8 @@ class Sampler:
         return p
 
     def __call__(self, logits) -> int:
+        if not np.isfinite(logits).all():
+            raise ValueError("the logits contain NaN or Inf")
         if self.temperature == 0.0:
             return int(np.argmax(logits))
         p = self.probabilities(logits)
@@ -84,6 +87,10 @@ class Generator:
         model = Model(ck.model_config, threads=threads)
         for name in model.param_names:
             model.params[name][...] = ck.params[name]
+        if not np.isfinite(model.param_buffer).all():
+            bad = next(n for n in model.param_names if not np.isfinite(model.params[n]).all())
+            raise UserError(f"{path}: the weights contain NaN or Inf (first in {bad}); the run "
+                            "that wrote them diverged")
         gen = cls(model, ck.tokenizer)
         ck.params = None   # the model holds the weights now
         gen.checkpoint = ck

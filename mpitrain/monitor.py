@@ -312,3 +312,8 @@ def watch(run_dir, interval=2.0, once=False, as_json=False, out=None):
             time.sleep(interval)
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly (stdout to /dev/null for the final flush)
+        if out is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

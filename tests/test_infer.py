@@ -135,11 +135,15 @@ def test_bad_inputs(model_file, tiny_dataset, tmp_path):  # noqa: F811
     truncated.write_bytes(data[:len(data) // 2])
     text = tmp_path / "notes.txt"
     text.write_text("hello")
+    diverged = scaled_model(seed=6)
+    diverged.params["transformer.h.1.mlp.c_fc.weight"][3, 4] = np.nan
+    nan_file = save_model(tmp_path / "nan.h5", diverged)   # valid checksums, NaN inside
     cases = [
         (["--model", tmp_path / "missing.h5", "--prompt", "x"], "no such file"),
         (["--model", truncated, "--prompt", "x"], "truncated"),
         (["--model", text, "--prompt", "x"], "not a readable HDF5 file"),
         (["--model", tiny_dataset, "--prompt", "x"], "is a dataset"),
+        (["--model", nan_file, "--prompt", "x"], "NaN or Inf (first in transformer.h.1.mlp.c_fc"),
         (["--model", path, "--prompt", ""], "--prompt is empty"),
         (["--model", path], "give --prompt"),
         (["--model", path, "--prompt", "x", "--temperature", "-1"], "--temperature"),
@@ -154,3 +158,22 @@ def test_bad_inputs(model_file, tiny_dataset, tmp_path):  # noqa: F811
     ]
     for argv, fragment in cases:
         assert_user_error(run_cli("infer", *argv), fragment)
+
+
+def test_reader_going_away_is_not_an_error(model_file):
+    """`mpitrain infer ... | head -c 20`: the closed pipe ends generation quietly, exit 0."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path, _ = model_file
+    proc = subprocess.Popen([sys.executable, "-m", "mpitrain", "infer", "--model", path,
+                             "--prompt", PROMPT, "--max-new-tokens", "1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    proc.stdout.read(20)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == ""

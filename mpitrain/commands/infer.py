@@ -7,6 +7,7 @@ generation); the context carries over from turn to turn until /reset.
 """
 import codecs
 import math
+import os
 import sys
 import time
 
@@ -147,6 +148,16 @@ class Session:
 
 
 def run(args):
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly; stdout is pointed at /dev/null so the
+        # interpreter's final flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(args):
     _check_args(args)
     gen = load(args.model, args.threads)
     check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p,

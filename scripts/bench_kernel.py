@@ -9,9 +9,12 @@ Every measurement runs in its own subprocess of this invocation, so each has its
 (resource.getrusage) and one BLAS thread pool in use:
   ours   mpitrain.Model(threads=t) with OPENBLAS_NUM_THREADS=1: the kernel's own t threads do
          the parallel work, and neither numpy's OpenBLAS nor scipy-openblas32 starts a pool of
-         its own (the two pools slow each other down when both run threads). The same process
-         first times a large SGEMM through scipy-openblas32 (the library the kernel calls) on
-         min(t, CPUs) OpenBLAS threads: the machine's matrix-product peak we compare against.
+         its own (the two pools slow each other down when both run threads). After the steps
+         (and after reading the peak RSS) the same process times a large SGEMM through
+         scipy-openblas32 (the library the kernel calls) on min(t, CPUs) OpenBLAS threads: the
+         machine's matrix-product peak we compare against.
+  floor  the step's matrix products timed one by one through scipy-openblas32 on min(t, CPUs)
+         OpenBLAS threads: the time a step cannot beat without faster GEMMs.
   torch  scripts/torch_gpt.py with torch.set_num_threads(t) (skipped when torch is missing).
 Printed per thread count: tokens/s, ratio ours/PyTorch, achieved GFLOP/s (FLOPs per token
 counted below), fraction of the SGEMM peak, peak RSS per process, and where our step's time goes

@@ -2,8 +2,9 @@
 
 Proofs held here:
 - every step's logits equal the full-context forward (Model.forward over the ids the cache
-  holds) to 2e-5 relative to the logits' spread, for 1, 2 and 3 threads, prompts of 1..max_seq_len
-  ids, and across several slides (context cut to its newest half, cache rebuilt);
+  holds) to 2e-5 relative to the logits' spread, for work split into 1, 2 and 3 parts, prompts
+  of 1..max_seq_len ids, and across several slides (context cut to its newest half, cache
+  rebuilt);
 - greedy decoding's first 20 tokens equal a float64 NumPy reference decode of the same weights;
 - a step computes one new position only (the kernel's row counter), a slide max_seq_len/2 + 1;
 - sampling: temperature 0 is argmax, the top-k / top-p distribution equals a plain definition,
@@ -31,6 +32,7 @@ def _check_close(got, ref):
 @pytest.mark.parametrize("prompt_len", [1, 5, T])
 def test_cache_matches_full_context_forward_across_slides(threads, prompt_len):
     model = scaled_model(threads=threads)
+    model.work_parts = threads      # really split the work (the default caps it at the CPUs)
     gen = Generator(model)
     rng = np.random.default_rng(prompt_len)
     ids = rng.integers(0, CONFIG.vocab_size, prompt_len + 3 * T)

@@ -157,3 +157,41 @@ def test_changing_parts_on_one_pool():
             assert loss == results[parts]  # bitwise: same parts, same result
     for loss in results.values():
         assert loss == pytest.approx(results[1], rel=1e-5)
+
+
+def test_models_release_their_threads():
+    import gc
+    import os
+
+    def count():
+        return len(os.listdir("/proc/self/task"))
+
+    before = count()
+    for _ in range(10):
+        model = Model(CFG, threads=6)
+        model.forward_backward(*data(B=1, T=4))
+        assert count() >= before + 5
+        del model
+        gc.collect()
+    assert count() == before
+
+
+def test_timers_account_for_the_step():
+    import time
+
+    model = Model(CFG, threads=2)
+    inputs, targets = data()
+    model.forward_backward(inputs, targets)
+    t0 = model.timers()
+    start = time.perf_counter()
+    for _ in range(3):
+        model.forward_backward(inputs, targets)
+    wall = time.perf_counter() - start
+    t1 = model.timers()
+    assert set(t1) == {"embedding", "layernorm", "matmul", "attention", "gelu", "output+loss",
+                       "sync", "other"}
+    spent = {k: t1[k] - t0[k] for k in t1}
+    assert all(v >= 0 for v in spent.values())
+    assert spent["matmul"] > 0 and spent["output+loss"] > 0 and spent["attention"] > 0
+    # thread 0's intervals tile each call: their sum is the calls' time minus Python overhead
+    assert 0.5 * wall <= sum(spent.values()) <= wall

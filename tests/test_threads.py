@@ -180,7 +180,7 @@ def test_timers_account_for_the_step():
     import time
 
     model = Model(CFG, threads=2)
-    inputs, targets = data()
+    inputs, targets = data(B=24)
     model.forward_backward(inputs, targets)
     t0 = model.timers()
     start = time.perf_counter()
@@ -193,5 +193,6 @@ def test_timers_account_for_the_step():
     spent = {k: t1[k] - t0[k] for k in t1}
     assert all(v >= 0 for v in spent.values())
     assert spent["matmul"] > 0 and spent["output+loss"] > 0 and spent["attention"] > 0
-    # thread 0's intervals tile each call: their sum is the calls' time minus Python overhead
-    assert 0.5 * wall <= sum(spent.values()) <= wall
+    # thread 0's intervals tile each call: their sum is the calls' time minus the Python-side
+    # checks (a wide lower bound: a loaded machine may deschedule the Python part too)
+    assert 0.3 * wall <= sum(spent.values()) <= wall

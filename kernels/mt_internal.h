@@ -48,9 +48,11 @@ static inline void mt_split(int total, int tid, int n, int align, int *lo, int *
 /* ---- fast vectorisable exp / tanh (accuracy tested in tests/test_ops.py) ------------------- */
 /* exp(x) = 2^n * e^r with n = round(x/ln2), |r| <= ln2/2, r's polynomial from Cephes expf.
  * Written branch-free (clamps, a magic-number round, bit casts) so GCC vectorises loops
- * calling it. Relative error ~2 ulp on [-87.3, 88]; inputs are clamped to that range, so
- * exp(-inf) gives ~1e-38 rather than 0 (callers that need exact zeros do not call it there). */
+ * calling it. Relative error ~2 ulp on [-87.3, 88]. Below -87.3 (where exp leaves the normal
+ * float range) it returns 0, so softmax tails never produce denormals (slow on x86); above 88
+ * it returns exp(88). NaN in gives NaN out. */
 static inline float mt_expf(float x) {
+    float x0 = x;
     x = x < -87.3f ? -87.3f : x;
     x = x > 88.0f ? 88.0f : x;
     float t = x * 1.44269504088896341f + 12582912.0f;  /* 1.5*2^23: rounds to an integer */
@@ -70,7 +72,7 @@ static inline float mt_expf(float x) {
     int32_t e = (ni + 127) << 23;
     float s;
     memcpy(&s, &e, 4);
-    return p * s;
+    return x0 < -87.3f ? 0.0f : p * s;
 }
 
 /* tanh(x) = (e^{2x} - 1) / (e^{2x} + 1); |x| clamped to 9 where tanh is 1 in float32.

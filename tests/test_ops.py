@@ -30,9 +30,13 @@ def test_expf_relative_error_within_4_ulp():
     np.testing.assert_allclose(got, want, rtol=4.8e-7, atol=0)
 
 
-def test_expf_clamps_instead_of_overflowing():
-    got = ops.vec_expf(f32([-1000.0, -np.inf, 1000.0]))
-    assert np.all(np.isfinite(got)) and got[0] < 1.3e-38 and got[1] < 1.3e-38 and got[2] > 1e38
+def test_expf_outside_the_normal_range():
+    # below -87.3 the result would leave the normal float range: exactly 0 (no denormals);
+    # above 88 it saturates at exp(88) instead of overflowing; NaN propagates.
+    got = ops.vec_expf(f32([-1000.0, -np.inf, -87.4, 1000.0, np.nan]))
+    assert got[0] == 0 and got[1] == 0 and got[2] == 0
+    assert np.isfinite(got[3]) and got[3] > 1e38
+    assert np.isnan(got[4])
 
 
 def test_tanhf_absolute_error():

@@ -177,3 +177,39 @@ def test_reader_going_away_is_not_an_error(model_file):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0, err
     assert err == ""
+
+
+def test_interactive_ctrl_c_stops_a_generation(tmp_path):
+    """SIGINT during a long answer stops it ("[stopped]") and the loop goes on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    # A model that says " the" forever: the final LayerNorm outputs a constant and only the
+    # lm_head row of " the" is non-zero, so the end-of-document token never comes.
+    model = scaled_model(seed=6)
+    model.params["transformer.ln_f.weight"][...] = 0.0
+    model.params["transformer.ln_f.bias"][...] = 0.1
+    model.params["lm_head.weight"][...] = 0.0
+    the = int(TOKENIZER.encode(" the")[0])
+    model.params["lm_head.weight"][the] = 1.0
+    path = save_model(tmp_path / "the.h5", model)
+    proc = subprocess.Popen([sys.executable, "-m", "mpitrain", "infer", "--model", path,
+                             "--interactive", "--temperature", "0"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    proc.stdin.write(f"/len 1000000\n{PROMPT}\n")
+    proc.stdin.flush()
+    got = ""
+    t0 = time.monotonic()
+    while got.count(" the the the the the") < 10:       # the answer is streaming
+        got += os.read(proc.stdout.fileno(), 4096).decode("utf-8", "replace")
+        assert time.monotonic() - t0 < 60 and proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate("/show\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert "[stopped]" in out and "length 1000000" in out
+    assert "Traceback" not in err

@@ -208,3 +208,31 @@ def test_bad_input(tmp_path):
     assert_user_error(run_cli("monitor", tmp_path, "--once"), "no metrics.jsonl")
     assert_user_error(run_cli("monitor", tmp_path, "--interval", "0"), "--interval")
     assert_user_error(run_cli("monitor", tmp_path, "--interval", "nan"), "--interval")
+
+
+def test_redraws_in_place_on_a_terminal(tmp_path):
+    """On a terminal each refresh clears the screen and redraws (cursor home + clear)."""
+    import pty
+
+    run_dir = str(tmp_path / "run")
+    records = _records(range(1, 3)) + [{"event": "end", "time": 1002.0}]
+    _write_run(run_dir, records, beat_age=0.0, pid=os.getpid())
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "mpitrain", "monitor", run_dir,
+                             "--interval", "0.2"], stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    proc.wait(timeout=30)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.returncode == 0
+    text = out.decode()
+    assert text.startswith("\x1b[H\x1b[J") and "status     finished" in text

@@ -82,17 +82,20 @@ class Generator:
     @classmethod
     def from_file(cls, path, threads=1):
         """A Generator over the weights of a checkpoint or weights-only export (verified by
-        load_checkpoint; raises UserError for a missing, damaged or foreign file)."""
-        ck = load_checkpoint(path, load_optimizer=False)
-        model = Model(ck.model_config, threads=threads)
-        for name in model.param_names:
-            model.params[name][...] = ck.params[name]
+        load_checkpoint, read straight into the model's arena; UserError for a missing,
+        damaged or foreign file, or weights that are not finite)."""
+        config = _peek_model_config(path)
+        if config is None:   # let load_checkpoint name what is wrong
+            ck = load_checkpoint(path, load_optimizer=False)
+            config = ck.model_config
+        model = Model(config, threads=threads)
+        ck = load_checkpoint(path, params_into=model.params, load_optimizer=False)
         if not np.isfinite(model.param_buffer).all():
             bad = next(n for n in model.param_names if not np.isfinite(model.params[n]).all())
             raise UserError(f"{path}: the weights contain NaN or Inf (first in {bad}); the run "
                             "that wrote them diverged")
         gen = cls(model, ck.tokenizer)
-        ck.params = None   # the model holds the weights now
+        ck.params = None   # views of the model's arena; the model is what holds the weights
         gen.checkpoint = ck
         return gen
 
@@ -157,3 +160,20 @@ class Generator:
             yield nxt
             if nxt in stop_ids:
                 return
+
+
+def _peek_model_config(path):
+    """The ModelConfig stored in a checkpoint's root attributes, or None when it cannot be
+    read (load_checkpoint then reports the problem)."""
+    import json
+
+    import h5py
+
+    from mpitrain.config import ModelConfig
+
+    try:
+        with h5py.File(path, "r") as f:
+            raw = f.attrs["model_config"]
+        return ModelConfig.from_dict(json.loads(raw))
+    except (OSError, KeyError, TypeError, ValueError):
+        return None

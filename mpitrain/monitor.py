@@ -287,6 +287,8 @@ def watch(run_dir, interval=2.0, once=False, as_json=False, out=None):
     import sys
 
     out = out or sys.stdout
+    if out is sys.stdout and hasattr(out, "reconfigure"):
+        out.reconfigure(errors="replace")   # samples and trend lines on any terminal encoding
     reader = RunReader(run_dir)
     if once and not reader.exists():
         raise UserError(f"{reader.run_dir}: no metrics.jsonl (not a run directory, or the run "

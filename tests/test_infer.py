@@ -213,3 +213,21 @@ def test_interactive_ctrl_c_stops_a_generation(tmp_path):
     assert proc.returncode == 0, err
     assert "[stopped]" in out and "length 1000000" in out
     assert "Traceback" not in err
+
+
+def test_terminal_without_utf8(model_file):
+    """Text the terminal's encoding cannot show is replaced ('?'), not a crash."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path, model = model_file
+    env = dict(os.environ, PYTHONPATH=REPO, PYTHONIOENCODING="ascii")
+    proc = subprocess.run([sys.executable, "-m", "mpitrain", "infer", "--model", path,
+                           "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "20"],
+                          capture_output=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    ref = reference_greedy(model.params, CONFIG, TOKENIZER.encode(PROMPT), 20,
+                           stop_id=TOKENIZER.eod_id)
+    assert proc.stdout.decode("ascii") == _text(ref).encode("ascii", "replace").decode() + "\n"

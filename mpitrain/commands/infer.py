@@ -159,6 +159,10 @@ def run(args):
 
 def _run(args):
     _check_args(args)
+    # generated text may hold any character (and U+FFFD for bytes that are not UTF-8): never
+    # fail on a terminal whose encoding lacks one
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     gen = load(args.model, args.threads)
     check_settings(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                    gen.config.vocab_size)

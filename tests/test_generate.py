@@ -13,7 +13,6 @@ Proofs held here:
 import numpy as np
 import pytest
 
-import reference_gpt
 from mpitrain.generate import Generator, Sampler
 from test_generate_support import CONFIG, TOKENIZER, reference_greedy, save_model, scaled_model
 

@@ -76,9 +76,11 @@ def test_long_prompt_cut_from_the_left(model_file):
 
 def test_sampling_is_seeded(model_file):
     path, _ = model_file
-    run = lambda seed: run_cli("infer", "--model", path, "--prompt", PROMPT, "--seed", seed,  # noqa: E731
-                               "--temperature", 1.0, "--top-k", 50, "--top-p", 0.95,
-                               "--max-new-tokens", 30).stdout
+
+    def run(seed):
+        return run_cli("infer", "--model", path, "--prompt", PROMPT, "--seed", seed,
+                       "--temperature", 1.0, "--top-k", 50, "--top-p", 0.95,
+                       "--max-new-tokens", 30).stdout
     a, b, c = run(1), run(1), run(2)
     assert a == b and a != c
 

@@ -23,9 +23,10 @@ MAX_TEMPERATURE = 100.0
 
 def add_arguments(p):
     p.add_argument("--model", metavar="CKPT.h5", required=True,
-                   help="checkpoint (checkpoint_step_N.h5) or weights-only export to load")
+                   help="checkpoint (checkpoint_step_N.h5) or weights-only export to load"
+                   "%(default).0s")
     p.add_argument("--prompt", metavar="TEXT", default=None,
-                   help="text to continue (required unless --interactive)")
+                   help="text to continue (required unless --interactive)%(default).0s")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
                    help="tokens to generate (fewer if the end-of-document token comes first)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -38,9 +39,11 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="kernel threads")
     p.add_argument("--interactive", action="store_true",
-                   help="prompt loop: type text to continue it; /help lists the commands")
+                   help="prompt loop: type text to continue it; /help lists the commands"
+                   "%(default).0s")
     p.add_argument("--stats", action="store_true",
-                   help="print tokens generated and tokens/s on stderr after each generation")
+                   help="print tokens generated and tokens/s on stderr after each generation"
+                   "%(default).0s")
 
 
 def check_settings(max_new_tokens, temperature, top_k, top_p, vocab_size=None):

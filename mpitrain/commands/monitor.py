@@ -11,12 +11,12 @@ HELP = "watch a training run: phase, step, ETA, losses with trend lines, tokens/
 
 def add_arguments(p):
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory train writes into")
-    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit%(default).0s")
     p.add_argument("--interval", type=float, default=2.0, metavar="S",
                    help="seconds between refreshes; a heartbeat older than three of them (at "
                    "least three heartbeat periods) flags the run as stalled or stopped")
     p.add_argument("--json", action="store_true",
-                   help="print snapshots as JSON objects, one a line")
+                   help="print snapshots as JSON objects, one a line%(default).0s")
 
 
 def run(args):

@@ -8,7 +8,7 @@ HELP = "draw a run's training and validation loss against step into a PNG (needs
 def add_arguments(p):
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory train writes into")
     p.add_argument("--out", metavar="FILE.png", default="loss.png", help="image to write")
-    p.add_argument("--title", default=None, help="plot title (default: the run directory name)")
+    p.add_argument("--title", default=None, help="plot title (default: the run directory's name)%(default).0s")
 
 
 def run(args):

@@ -8,9 +8,11 @@
  * position 0 (positions are learned, so cached keys of the old positions would be stale).
  *
  * Work split (pool threads, as step.c: each thread owns what it writes, barriers between
- * phases): LayerNorms by rows, linear layers by output columns (for one row this is a split of
- * the weight matrix, so each thread streams its own part of the weights: generation is bound
- * by memory bandwidth), attention by heads. */
+ * phases). Linear layers go by output columns: for one row this splits the weight matrix, so
+ * each thread streams its own part of the weights (generation is bound by memory bandwidth).
+ * The attention's q, k, v columns go by heads, so the thread that computes a head's q, k, v
+ * also runs that head's attention without waiting. Every thread computes the LayerNorms of
+ * all rows into its own buffer (n*C values: cheaper than a barrier). Four barriers a layer. */
 #include <math.h>
 #include <stdlib.h>
 #include "mt_internal.h"
@@ -24,12 +26,13 @@ struct mt_gen {
     uint64_t rows;           /* positions computed since creation */
     int32_t *tokens;         /* (T) ids at positions 0..len-1 */
     float *kc, *vc;          /* (L, NH, T, hs) cached keys and values */
-    float *x, *lnbuf, *atty, *res2; /* (T, C) rows of the current feed */
+    float *x, *atty, *res2;  /* (T, C) rows of the current feed */
     float *qkv;              /* (T, 3C) */
     float *fch;              /* (T, F) c_fc output, GELU applied in place */
     float *lnf;              /* (C) final LayerNorm of the last row */
-    float *mean, *rstd;      /* (T) LayerNorm statistics of the current rows */
     float *mem;
+    float *priv;             /* per pool thread: LayerNorm output (T,C), mean (T), rstd (T) */
+    int priv_threads;        /* pool threads priv has room for */
 };
 
 typedef struct {
@@ -99,15 +102,16 @@ static void feed_task(void *ctx, int tid, int pool_threads) {
     int nt = m->parts < pool_threads ? m->parts : pool_threads;
     mt_pool *pool = m->pool;
     int C = m->cfg.d_model, F = m->cfg.d_ff, NH = m->cfg.n_heads, L = m->cfg.n_layers;
-    int T = m->cfg.max_seq_len, V = m->cfg.vocab_size, n = f->n, p0 = f->p0;
-    int r0, r1, h0, h1, c0, c1, q0, q1, f0, f1;
+    int T = m->cfg.max_seq_len, V = m->cfg.vocab_size, n = f->n, p0 = f->p0, hs = C / NH;
+    int r0, r1, h0, h1, c0, c1, f0, f1;
     mt_split(n, tid, nt, 1, &r0, &r1);
     mt_split(NH, tid, nt, 1, &h0, &h1);
     mt_split(C, tid, nt, 16, &c0, &c1);
-    mt_split(3 * C, tid, nt, 16, &q0, &q1);
     mt_split(F, tid, nt, 16, &f0, &f1);
     float *att = m->att_scratch + (size_t)tid * 2 * T * T;   /* >= n*(p0+n) floats */
-    size_t rc = (size_t)r0 * C;
+    float *ln = g->priv + (size_t)tid * ((size_t)T * C + 2 * T);   /* (n,C) this thread's */
+    float *mean = ln + (size_t)T * C, *rstd = mean + T;
+    int active = tid < nt;
 
     /* x (n,C) = wte[token] + wpe[position] */
     for (int r = r0; r < r1; r++) {
@@ -118,33 +122,32 @@ static void feed_task(void *ctx, int tid, int pool_threads) {
     }
     for (int l = 0; l < L; l++) {
         const mt_block *W = &m->P.h[l];
-        pool_barrier(pool);
-        layernorm_forward(g->lnbuf + rc, g->mean + r0, g->rstd + r0, g->x + rc, W->ln1w,
-                          W->ln1b, r1 - r0, C, LN_EPS);
-        pool_barrier(pool);
-        linear_cols(g->qkv, g->lnbuf, W->qkvw, W->qkvb, NULL, n, C, 3 * C, q0, q1);
-        pool_barrier(pool);
-        for (int h = h0; h < h1; h++) attend_head(g, l, h, p0, n, att);
-        pool_barrier(pool);
-        linear_cols(g->res2, g->atty, W->projw, W->projb, g->x, n, C, C, c0, c1);
-        pool_barrier(pool);
-        layernorm_forward(g->lnbuf + rc, g->mean + r0, g->rstd + r0, g->res2 + rc,
-                          W->ln2w, W->ln2b, r1 - r0, C, LN_EPS);
-        pool_barrier(pool);
-        linear_cols(g->fch, g->lnbuf, W->fcw, W->fcb, NULL, n, C, F, f0, f1);
-        for (int r = 0; r < n; r++) {
-            float *row = g->fch + (size_t)r * F;
-            gelu_forward(row + f0, row + f0, (size_t)(f1 - f0));   /* element-wise: in place */
+        pool_barrier(pool);   /* x complete */
+        if (active && h1 > h0) {
+            layernorm_forward(ln, mean, rstd, g->x, W->ln1w, W->ln1b, n, C, LN_EPS);
+            for (int part = 0; part < 3; part++)   /* this thread's heads' q, k, v columns */
+                linear_cols(g->qkv, ln, W->qkvw, W->qkvb, NULL, n, C, 3 * C,
+                            part * C + h0 * hs, part * C + h1 * hs);
+            for (int h = h0; h < h1; h++) attend_head(g, l, h, p0, n, att);
         }
-        pool_barrier(pool);
+        pool_barrier(pool);   /* atty complete */
+        linear_cols(g->res2, g->atty, W->projw, W->projb, g->x, n, C, C, c0, c1);
+        pool_barrier(pool);   /* res2 complete */
+        if (active) {
+            layernorm_forward(ln, mean, rstd, g->res2, W->ln2w, W->ln2b, n, C, LN_EPS);
+            linear_cols(g->fch, ln, W->fcw, W->fcb, NULL, n, C, F, f0, f1);
+            for (int r = 0; r < n; r++) {
+                float *row = g->fch + (size_t)r * F;
+                gelu_forward(row + f0, row + f0, (size_t)(f1 - f0));   /* element-wise */
+            }
+        }
+        pool_barrier(pool);   /* fch complete */
         linear_cols(g->x, g->fch, W->fcprojw, W->fcprojb, g->res2, n, F, C, c0, c1);
     }
     pool_barrier(pool);
-    if (tid == 0) {
-        float mean, rstd;
-        layernorm_forward(g->lnf, &mean, &rstd, g->x + (size_t)(n - 1) * C, m->P.lnfw,
+    if (tid == 0)
+        layernorm_forward(g->lnf, mean, rstd, g->x + (size_t)(n - 1) * C, m->P.lnfw,
                           m->P.lnfb, 1, C, LN_EPS);
-    }
     if (!f->logits) return;
     pool_barrier(pool);
     int v0, v1;
@@ -155,6 +158,19 @@ static void feed_task(void *ctx, int tid, int pool_threads) {
                           m->P.lm + (size_t)v0 * C, C, g->lnf, 1, 0.0f, f->logits + v0, 1);
 }
 
+/* Room in priv for every pool thread (the model's pool can be resized between feeds). */
+static int ensure_priv(mt_gen *g) {
+    int threads = pool_size(g->m->pool);
+    if (g->priv && g->priv_threads >= threads) return MT_OK;
+    size_t per = (size_t)g->m->cfg.max_seq_len * (g->m->cfg.d_model + 2);
+    float *p = malloc(sizeof(float) * per * (size_t)threads);
+    if (!p) return MT_ENOMEM;
+    free(g->priv);
+    g->priv = p;
+    g->priv_threads = threads;
+    return MT_OK;
+}
+
 mt_gen *mt_gen_new(mt_model *model) {
     if (!model) return NULL;
     const mt_config *c = &model->cfg;
@@ -163,8 +179,8 @@ mt_gen *mt_gen_new(mt_model *model) {
     if (!g) return NULL;
     g->m = model;
     g->tokens = malloc(sizeof(int32_t) * T);
-    /* kc, vc: 2*L*T*C; x, lnbuf, atty, res2: 4*T*C; qkv 3*T*C; fch T*F; lnf C; mean, rstd T */
-    size_t total = 2 * L * T * C + 7 * T * C + T * F + C + 2 * T;
+    /* kc, vc: 2*L*T*C; x, atty, res2: 3*T*C; qkv 3*T*C; fch T*F; lnf C */
+    size_t total = 2 * L * T * C + 6 * T * C + T * F + C;
     g->mem = malloc(sizeof(float) * total);
     if (!g->tokens || !g->mem) {
         mt_gen_free(g);
@@ -174,14 +190,15 @@ mt_gen *mt_gen_new(mt_model *model) {
     g->kc = p; p += L * T * C;
     g->vc = p; p += L * T * C;
     g->x = p; p += T * C;
-    g->lnbuf = p; p += T * C;
     g->atty = p; p += T * C;
     g->res2 = p; p += T * C;
     g->qkv = p; p += 3 * T * C;
     g->fch = p; p += T * F;
-    g->lnf = p; p += C;
-    g->mean = p; p += T;
-    g->rstd = p;
+    g->lnf = p;
+    if (ensure_priv(g) != MT_OK) {
+        mt_gen_free(g);
+        return NULL;
+    }
     return g;
 }
 
@@ -189,6 +206,7 @@ void mt_gen_free(mt_gen *g) {
     if (!g) return;
     free(g->tokens);
     free(g->mem);
+    free(g->priv);
     free(g);
 }
 
@@ -211,6 +229,7 @@ int mt_gen_feed(mt_gen *g, const int32_t *ids, int n, float *logits) {
     if (n < 1 || n > T) return MT_EINVAL;
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= c->vocab_size) return MT_EINVAL;
+    if (ensure_priv(g) != MT_OK) return MT_ENOMEM;
     int p0 = g->len, start = g->len;   /* where the new ids go; first position computed */
     if (p0 + n > T) {
         /* Keep the newest half of the context (less if the new tokens need the room) and

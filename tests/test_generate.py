@@ -45,6 +45,20 @@ def test_cache_matches_full_context_forward_across_slides(threads, prompt_len):
     assert gen.slides >= 5
 
 
+def test_thread_count_changed_between_feeds():
+    model = scaled_model(threads=1)
+    gen = Generator(model)
+    ids = np.arange(2 * T) * 7 % CONFIG.vocab_size
+    gen.feed(ids[:3])
+    for t in range(3, 2 * T):
+        if t == 8:
+            model.threads, model.work_parts = 4, 4     # the kernel's pool is replaced
+        if t == 20:
+            model.threads = 2
+        logits = gen.feed(ids[t:t + 1]).copy()
+        _check_close(logits, model.forward(gen.context()[None], last_only=True)[0])
+
+
 def test_slide_keeps_newest_half_and_recomputes_only_then():
     model = scaled_model()
     gen = Generator(model)

@@ -209,12 +209,17 @@ static int set_threads(mt_model *m, int threads) {
     if (m->pool && pool_size(m->pool) == threads) return MT_OK;
     size_t T = (size_t)m->cfg.max_seq_len;
     float *scratch = malloc(sizeof(float) * 2 * T * T * (size_t)threads);
-    mt_pool *pool = scratch ? pool_create(threads) : NULL;
-    if (!pool) { free(scratch); return MT_ENOMEM; }
+    uint64_t *tw = calloc((size_t)threads, sizeof(uint64_t));
+    mt_pool *pool = scratch && tw ? pool_create(threads) : NULL;
+    if (!pool) { free(scratch); free(tw); return MT_ENOMEM; }
+    int old = m->pool ? pool_size(m->pool) : 0;   /* per-thread counts survive a resize */
+    for (int t = 0; t < old && t < threads; t++) tw[t] = m->thread_windows[t];
     pool_destroy(m->pool);
     free(m->att_scratch);
+    free(m->thread_windows);
     m->pool = pool;
     m->att_scratch = scratch;
+    m->thread_windows = tw;
     update_parts(m);
     return MT_OK;
 }
@@ -272,6 +277,7 @@ void mt_model_free(mt_model *m) {
     if (!m) return;
     pool_destroy(m->pool);
     free(m->att_scratch);
+    free(m->thread_windows);
     acts_free(&m->train);
     acts_free(&m->infer);
     free(m->chunk);
@@ -309,15 +315,27 @@ static int batch_ok(const mt_model *m, const int32_t *inp, const int32_t *tgt, i
     return ids_ok(inp, n, m->cfg.vocab_size) && (!tgt || ids_ok(tgt, n, m->cfg.vocab_size));
 }
 
+/* offsets: NULL, or nparts+1 window offsets (0 first, B last, non-decreasing) giving thread t
+ * the row-local work of windows [offsets[t], offsets[t+1]); the step then runs on nparts
+ * threads. */
 static int forward_backward(mt_model *m, const int32_t *inputs, const int32_t *targets, int B,
-                        int T, float grad_scale, int accumulate, double *loss_out) {
+                        int T, float grad_scale, int accumulate, const int32_t *offsets,
+                        int nparts, double *loss_out) {
     if (!batch_ok(m, inputs, targets, B, T) || !targets) return MT_EINVAL;
+    if (offsets) {
+        if (nparts < 1 || nparts > pool_size(m->pool) || offsets[0] != 0 || offsets[nparts] != B)
+            return MT_EINVAL;
+        for (int t = 0; t < nparts; t++)
+            if (offsets[t + 1] < offsets[t]) return MT_EINVAL;
+    }
     int N = B * T;
     if (m->train.cap_rows < N && acts_alloc(&m->train, &m->cfg, N, 1) != MT_OK) return MT_ENOMEM;
     if (ensure_chunk(m, N) != MT_OK) return MT_ENOMEM;
     mt_step s = {.m = m, .a = &m->train, .inp = inputs, .tgt = targets, .B = B, .T = T,
                  .mode = STEP_TRAIN, .grad_scale = grad_scale, .accumulate = accumulate};
-    pool_run_parts(m->pool, step_task, &s, m->parts);
+    m->part_off = offsets;
+    pool_run_parts(m->pool, step_task, &s, offsets ? nparts : m->parts);
+    m->part_off = NULL;
     double sum = 0.0;
     for (int n = 0; n < N; n++) sum += m->train.losses[n];
     *loss_out = sum / N;
@@ -329,9 +347,28 @@ static int forward_backward(mt_model *m, const int32_t *inputs, const int32_t *t
 int mt_forward_backward(mt_model *m, const int32_t *inputs, const int32_t *targets, int B,
                         int T, float grad_scale, int accumulate, double *loss_out) {
     if (mt_model_enter(m) != MT_OK) return MT_EBUSY;
-    int rc = forward_backward(m, inputs, targets, B, T, grad_scale, accumulate, loss_out);
+    int rc = forward_backward(m, inputs, targets, B, T, grad_scale, accumulate, NULL, 0,
+                              loss_out);
     mt_model_leave(m);
     return rc;
+}
+
+int mt_forward_backward_parts(mt_model *m, const int32_t *inputs, const int32_t *targets,
+                              int B, int T, float grad_scale, int accumulate,
+                              const int32_t *offsets, int nparts, double *loss_out) {
+    if (!offsets) return MT_EINVAL;
+    if (mt_model_enter(m) != MT_OK) return MT_EBUSY;
+    int rc = forward_backward(m, inputs, targets, B, T, grad_scale, accumulate, offsets, nparts,
+                              loss_out);
+    mt_model_leave(m);
+    return rc;
+}
+
+int mt_thread_windows(const mt_model *m, uint64_t *out, int n) {
+    int threads = pool_size(m->pool);
+    if (!out || n < threads) return MT_EINVAL;
+    for (int t = 0; t < threads; t++) out[t] = m->thread_windows[t];
+    return threads;
 }
 
 /* Forward-only calls run in groups of whole sequences through the 1-slot buffers. */

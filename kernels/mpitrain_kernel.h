@@ -86,6 +86,17 @@ void mt_model_init(mt_model *model, uint64_t seed);
  * grads get (or, with accumulate, get added) d(sum of token losses * grad_scale)/dparams. */
 int mt_forward_backward(mt_model *model, const int32_t *inputs, const int32_t *targets,
                         int B, int T, float grad_scale, int accumulate, double *loss_out);
+/* The same with the batch partitioned among the pool's threads (thread mode: kernel thread t is
+ * worker t): thread t does the row-local work (embedding, LayerNorm, GEMM rows, GELU, attention
+ * items) of windows [offsets[t], offsets[t+1]); offsets has nparts+1 entries, 0 first, B last,
+ * non-decreasing; nparts <= threads. Weight gradients stay split by output rows, each summed
+ * over all windows in a fixed order. */
+int mt_forward_backward_parts(mt_model *model, const int32_t *inputs, const int32_t *targets,
+                              int B, int T, float grad_scale, int accumulate,
+                              const int32_t *offsets, int nparts, double *loss_out);
+/* Per pool thread: training windows whose row-local work it did (those starting in its rows)
+ * since creation, into out[0..threads); returns threads, or MT_EINVAL when n < threads. */
+int mt_thread_windows(const mt_model *model, uint64_t *out, int n);
 /* Forward only: mean token loss (evaluation). */
 int mt_loss(mt_model *model, const int32_t *inputs, const int32_t *targets, int B, int T,
             double *loss_out);

@@ -173,6 +173,11 @@ struct mt_model {
     float *chunk;                  /* (R,V) output-layer chunk */
     int chunk_rows;
     uint64_t train_calls, windows;
+    /* Optional partition of a training call (mt_forward_backward_parts): thread t does the
+     * row-local work of windows [part_off[t], part_off[t+1]); NULL = even row split. Set only
+     * while the call holds the model. */
+    const int32_t *part_off;
+    uint64_t *thread_windows;      /* (pool threads) windows whose row-local work each did */
     atomic_int busy;               /* a call is running on the pool (see mt_model_enter) */
     double timers[TK_COUNT]; /* seconds per kind, thread 0 only */
     double t_last;
@@ -205,6 +210,19 @@ static inline void mt_sync(mt_model *m, int tid) {
     mt_tick(m, tid, TK_SYNC);
     pool_barrier(m->pool);
     mt_tick(m, tid, kind);
+}
+
+/* Thread tid's rows [r0,r1) of the N = B*T rows of a step and its attention items [i0,i1)
+ * of B*NH: its windows' under a partition (m->part_off), else near-equal parts. */
+static inline void mt_split_rows(const mt_model *m, int B, int T, int NH, int tid, int nt,
+                                 int *r0, int *r1, int *i0, int *i1) {
+    if (m->part_off) {
+        *r0 = m->part_off[tid] * T; *r1 = m->part_off[tid + 1] * T;
+        *i0 = m->part_off[tid] * NH; *i1 = m->part_off[tid + 1] * NH;
+        return;
+    }
+    mt_split(B * T, tid, nt, 8, r0, r1);
+    mt_split(B * NH, tid, nt, 1, i0, i1);
 }
 
 typedef struct {

@@ -25,10 +25,10 @@ static void forward(mt_step *s, int tid, int nt) {
     int C = m->cfg.d_model, F = m->cfg.d_ff, NH = m->cfg.n_heads, L = m->cfg.n_layers;
     int T = s->T, N = s->B * T;
     int r0, r1, i0, i1;
-    mt_split(N, tid, nt, 8, &r0, &r1);
-    mt_split(s->B * NH, tid, nt, 1, &i0, &i1);
+    mt_split_rows(m, s->B, T, NH, tid, nt, &r0, &r1, &i0, &i1);
     int nr = r1 - r0;
     float *att = att_scratch(m, tid);
+    (void)N;
 
     mt_tick(m, tid, TK_EMBEDDING);
     /* embedding: x0 (N,C) = wte[token] + wpe[t] */
@@ -77,8 +77,7 @@ static void backward(mt_step *s, int tid, int nt) {
     int C = m->cfg.d_model, F = m->cfg.d_ff, NH = m->cfg.n_heads, L = m->cfg.n_layers;
     int V = m->cfg.vocab_size, T = s->T, N = s->B * T;
     int r0, r1, i0, i1, c0, c1, q0, q1, f0, f1;
-    mt_split(N, tid, nt, 8, &r0, &r1);
-    mt_split(s->B * NH, tid, nt, 1, &i0, &i1);
+    mt_split_rows(m, s->B, T, NH, tid, nt, &r0, &r1, &i0, &i1);
     mt_split(C, tid, nt, 16, &c0, &c1);
     mt_split(3 * C, tid, nt, 16, &q0, &q1);
     mt_split(F, tid, nt, 16, &f0, &f1);
@@ -209,6 +208,13 @@ void step_task(void *ctx, int tid, int pool_threads) {
     output_layer_chunked(m, tid, nt, a->lnf, m->P.lm, train ? m->G.lm : NULL,
                          train ? a->dln : NULL, s->tgt, a->losses, m->chunk, m->chunk_rows, N,
                          C, V, s->grad_scale);
-    if (train) backward(s, tid, nt);
+    if (train) {
+        backward(s, tid, nt);
+        /* Windows this thread's row-local phases covered (those starting in its rows); each
+         * thread writes only its own counter. */
+        int r0, r1, i0, i1;
+        mt_split_rows(m, s->B, s->T, m->cfg.n_heads, tid, nt, &r0, &r1, &i0, &i1);
+        m->thread_windows[tid] += (uint64_t)((r1 + s->T - 1) / s->T - (r0 + s->T - 1) / s->T);
+    }
     mt_tick(m, tid, TK_OTHER);
 }

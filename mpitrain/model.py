@@ -130,6 +130,12 @@ class Model:
         self._lib.mt_counters(self._handle, calls, windows)
         return int(calls[0]), int(windows[0])
 
+    def thread_windows(self):
+        """Per kernel thread: training windows whose row-local work it did (list, threads)."""
+        out = self._ffi.new("uint64_t[]", self.threads)
+        n = self._lib.mt_thread_windows(self._handle, out, self.threads)
+        return [int(out[t]) for t in range(n)]
+
     def timers(self):
         """Seconds per layer kind (embedding, layernorm, matmul, attention, gelu, output+loss,
         sync, other) spent by the kernel's thread 0 since creation; "sync" is its waiting at
@@ -186,15 +192,32 @@ class Model:
         self._check(rc, "forward")
         return logits
 
-    def forward_backward(self, inputs, targets, grad_scale=None, accumulate=False):
+    def forward_backward(self, inputs, targets, grad_scale=None, accumulate=False,
+                         partition=None):
         """Mean loss over the B*T targets; grads get d(sum of token losses * grad_scale) --
-        written, or added with accumulate=True. grad_scale defaults to 1/(B*T)."""
+        written, or added with accumulate=True. grad_scale defaults to 1/(B*T).
+
+        partition: None, or window counts per kernel thread (len <= threads, sum B): thread t
+        does the row-local work of the next partition[t] windows (thread mode: thread t is
+        worker t); the step then runs on len(partition) threads."""
         inputs, targets = self._pair(inputs, targets)
         B, T = inputs.shape
         scale = 1.0 / (B * T) if grad_scale is None else float(grad_scale)
         if not np.isfinite(scale):
             raise ValueError(f"grad_scale must be finite, got {grad_scale!r}")
         loss = self._ffi.new("double *")
+        if partition is not None:
+            counts = np.asarray(partition, dtype=np.int64)
+            if counts.ndim != 1 or not 1 <= counts.size <= self.threads or np.any(counts < 0) \
+                    or counts.sum() != B:
+                raise ValueError(f"partition must be 1..threads={self.threads} non-negative "
+                                 f"window counts summing to B={B}, got {list(partition)}")
+            offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            rc = self._lib.mt_forward_backward_parts(
+                self._handle, as_ptr(inputs, "int32_t *"), as_ptr(targets, "int32_t *"), B, T,
+                scale, 1 if accumulate else 0, as_ptr(offsets, "int32_t *"), counts.size, loss)
+            self._check(rc, "forward_backward")
+            return float(loss[0])
         rc = self._lib.mt_forward_backward(self._handle, as_ptr(inputs, "int32_t *"),
                                            as_ptr(targets, "int32_t *"), B, T, scale,
                                            1 if accumulate else 0, loss)

@@ -187,7 +187,8 @@ def snapshot(reader, interval=2.0, now=None) -> dict:
     stop_step = start.get("stop_step", (hb or {}).get("stop_step"))
     total = start.get("total_steps")
     # step rate over the recent steps of this invocation, for the ETA
-    recent = [s for s in reader.steps[-RATE_STEPS:] if s[3] is not None]
+    started = start.get("time") or 0.0   # a resumed run's earlier steps are not its pace
+    recent = [s for s in reader.steps[-RATE_STEPS:] if s[3] is not None and s[3] >= started]
     rate = None
     if len(recent) >= 2 and recent[-1][3] > recent[0][3]:
         rate = (recent[-1][0] - recent[0][0]) / (recent[-1][3] - recent[0][3])

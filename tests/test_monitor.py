@@ -166,6 +166,7 @@ def test_partial_line_resume_and_bad_lines(tmp_path):
         f.write("\n".join(lines))          # the last line stays partial (no newline)
     s = _snapshot(run_dir)
     assert s["step"] == 7 and s["loss"] == 1.0        # the partial line is not read
+    assert s["steps_per_s"] == pytest.approx(1.0)     # pace since the resume (steps 6, 7)
     assert s["checkpoints_written"] == 1 and s["checkpoints_on_disk"] == 0
     assert s["unreadable_lines"] == 1
     assert len(s["loss_trend"]) == 7                  # steps 1..5, then the resumed 6, 7

@@ -1,7 +1,8 @@
 """`mpitrain train` (the default command): train a model on a prepared dataset.
 
 Under mpirun with more than one rank: MPI mode (rank 0 Node Zero, ranks 1.. workers on the
-kissing-spheres placement). See README "Training" for the configuration precedence.
+kissing-spheres placement). Otherwise thread mode: one process, Node Zero and --threads - 1
+worker threads (mpitrain/trainer/thread_runner.py). See README "Training" for the configuration precedence.
 """
 import os
 
@@ -16,6 +17,7 @@ DEDICATED = {"max_steps": "max_steps", "epochs": "epochs", "batch_size": "batch_
              "lr": "lr", "eval_every": "eval_every", "save_every": "save_every",
              "keep_last": "keep_last", "seed": "seed"}
 DEFAULT_PRESET = "small"
+DEFAULT_THREADS = 12   # thread mode: Node Zero + 11 workers, as the original design
 # Help suffix for options whose default comes from the preset. "%(default).0s" prints nothing
 # but keeps ArgumentDefaultsHelpFormatter from appending "(default: None)".
 FROM_PRESET = " (default: the preset's)%(default).0s"
@@ -46,8 +48,12 @@ def add_arguments(p):
                    help="keep the newest K checkpoints besides step 0 (0 = keep all)" + FROM_PRESET)
     p.add_argument("--seed", type=int, default=None, metavar="N",
                    help="initialisation and data-order seed" + FROM_PRESET)
-    p.add_argument("--threads-per-rank", type=int, default=1, metavar="N",
-                   help="kernel threads in each worker process")
+    p.add_argument("--threads-per-rank", type=int, default=None, metavar="N",
+                   help="MPI mode: kernel threads in each worker process (default: 1)"
+                   "%(default).0s")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"thread mode (no mpirun): threads in all, Node Zero included, so N-1 "
+                   f"workers (default: {DEFAULT_THREADS})%(default).0s")
     p.add_argument("--resume", metavar="auto|FILE", default=None,
                    help="continue from a checkpoint: 'auto' = the newest valid one in the run "
                    "directory (a fresh start when there is none), or a checkpoint file")
@@ -89,18 +95,32 @@ def collect_overrides(args) -> dict:
 
 def run(args) -> int:
     overrides = collect_overrides(args)
+    size = world_size()
+    if size > 1 and args.threads is not None:
+        raise UserError("--threads is for thread mode (without mpirun); under mpirun give "
+                        "--threads-per-rank")
+    if size == 1 and args.threads_per_rank is not None:
+        raise UserError("--threads-per-rank is for MPI mode (mpirun -n N); in thread mode give "
+                        "--threads N (all threads, Node Zero included)")
+    threads = DEFAULT_THREADS if args.threads is None else args.threads
+    from mpitrain.trainer.thread_runner import MAX_THREADS
+
+    if not 2 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads must be in [2, {MAX_THREADS}] (Node Zero + at least one "
+                        f"worker), got {threads}")
+    if args.threads_per_rank is None:
+        args.threads_per_rank = 1
     if args.threads_per_rank < 1:
         raise UserError(f"--threads-per-rank must be at least 1, got {args.threads_per_rank}")
     if args.stop_at is not None and args.stop_at < 1:
         raise UserError(f"--stop-at must be at least 1, got {args.stop_at}")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such checkpoint file")
-    size = world_size()
     if args.show_topology:
         from mpitrain.cli import launched_rank
         from mpitrain.topology import placement_table
 
-        workers = size - 1 if size > 1 else 11
+        workers = size - 1 if size > 1 else threads - 1
         batch = overrides.get("batch_size", PRESETS[args.preset]["train"]["batch_size"])
         if launched_rank() == 0:
             print(placement_table(workers, batch))
@@ -112,8 +132,9 @@ def run(args) -> int:
         from mpitrain.trainer.runner import run_mpi
 
         return run_mpi(options)
-    raise UserError("train runs under MPI: launch it as `mpirun -n N python -m mpitrain` with "
-                    "N >= 2 (Node Zero + N-1 workers); thread mode is not built yet")
+    from mpitrain.trainer.thread_runner import run_threads
+
+    return run_threads(options, threads)
 
 
 assert set(DEDICATED.values()) <= {f for f in TrainConfig.__dataclass_fields__}

@@ -49,6 +49,17 @@ def _install_signals(world, rank: int, on_first) -> None:
         signal.signal(s, handler)
 
 
+def run_node_zero(node_zero, install_signals) -> dict:
+    """Node Zero's run, the same in MPI and thread mode: install_signals(on_first) routes the
+    first Ctrl-C/SIGTERM to "save and stop". Returns the statistics."""
+    install_signals(node_zero.request_stop)
+    stats = node_zero.run()
+    if node_zero.stop_signal is not None:  # said even with --quiet
+        print(f"mpitrain: stopped by signal {node_zero.stop_signal} after step "
+              f"{node_zero.done}; continue with --resume auto", flush=True)
+    return stats
+
+
 def run_mpi(options: dict) -> int:
     """options: see plan.make_plan. Returns the exit status (0) or raises the agreed UserError."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # our kernel threads, not BLAS's
@@ -84,11 +95,7 @@ def run_mpi(options: dict) -> int:
                                  checkpoint, header_extra=placement_table(size - 1,
                                                                            tc.batch_size))
             del checkpoint
-            _install_signals(world, rank, node_zero.request_stop)
-            node_zero.run()
-            if node_zero.stop_signal is not None:  # said even with --quiet
-                print(f"mpitrain: stopped by signal {node_zero.stop_signal} after step "
-                      f"{node_zero.done}; continue with --resume auto", flush=True)
+            run_node_zero(node_zero, lambda on_first: _install_signals(world, rank, on_first))
         else:
             from mpitrain.trainer.worker import Worker
 

@@ -97,8 +97,8 @@ static void feed_task(void *ctx, int tid, int pool_threads) {
     gen_feed *f = ctx;
     mt_gen *g = f->g;
     mt_model *m = g->m;
-    /* As step.c: the work goes into m->parts parts (no more than the CPUs by default); pool
-     * threads beyond them get empty ranges and only pass the barriers. */
+    /* As step.c: the work goes into m->parts parts (no more than the CPUs by default); only
+     * that many pool threads run the task (pool_run_parts). */
     int nt = m->parts < pool_threads ? m->parts : pool_threads;
     mt_pool *pool = m->pool;
     int C = m->cfg.d_model, F = m->cfg.d_ff, NH = m->cfg.n_heads, L = m->cfg.n_layers;
@@ -245,6 +245,6 @@ int mt_gen_feed(mt_gen *g, const int32_t *ids, int n, float *logits) {
     g->len = p0 + n;
     gen_feed f = {.g = g, .p0 = start, .n = g->len - start, .logits = logits};
     g->rows += (uint64_t)f.n;
-    pool_run(g->m->pool, feed_task, &f);
+    pool_run_parts(g->m->pool, feed_task, &f, g->m->parts);   /* others sleep through it */
     return MT_OK;
 }

@@ -56,13 +56,10 @@ class Model:
         if self.num_params <= 0:
             raise ValueError(f"invalid model configuration: {config}")
         self._table = self._read_table()
-        n = self.num_params
-        self.param_buffer = _aligned_zeros(n)
-        self.grad_buffer = _aligned_zeros(n)
-        self.m_buffer = _aligned_zeros(n)
-        self.v_buffer = _aligned_zeros(n)
-        handle = lib.mt_model_new(self._cfg, as_ptr(self.param_buffer), as_ptr(self.grad_buffer),
-                                  as_ptr(self.m_buffer), as_ptr(self.v_buffer), threads)
+        # The C model keeps pointers into these four arrays: they live exactly as long as this
+        # object and are exposed read-only as attributes (write into them, never rebind them).
+        self._arenas = tuple(_aligned_zeros(self.num_params) for _ in range(4))
+        handle = lib.mt_model_new(self._cfg, *(as_ptr(a) for a in self._arenas), threads)
         if handle == ffi.NULL:
             raise MemoryError("the kernel could not allocate the model")
         self._handle = ffi.gc(handle, lib.mt_model_free)
@@ -74,6 +71,26 @@ class Model:
         self.adam_m = self._views(self.m_buffer)
         self.adam_v = self._views(self.v_buffer)
         self._segments = optim.decay_segments(shape for _, _, shape in self._table)
+
+    @property
+    def param_buffer(self):
+        """All parameters, 1-D float32 (arena order = param_names order)."""
+        return self._arenas[0]
+
+    @property
+    def grad_buffer(self):
+        """All gradients, 1-D float32, same layout as param_buffer."""
+        return self._arenas[1]
+
+    @property
+    def m_buffer(self):
+        """AdamW first moments, 1-D float32, same layout as param_buffer."""
+        return self._arenas[2]
+
+    @property
+    def v_buffer(self):
+        """AdamW second moments, 1-D float32, same layout as param_buffer."""
+        return self._arenas[3]
 
     def _read_table(self):
         ffi, lib = self._ffi, self._lib

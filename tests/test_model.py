@@ -75,6 +75,10 @@ def test_views_are_zero_copy_into_the_arenas():
     model.params["lm_head.weight"][...] = 0.0  # the kernel sees writes through the views
     logits = model.forward(batch()[0])
     assert np.all(logits == 0.0)
+    with pytest.raises(AttributeError):  # rebinding would leave the kernel on the old memory
+        model.param_buffer = np.zeros_like(model.param_buffer)
+    model.param_buffer[...] = 0.0  # in place is the way
+    assert np.all(model.forward(batch()[0]) == 0.0)
 
 
 def test_gpt2_initialisation():

@@ -65,7 +65,14 @@ def main(argv=None) -> int:
         if args.command is None:
             build_parser(modules).print_help()
             return 2
-        return int(modules[args.command].run(args) or 0)
+        code = int(modules[args.command].run(args) or 0)
+        sys.stdout.flush()  # a closed pipe must fail here, inside the try, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`mpitrain ... | head`): what it wanted was printed. Point stdout
+        # at /dev/null so the interpreter's final flush cannot fail again, and end quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UserError as e:
         return fail(str(e), e.exit_code)
     except KeyboardInterrupt:

@@ -5,7 +5,13 @@ summarize(path) / format_summary(s): what mpitrain.commands.inspect shows for a 
 losses, parameter count and bytes, and every tensor's shape, count, mean, std, min, max and
 NaN/Inf count (statistics in float64 over the finite values).
 verify_files(paths) -> exit status: 0 every file sound, 1 a file damaged, 2 a file missing or
-not a checkpoint (a truncated file is damaged: it still starts with the HDF5 signature). compare(a, b) / format_compare(d): per-tensor difference of two files.
+not one of mpitrain's files (a truncated file is damaged: it still starts with the HDF5
+signature). A checkpoint or export is sound when mpitrain.checkpoint.verify finds nothing (root
+attributes and every tensor against their CRC32, names and shapes against the manifest, the
+vocabulary) and every tensor is finite: a NaN or Inf saved from a diverged run has valid
+checksums, so it is looked for separately. A dataset is checked by inspect_dataset.verify.
+compare(a, b) / format_compare(d): per-tensor difference of two files.
+vocabulary(path, top): the vocabulary a checkpoint carries (ids and tokens; no counts).
 """
 import json
 import os
@@ -15,6 +21,10 @@ import numpy as np
 
 from mpitrain.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, verify
 from mpitrain.errors import UserError
+from mpitrain.inspect_dataset import FORMAT as DATASET_FORMAT
+from mpitrain.inspect_dataset import verify as verify_dataset
+from mpitrain.inspect_tree import dumps
+from mpitrain.tokenizer import Tokenizer, escape_token
 
 FORMATS = (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)
 GROUPS = ("params", "optimizer/m", "optimizer/v")
@@ -128,14 +138,51 @@ def format_summary(s):
         f"(PID {cb.get('pid', '?')}) at {cb.get('time_utc', '?')}",
         "checksums    " + ("all tensors and attributes verify" if not s["problems"]
                            else f"{len(s['problems'])} problem(s): " + "; ".join(s["problems"][:3])),
+        "finite       " + _finite_line(s["tensors"]),
     ]
     for where, rows in s["tensors"].items():
         lines += ["", f"/{where} ({len(rows)} tensors)"] + _tensor_table(rows)
     return "\n".join(lines)
 
 
+def _finite_line(tensors):
+    bad = [f"/{where}/{r['name']} ({r['nan']} NaN, {r['inf']} Inf)"
+           for where, rows in tensors.items() for r in rows if r.get("nan") or r.get("inf")]
+    total = sum(len(rows) for rows in tensors.values())
+    if not bad:
+        return f"all {total} tensors (unreadable ones aside)" if any(
+            r.get("unreadable") for rows in tensors.values() for r in rows) else \
+            f"all {total} tensors"
+    return f"{len(bad)} of {total} tensors hold NaN/Inf: " + "; ".join(bad[:3]) + \
+        (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+
+def nonfinite(path):
+    """One problem per tensor of /params, /optimizer/m, /optimizer/v holding NaN or Inf, naming
+    it and the counts. Tensors that cannot be read are skipped (verify reports those)."""
+    problems = []
+    with h5py.File(path, "r") as f:
+        for where in GROUPS:
+            if where not in f:
+                continue
+            for n in _names(f, f.attrs, where):
+                ds = f[where][n]
+                if ds.dtype.kind != "f":
+                    continue  # verify names a wrong dtype
+                try:
+                    a = ds[()]
+                except OSError:
+                    continue
+                bad = ~np.isfinite(a)
+                if bad.any():
+                    nan = int(np.isnan(a).sum())
+                    problems.append(f"/{where}/{n} is not finite: {nan} NaN and "
+                                    f"{int(bad.sum()) - nan} Inf among {a.size:,} values")
+    return problems
+
+
 def verify_one(path):
-    """(status, problems) for one file: 0 sound, 1 damaged, 2 missing or not a checkpoint."""
+    """(status, problems) for one file: 0 sound, 1 damaged, 2 missing or not one of ours."""
     if not os.path.isfile(path):
         return 2, ["no such file"]
     if not h5py.is_hdf5(path):
@@ -144,11 +191,19 @@ def verify_one(path):
         with h5py.File(path, "r") as f:
             fmt = _plain(f.attrs.get("format"))
     except OSError:
-        pass  # an HDF5 signature that will not open: truncated or damaged, verify says how
+        fmt = None  # an HDF5 signature that will not open: truncated or damaged, verify says how
     else:
+        if fmt == DATASET_FORMAT:
+            problems = verify_dataset(path)
+            return (1 if problems else 0), problems
         if fmt not in FORMATS:
-            return 2, [f"not a checkpoint or weights file (format {fmt!r})"]
+            return 2, [f"not a file mpitrain writes (format {fmt!r})"]
     problems = verify(path)
+    if fmt is not None:
+        try:
+            problems += nonfinite(path)
+        except OSError as e:  # damaged beyond what verify already reported
+            problems.append(f"cannot read its tensors ({str(e).splitlines()[0]})")
     return (1 if problems else 0), problems
 
 
@@ -157,8 +212,7 @@ def verify_files(paths, out=print, as_json=False) -> int:
     missing or not a checkpoint."""
     results = [(p, *verify_one(p)) for p in paths]
     if as_json:
-        out(json.dumps([{"file": p, "status": st, "problems": pr} for p, st, pr in results],
-                       indent=1))
+        out(dumps([{"file": p, "status": st, "problems": pr} for p, st, pr in results]))
     else:
         for p, st, pr in results:
             label = {0: "ok", 1: "DAMAGED", 2: "error"}[st]
@@ -257,5 +311,24 @@ def run_extra(args) -> int:
         raise UserError(f"inspect compares exactly two files, got {len(paths)} "
                         "(use --verify to check several)")
     d = compare(*paths)
-    print(json.dumps(d, indent=1) if getattr(args, "json", False) else format_compare(d))
+    print(dumps(d) if getattr(args, "json", False) else format_compare(d))
     return 0 if d["identical"] else 1
+
+
+def vocabulary(path, top=None):
+    """The vocabulary stored in a checkpoint or export, in id order (the first `top` ids when
+    given). Checkpoints hold no token stream, so there are no counts."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "vocab" not in f:
+                raise UserError(f"{path} has no /vocab group (damaged); see inspect --verify")
+            tok = Tokenizer.from_hdf5(f["vocab"], where=f"{path}: vocabulary")
+            fmt = _plain(f.attrs.get("format"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the vocabulary of {path}: {str(e).splitlines()[0]}") \
+            from None
+    n = tok.vocab_size if top is None else min(top, tok.vocab_size)
+    rows = [{"id": i, "token": escape_token(tok.token_bytes(i)), "count": None}
+            for i in range(n)]
+    return {"file": path, "format": fmt, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
+            "order": "id", "counts": None, "listed": n, "total_tokens": None, "tokens": rows}

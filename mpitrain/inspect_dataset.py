@@ -1,10 +1,26 @@
-"""The dataset summary of `mpitrain inspect`: counts, coverage, frequent tokens, a sample."""
+"""The dataset part of `mpitrain inspect`: the summary (counts, coverage, frequent tokens, a
+sample), one training window (--sequence K), the vocabulary with token counts (--vocab) and
+the --verify checks of a dataset.
+
+Token counts are not stored in a dataset file (docs/FORMATS.md): the pre-token counts that
+ordered the vocabulary are dropped after prepare. Every count shown here is computed from the
+stored token stream (/tokens through the split ranges), so it counts ids as encoded, byte
+fallbacks and end-of-document ids included.
+"""
 import numpy as np
 
 from mpitrain.dataset import SPLITS, Dataset
+from mpitrain.errors import UserError
 from mpitrain.tokenizer import escape_token
 
 FORMAT = "mpitrain-dataset"
+COUNTS_NOTE = ("counts are occurrences in this file's token stream, computed now (the file "
+               "stores no counts)")
+
+
+def _counts(ds, streams):
+    """{"train"|"val": [V] int64 occurrences of each id in that split's stream}."""
+    return {s: np.bincount(streams[s], minlength=ds.vocab_size).astype(np.int64) for s in SPLITS}
 
 
 def summarize(path, top=10):
@@ -12,13 +28,14 @@ def summarize(path, top=10):
     a = ds.attrs
     tok = ds.tokenizer
     streams = {s: ds.split_tokens(s) for s in SPLITS}
-    counts = sum(np.bincount(streams[s], minlength=ds.vocab_size) for s in SPLITS)
-    order = np.argsort(-counts, kind="stable")[:top]
+    per_split = _counts(ds, streams)
+    counts = per_split["train"] + per_split["val"]
+    order = np.argsort(-counts, kind="stable")[:10 if top is None else top]
     total = int(counts.sum())
     frequent = [{"id": int(i), "token": escape_token(tok.token_bytes(int(i))),
                  "count": int(counts[i]), "fraction": counts[i] / total if total else 0.0}
                 for i in order if counts[i] > 0]
-    sample_ids = streams["train"][:ds.seq_len + 1]
+    sample_ids = _window_ids(streams["train"], ds.seq_len, 0)
     return {
         "format": a.get("format"), "format_version": a.get("format_version"),
         "vocab_size": ds.vocab_size, "eod_id": tok.eod_id, "token_dtype": str(ds.dtype),
@@ -72,3 +89,99 @@ def format_summary(s):
                  "decoded:")
     lines += ["  | " + l for l in smp["text"].split("\n")]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- --sequence K
+
+def _window_ids(stream, seq_len, k):
+    """Training window k of a split's stream: seq_len + 1 tokens from k * seq_len (the model
+    reads the first seq_len as inputs and predicts the last seq_len as targets)."""
+    return stream[k * seq_len:k * seq_len + seq_len + 1]
+
+
+def sequence(path, k, split="train"):
+    """Window k of `split` as {"split", "window", "windows", "seq_len", "start", "ids",
+    "tokens" (escaped, vocab.txt style), "text"}. UserError when k is out of range."""
+    ds = Dataset.open(path)
+    n = ds.num_windows(split)
+    if not 0 <= k < n:
+        raise UserError(f"--sequence {k} is out of range: the {split} split of {path} has {n} "
+                        f"windows (0 to {n - 1}) of {ds.seq_len}+1 tokens" if n else
+                        f"--sequence {k}: the {split} split of {path} has no windows")
+    ids = _window_ids(ds.split_tokens(split), ds.seq_len, k)
+    tok = ds.tokenizer
+    return {"file": path, "split": split, "window": k, "windows": n, "seq_len": ds.seq_len,
+            "start": k * ds.seq_len, "ids": ids.astype(int).tolist(),
+            "tokens": [escape_token(tok.token_bytes(int(i))) for i in ids],
+            "text": tok.decode(ids)}
+
+
+def format_sequence(w):
+    lines = [f"{w['file']}: {w['split']} window {w['window']} of {w['windows']}: tokens "
+             f"{w['start']} to {w['start'] + len(w['ids']) - 1} of the {w['split']} stream "
+             f"({w['seq_len']} inputs, targets shifted by one)", "ids:"]
+    for i in range(0, len(w["ids"]), 16):
+        lines.append("  " + " ".join(f"{x:>6}" for x in w["ids"][i:i + 16]))
+    lines.append("tokens:")
+    lines += [f"  {pos:>6} {i:>7}  \"{t}\"" for pos, (i, t) in enumerate(zip(w["ids"], w["tokens"]))]
+    lines.append("text:")
+    lines += ["  | " + line for line in w["text"].split("\n")]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- --vocab
+
+def vocabulary(path, top=None):
+    """Every id (or the `top` most frequent) with its token and its counts in the train and
+    val streams, most frequent first (ties by id)."""
+    ds = Dataset.open(path)
+    per_split = _counts(ds, {s: ds.split_tokens(s) for s in SPLITS})
+    counts = per_split["train"] + per_split["val"]
+    order = np.argsort(-counts, kind="stable")
+    if top is not None:
+        order = order[:top]
+    tok = ds.tokenizer
+    rows = [{"id": int(i), "token": escape_token(tok.token_bytes(int(i))), "count": int(counts[i]),
+             "train": int(per_split["train"][i]), "val": int(per_split["val"][i])}
+            for i in order]
+    return {"file": path, "format": FORMAT, "vocab_size": ds.vocab_size, "eod_id": tok.eod_id,
+            "order": "count", "counts": COUNTS_NOTE, "listed": len(rows),
+            "total_tokens": int(counts.sum()), "tokens": rows}
+
+
+def format_vocabulary(v):
+    """One token a line, fixed columns (pager and grep friendly)."""
+    head = [f"# {v['file']}: {v['listed']:,} of {v['vocab_size']:,} ids"
+            + (", most frequent first" if v["order"] == "count" else ", in id order")]
+    if v["counts"]:
+        head.append(f"# {v['counts']}; {v['total_tokens']:,} tokens in all")
+        head.append(f"# {'id':>7} {'count':>12} {'train':>12} {'val':>12}  token")
+        body = [f"{r['id']:>9} {r['count']:>12} {r['train']:>12} {r['val']:>12}  \"{r['token']}\""
+                for r in v["tokens"]]
+    else:
+        head.append(f"# {'id':>7}  token")
+        body = [f"{r['id']:>9}  \"{r['token']}\"" for r in v["tokens"]]
+    return "\n".join(head + body)
+
+
+# ----------------------------------------------------------------------------- --verify
+
+def verify(path):
+    """Problems of a file whose root format is mpitrain-dataset (empty list: sound): the layout
+    checks of Dataset.open, every token id inside the vocabulary, and the root counts against
+    the stored arrays. (Datasets carry no checksums; those are the checkpoints'.)"""
+    try:
+        ds = Dataset.open(path)
+        streams = {s: ds.split_tokens(s) for s in SPLITS}
+    except UserError as e:  # its messages begin with the path, which the caller prints too
+        msg = str(e)
+        return [msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg]
+    a, problems = ds.attrs, []
+    found = {"tokens": ds.num_tokens, "documents": ds.num_documents}
+    for s in SPLITS:
+        found[f"{s}_tokens"] = int(streams[s].size)
+        found[f"{s}_windows"] = ds.num_windows(s)
+    for key, value in found.items():
+        if a.get(key) != value:
+            problems.append(f"root attribute {key} is {a.get(key)!r}, the stored arrays give {value}")
+    return problems

@@ -1,8 +1,12 @@
 """The generic part of `mpitrain inspect`: any HDF5 file as a tree of groups and datasets.
 
-describe(h5file) -> nested dict (JSON-ready); format_tree(node) -> indented text. Used for
-every file kind; the kind-specific summaries (inspect_dataset, later checkpoints) add to it.
+describe(h5file) -> nested dict (JSON-ready); format_tree(node) -> indented text; dumps(obj)
+-> the strict JSON every `inspect --json` prints. Used for every file kind; the kind-specific
+summaries (inspect_dataset, inspect_checkpoint) add to it.
 """
+import json
+import math
+
 import h5py
 import numpy as np
 
@@ -93,3 +97,19 @@ def format_tree(node, indent=0):
     for child in node.get("children", ()):
         lines += format_tree(child, indent + 1)
     return lines
+
+
+def _finite_json(x):
+    """x with every non-finite float replaced by its JSON5/JavaScript name as a string, so the
+    output is strict JSON (a diverged run's loss can be NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "NaN" if x != x else ("Infinity" if x > 0 else "-Infinity")
+    if isinstance(x, dict):
+        return {k: _finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_json(v) for v in x]
+    return x
+
+
+def dumps(obj):
+    return json.dumps(_finite_json(obj), indent=1, ensure_ascii=False, allow_nan=False)

@@ -69,6 +69,9 @@ def test_verify_exit_codes(tmp_path, capsys):
     text.write_text("hello")
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
+        f.attrs["format"] = "someone-else"
+    hollow = tmp_path / "hollow.h5"  # says it is a dataset, holds nothing: opens, fails
+    with h5py.File(hollow, "w") as f:
         f.attrs["format"] = "mpitrain-dataset"
     assert _run(["--verify", str(good)]) == 0
     assert capsys.readouterr().out == f"{good}: ok\n"
@@ -79,6 +82,8 @@ def test_verify_exit_codes(tmp_path, capsys):
     for p in (text, other, tmp_path / "missing.h5"):
         assert _run(["--verify", str(p)]) == 2
     assert capsys.readouterr().out.count(": error: ") == 3
+    assert _run(["--verify", str(hollow)]) == 1
+    assert "DAMAGED: dataset format version None is not supported" in capsys.readouterr().out
     assert ic.verify_files([str(good), str(bad)], out=lambda _: None) == 1
     assert _run(["--verify", str(good), str(bad), str(trunc)]) == 1  # several files at once
     assert capsys.readouterr().out.count("DAMAGED") == 2

@@ -1,13 +1,15 @@
 """`mpitrain inspect FILE.h5`: the HDF5 tree of any file, plus a summary for the kinds of file
-mpitrain writes, chosen by the root `format` attribute."""
+mpitrain writes, chosen by the root `format` attribute. Focused views: --sequence K (one
+training window of a dataset), --vocab (the vocabulary), --verify (soundness, exit 0/1/2),
+and A.h5 B.h5 (per-tensor difference of two checkpoints)."""
 import importlib
-import json
 import os
+import sys
 
 import h5py
 
 from mpitrain.errors import UserError
-from mpitrain.inspect_tree import describe, format_tree, plain
+from mpitrain.inspect_tree import describe, dumps, format_tree, plain
 
 NAME = "inspect"
 HELP = "show an HDF5 file's structure and, for mpitrain files, a summary"
@@ -19,30 +21,58 @@ SUMMARIES = {
     "mpitrain-checkpoint": "mpitrain.inspect_checkpoint",
     "mpitrain-weights": "mpitrain.inspect_checkpoint",
 }
+DATASET = "mpitrain-dataset"
 
 
 def add_arguments(p):
-    p.add_argument("file", metavar="FILE.h5", help="dataset or other HDF5 file to inspect")
-    p.add_argument("--json", action="store_true",
-                   help="print tree and summary as one JSON object instead of text")
-    p.add_argument("--top", type=int, default=10,
-                   help="how many of the most frequent tokens to list")
-    p.add_argument("--no-tree", action="store_true", help="print only the summary")
+    p.add_argument("file", metavar="FILE.h5", help="dataset, checkpoint, export or any other "
+                   "HDF5 file")
     p.add_argument("others", nargs="*", metavar="OTHER.h5", help="a second checkpoint or "
-                   "export: print the per-tensor difference (exit 0 identical, 1 different)")
-    p.add_argument("--verify", action="store_true", help="verify checkpoints/exports: structure "
-                   "and checksums (exit 0 sound, 1 damaged, 2 missing or not a checkpoint)")
+                   "export: print the per-tensor difference (exit 0 identical, 1 different); "
+                   "with --verify, more files to check")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object instead of text (NaN and Inf "
+                   "as the strings \"NaN\", \"Infinity\", \"-Infinity\")")
+    p.add_argument("--top", type=int, default=None, help="how many tokens to list: the most "
+                   "frequent in a dataset's summary (10 when not given) and with --vocab (all "
+                   "when not given)")
+    p.add_argument("--no-tree", action="store_true", help="print only the summary")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--verify", action="store_true", help="check soundness: for checkpoints "
+                      "and exports structure, checksums and that every tensor is finite; for "
+                      "datasets the layout, token ids and counts (exit 0 sound, 1 damaged, 2 "
+                      "missing or not a file mpitrain writes)")
+    view.add_argument("--sequence", type=int, metavar="K", help="dataset: decode training "
+                      "window K (seq_len+1 tokens from K*seq_len of the --split stream): its "
+                      "ids, tokens and text")
+    view.add_argument("--vocab", action="store_true", help="list the vocabulary: for a dataset "
+                      "every id with its token and its counts in the stored token stream, most "
+                      "frequent first; for a checkpoint or export the ids and tokens it carries "
+                      "(no counts), in id order")
+    p.add_argument("--split", choices=("train", "val"), default="train",
+                   help="the split --sequence reads")
 
 
-def inspect_file(path, top=10):
-    """{"file", "format", "tree", "summary"} for any HDF5 file (summary None when the format is
-    not one mpitrain knows)."""
+def _file_format(path):
+    """The root `format` attribute of an HDF5 file (None when absent); UserError when the file
+    is missing, not HDF5 or will not open."""
     if not os.path.exists(path):
         raise UserError(f"no such file: {path}")
     if not os.path.isfile(path):
         raise UserError(f"not a file: {path}")
     if not h5py.is_hdf5(path):
         raise UserError(f"{path} is not an HDF5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            return plain(f.attrs.get("format"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def inspect_file(path, top=None):
+    """{"file", "format", "file_bytes", "tree", "summary"} for any HDF5 file (summary None when
+    the format is not one mpitrain knows)."""
+    _file_format(path)
     try:
         with h5py.File(path, "r") as f:
             fmt = plain(f.attrs.get("format"))
@@ -52,22 +82,55 @@ def inspect_file(path, top=10):
     summary = None
     if fmt in SUMMARIES:
         summary = importlib.import_module(SUMMARIES[fmt]).summarize(path, top=top)
-    return {"file": path, "format": fmt, "tree": tree, "summary": summary}
+    return {"file": path, "format": fmt, "file_bytes": os.path.getsize(path), "tree": tree,
+            "summary": summary}
+
+
+def _dataset_view(args, fmt):
+    """--sequence K and --vocab: one file, shown without tree or summary."""
+    ds_mod = importlib.import_module("mpitrain.inspect_dataset")
+    what = "--sequence" if args.sequence is not None else "--vocab"
+    if args.others:
+        raise UserError(f"{what} takes one file, got {1 + len(args.others)}")
+    if args.sequence is not None:
+        if fmt != DATASET:
+            kind = f"a {fmt} file" if fmt else "not a file mpitrain writes"
+            raise UserError(f"--sequence needs a dataset (made by `mpitrain prepare`); "
+                            f"{args.file} is {kind}")
+        result = ds_mod.sequence(args.file, args.sequence, args.split)
+        text = ds_mod.format_sequence
+    elif fmt == DATASET:
+        result, text = ds_mod.vocabulary(args.file, args.top), ds_mod.format_vocabulary
+    elif fmt in SUMMARIES:  # checkpoint or export: it carries the vocabulary it was trained on
+        result = importlib.import_module(SUMMARIES[fmt]).vocabulary(args.file, args.top)
+        text = ds_mod.format_vocabulary
+    else:
+        raise UserError(f"--vocab needs a dataset, checkpoint or export; {args.file} has "
+                        f"format {fmt!r}" if fmt else f"--vocab needs a dataset, checkpoint or "
+                        f"export; {args.file} has no 'format' attribute")
+    print(dumps(result) if args.json else text(result))
+    return 0
 
 
 def run(args):
-    if args.verify or args.others:  # checkpoint verification / comparison
-        return importlib.import_module("mpitrain.inspect_checkpoint").run_extra(args)
-    if args.top < 0:
+    if args.top is not None and args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")
+    # decoded text and tokens may hold any character: never fail on a terminal that lacks one
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    if args.verify or (args.others and args.sequence is None and not args.vocab):
+        return importlib.import_module("mpitrain.inspect_checkpoint").run_extra(args)
+    if args.sequence is not None or args.vocab:
+        return _dataset_view(args, _file_format(args.file))
     info = inspect_file(args.file, top=args.top)
     if args.no_tree:
         info.pop("tree")
     if args.json:
-        print(json.dumps(info, indent=1, ensure_ascii=False))
+        print(dumps(info))
         return 0
-    out = [f"{args.file}: format {info['format']!r}" if info["format"] is not None
-           else f"{args.file}: no 'format' attribute (not a file mpitrain wrote)"]
+    size = f", {info['file_bytes']:,} bytes on disk"
+    out = [f"{args.file}: format {info['format']!r}{size}" if info["format"] is not None
+           else f"{args.file}: no 'format' attribute (not a file mpitrain wrote){size}"]
     if "tree" in info:
         out += ["", "tree:"] + format_tree(info["tree"], 1)
     if info["summary"] is not None:

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from mpitrain import inspect_checkpoint as ic
-from mpitrain.checkpoint import export_weights
+from mpitrain.checkpoint import export_weights, verify
 from mpitrain.commands import inspect as inspect_cmd
 from mpitrain.errors import UserError
+from conftest import run_cli
 from test_checkpoint import _flip_byte_in, _save, _tensors
 
 
@@ -124,3 +125,67 @@ def test_compare_two_checkpoints(tmp_path, capsys):
     d = ic.compare(str(a), str(e))
     assert all(r["status"] == "identical" for r in d["tensors"]["params"])
     assert {r["status"] for r in d["tensors"]["optimizer/m"]} == {"only in A"}
+
+
+def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path):
+    # A diverged run saves NaN/Inf with correct CRC32s: only the finiteness check sees them.
+    path = tmp_path / "checkpoint_step_7.h5"
+    params, m = _tensors(1), _tensors(2)
+    params["lm_head.weight"][0, :2] = np.nan
+    params["lm_head.weight"][1, 0] = np.inf
+    m["transformer.wpe.weight"][3, 3] = -np.inf
+    _save(path, params=params, m=m, train_loss=float("nan"))
+    assert verify(path) == []  # checksums, names and shapes are all valid
+    p = run_cli("inspect", "--verify", path)
+    assert p.returncode == 1 and p.stderr == ""
+    n = params["lm_head.weight"].size
+    assert f"/params/lm_head.weight is not finite: 2 NaN and 1 Inf among {n:,} values" in p.stdout
+    assert "/optimizer/m/transformer.wpe.weight is not finite: 0 NaN and 1 Inf" in p.stdout
+    assert "/params/transformer.wpe.weight" not in p.stdout
+    p = run_cli("inspect", "--verify", "--json", path)
+    (res,) = json.loads(p.stdout)
+    assert p.returncode == 1 and res["status"] == 1 and len(res["problems"]) == 2
+    # the summary counts them per tensor, and its JSON stays strict (the NaN loss as a string)
+    p = run_cli("inspect", path, "--json", "--no-tree")
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert s["summary"]["train_loss"] == "NaN" and s["file_bytes"] == path.stat().st_size
+    row = {r["name"]: r for r in s["summary"]["tensors"]["params"]}["lm_head.weight"]
+    good = params["lm_head.weight"][np.isfinite(params["lm_head.weight"])].astype(np.float64)
+    assert (row["nan"], row["inf"]) == (2, 1) and row["mean"] == pytest.approx(good.mean())
+    p = run_cli("inspect", path, "--no-tree")
+    assert "finite       2 of 18 tensors hold NaN/Inf: /params/lm_head.weight (2 NaN, 1 Inf)" \
+        in p.stdout
+    # a finite checkpoint passes both checks
+    _save(tmp_path / "fine.h5")
+    p = run_cli("inspect", "--verify", tmp_path / "fine.h5")
+    assert p.returncode == 0 and p.stdout.endswith(": ok\n")
+    assert "finite       all 18 tensors" in run_cli("inspect", tmp_path / "fine.h5").stdout
+
+
+def test_checkpoint_inspect_through_the_command_line(tmp_path):
+    # Everything issue 6 lists for a checkpoint, through the real CLI, text and JSON.
+    path = tmp_path / "checkpoint_step_7.h5"
+    params, _, _ = _save(path)
+    p = run_cli("inspect", path)
+    assert p.returncode == 0, p.stderr
+    for fragment in (f"format 'mpitrain-checkpoint', {path.stat().st_size:,} bytes on disk",
+                     "tree:", "params/", "lm_head.weight  [", "contiguous", "(stored ",
+                     "@crc32 = ", "model        ", "d_model 8", "training     ", "seed 5",
+                     "step         7  epoch 1  data position: epoch 1, index 4",
+                     "loss         train 3.2500  val -", "parameters   ",
+                     "/params (6 tensors)", "/optimizer/m (6 tensors)"):
+        assert fragment in p.stdout, fragment
+    info = json.loads(run_cli("inspect", path, "--json").stdout)
+    s = info["summary"]
+    assert s["model_config"]["d_model"] == 8 and s["train_config"]["seed"] == 5
+    assert (s["step"], s["epoch"], s["data_position"]) == (7, 1, {"epoch": 1, "index": 4})
+    assert s["num_params"] == sum(a.size for a in params.values())
+    assert s["param_bytes"] == 4 * s["num_params"]
+    groups = {c["name"]: c for c in info["tree"]["children"]}
+    wte = {c["name"]: c for c in groups["params"]["children"]}["transformer.wte.weight"]
+    assert wte["stored_bytes"] == wte["bytes"] == params["transformer.wte.weight"].nbytes
+    export = tmp_path / "model.h5"
+    assert run_cli("export", path, "--out", export).returncode == 0
+    d = json.loads(run_cli("inspect", path, export, "--json").stdout)
+    assert all(r["status"] == "identical" for r in d["tensors"]["params"])

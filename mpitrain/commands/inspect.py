@@ -29,26 +29,26 @@ def add_arguments(p):
                    "HDF5 file")
     p.add_argument("others", nargs="*", metavar="OTHER.h5", help="a second checkpoint or "
                    "export: print the per-tensor difference (exit 0 identical, 1 different); "
-                   "with --verify, more files to check")
+                   "with --verify, more files to check%(default).0s")
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object instead of text (NaN and Inf "
-                   "as the strings \"NaN\", \"Infinity\", \"-Infinity\")")
-    p.add_argument("--top", type=int, default=None, help="how many tokens to list: the most "
+                   "as the strings \"NaN\", \"Infinity\", \"-Infinity\")%(default).0s")
+    p.add_argument("--top", type=int, default=None, metavar="N", help="how many tokens to list: the most "
                    "frequent in a dataset's summary (10 when not given) and with --vocab (all "
-                   "when not given)")
-    p.add_argument("--no-tree", action="store_true", help="print only the summary")
+                   "when not given)%(default).0s")
+    p.add_argument("--no-tree", action="store_true", help="print only the summary%(default).0s")
     view = p.add_mutually_exclusive_group()
     view.add_argument("--verify", action="store_true", help="check soundness: for checkpoints "
                       "and exports structure, checksums and that every tensor is finite; for "
                       "datasets the layout, token ids and counts (exit 0 sound, 1 damaged, 2 "
-                      "missing or not a file mpitrain writes)")
+                      "missing or not a file mpitrain writes)%(default).0s")
     view.add_argument("--sequence", type=int, metavar="K", help="dataset: decode training "
                       "window K (seq_len+1 tokens from K*seq_len of the --split stream): its "
-                      "ids, tokens and text")
+                      "ids, tokens and text%(default).0s")
     view.add_argument("--vocab", action="store_true", help="list the vocabulary: for a dataset "
                       "every id with its token and its counts in the stored token stream, most "
                       "frequent first; for a checkpoint or export the ids and tokens it carries "
-                      "(no counts), in id order")
+                      "(no counts), in id order%(default).0s")
     p.add_argument("--split", choices=("train", "val"), default="train",
                    help="the split --sequence reads")
 

@@ -1,13 +1,11 @@
 """train's options: --set refused by name, the configuration precedence, user errors as one
 line with exit 2 on every rank, --show-topology."""
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, assert_user_error, run_cli
+from conftest import assert_user_error, run_cli
 from mpitrain.config import PRESETS, ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 from mpitrain.topology import placement_table
@@ -87,12 +85,3 @@ def test_existing_run_needs_resume(tiny_dataset, tmp_path):
     assert_user_error(again, "already holds checkpoints")
     done = run_train(2, *tiny_args(tiny_dataset, run_dir, "--max-steps", 2, "--resume", "auto"))
     assert_user_error(done, "nothing to do")
-
-
-def test_not_under_mpi_is_refused_clearly(tiny_dataset, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")}
-    env["PYTHONPATH"] = REPO
-    proc = subprocess.run([sys.executable, "-m", "mpitrain", *map(str, tiny_args(
-        tiny_dataset, str(tmp_path / "run")))], env=env, capture_output=True, text=True,
-        timeout=60)
-    assert_user_error(proc, "mpirun")

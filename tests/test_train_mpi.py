@@ -153,3 +153,36 @@ def test_windows_are_the_groups_windows(tiny_dataset, tmp_path):
         for w in range(4):
             assert seen[w][step] == ids[shares[w]].tolist(), (step, w)
         assert sorted(sum((seen[w][step] for w in range(4)), [])) == sorted(ids.tolist())
+
+
+def test_matches_a_single_process_reference(runs, tiny_dataset):
+    """The distributed run against the plain loop it implements, in this process: the same data
+    order, learning-rate schedule, one forward_backward over the whole batch, clipping, AdamW."""
+    from mpitrain import Model
+    from mpitrain.config import ModelConfig, TrainConfig
+    from mpitrain.dataset import Dataset
+
+    records = read_metrics(runs[12])
+    start = records[0]
+    assert start["event"] == "start"
+    mc, tc = ModelConfig.from_dict(start["model_config"]), TrainConfig.from_dict(
+        start["train_config"])
+    ds = Dataset.open(tiny_dataset)
+    tokens, val = ds.split_tokens("train"), ds.split_tokens("val")
+    num_windows = schedule.window_count(len(tokens), tc.seq_len)
+    total = schedule.total_steps(num_windows, tc.batch_size, tc.epochs, tc.max_steps)
+    model = Model(mc, seed=tc.seed)
+    position, losses = schedule.DataPosition(), {}
+    for step in range(1, 21):
+        ids, position = schedule.next_batch(position, tc.batch_size, num_windows, tc.seed)
+        x, y = schedule.gather_windows(tokens, ids, tc.seq_len)
+        losses[step] = model.forward_backward(x, y)
+        model.clip_grad_norm(tc.clip)
+        model.adamw_step(schedule.lr_at(step, tc.lr, tc.warmup, total), step, beta1=tc.beta1,
+                         beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay)
+    got = step_losses(records)
+    assert all(_rel(got[s], losses[s]) < REL for s in losses), (got, losses)
+    eval_ids = schedule.eval_window_ids(schedule.window_count(len(val), tc.seq_len),
+                                        tc.eval_windows)
+    vx, vy = schedule.gather_windows(val, eval_ids, tc.seq_len)
+    assert _rel(val_losses(records)[20], model.loss(vx, vy)) < REL

@@ -206,13 +206,20 @@ MT_HOT void gelu_backward(float *dinp, const float *inp, const float *dout, size
     }
 }
 
-MT_HOT void gelu_grad_inplace(float *dbuf, const float *inp, size_t n) {
+/* out = gelu(x) and, in place of x, gelu'(x): one tanh per element for both (the backward
+ * pass needs the output for dW and the slope for the input gradient, and x no more). */
+MT_HOT void gelu_forward_slope(float *out, float *x_to_slope, size_t n) {
     for (size_t i = 0; i < n; i++) {
-        float x = inp[i];
+        float x = x_to_slope[i];
         float t = mt_tanhf(GELU_K * (x + 0.044715f * x * x * x));
         float du = GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
-        dbuf[i] *= 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+        out[i] = 0.5f * x * (1.0f + t);
+        x_to_slope[i] = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
     }
+}
+
+MT_HOT void vec_mul_inplace(float *a, const float *b, size_t n) {
+    for (size_t i = 0; i < n; i++) a[i] *= b[i];
 }
 
 MT_HOT void vec_expf(float *out, const float *inp, size_t n) {

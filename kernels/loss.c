@@ -3,7 +3,8 @@
  * The [B*T, V] logits are never materialised in training: rows are processed in chunks of R
  * rows through one shared (R,V) buffer. Per chunk, every thread
  *   1. computes its vocabulary slice of the chunk's logits (one GEMM, M = R rows),
- *   2. turns its rows into losses and, in place, dlogits = (softmax - onehot) * grad_scale,
+ *   2. turns its rows into losses and, in place, E = exp(logits - row max) (dlogits are
+ *      E scaled per row minus the onehot; the scaling is applied to the small operands),
  *   3. adds its vocabulary slice of dW_lm (summing over the chunk's rows) and writes its
  *      column slice of dlnf,
  * with a barrier after each step. Chunks are visited in order, so each dW_lm element is a sum
@@ -55,35 +56,79 @@ MT_HOT void softmax_xent_rows(float *logits, float *losses, const int32_t *targe
     }
 }
 
+/* Rows of logits (R,V) become E = exp(logit - row max) in place; losses[r] = lse - logit[t];
+ * inv[r] = 1 / sum_j E[r,j], so softmax = E * inv. */
+MT_HOT static void softmax_rows_unnormalised(float *logits, float *losses, float *inv,
+                                             const int32_t *targets, int R, int V) {
+    for (int r = 0; r < R; r++) {
+        float *x = logits + (size_t)r * V;
+        float mx = row_max(x, V);
+        float xt = x[targets[r]];
+        float sum = exp_sum_inplace(x, V, mx);
+        losses[r] = mx + logf(sum) - xt;
+        inv[r] = 1.0f / sum;
+    }
+}
+
+/* dlogits = diag(s) E - g onehot(t) with s_r = g / sum_r, g = grad_scale, is never written out:
+ *   dW_lm  += E^T (diag(s) x) - g sum_{r: t_r = j} x_r   (rows j of the onehot term)
+ *   dlnf_r  = s_r (E W_lm)_r - g W_lm[t_r]
+ * so the (R,V) chunk is not rescaled in place (one pass over it saved); only the (R,C) rows of
+ * x are scaled, into xs. The chunk buffer holds R*(V+C+1) floats: E, xs, s. */
 void output_layer_chunked(mt_model *m, int tid, int nt, const float *lnf, const float *wlm,
                           float *dwlm, float *dlnf, const int32_t *targets, float *losses,
                           float *chunk, int R, int N, int C, int V, float grad_scale) {
     int v0, v1, k0, k1;
+    float *xs = chunk + (size_t)R * V, *sc = xs + (size_t)R * C;
     mt_tick(m, tid, TK_OUTPUT);
     mt_split(V, tid, nt, 16, &v0, &v1);
     mt_split(C, tid, nt, 16, &k0, &k1);
     for (int c0 = 0; c0 < N; c0 += R) {
         int rows = N - c0 < R ? N - c0 : R;
         const float *x = lnf + (size_t)c0 * C;
+        const int32_t *tg = targets + c0;
         /* chunk[:, v0:v1] (rows, v1-v0) = x (rows,C) @ wlm[v0:v1] (v1-v0,C)^T */
         if (v1 > v0)
-            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, v1 - v0, C, 1.0f, x, C,
-                        wlm + (size_t)v0 * C, C, 0.0f, chunk + v0, V);
+            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, v1 - v0, C, 1.0f,
+                              x, C, wlm + (size_t)v0 * C, C, 0.0f, chunk + v0, V);
         mt_sync(m, tid);
         int r0, r1;
         mt_split(rows, tid, nt, 1, &r0, &r1);
-        softmax_xent_rows(chunk + (size_t)r0 * V, losses + c0 + r0, targets + c0 + r0,
-                          r1 - r0, V, grad_scale, dlnf != NULL);
+        softmax_rows_unnormalised(chunk + (size_t)r0 * V, losses + c0 + r0, sc + r0, tg + r0,
+                                  r1 - r0, V);
+        if (dlnf)
+            for (int r = r0; r < r1; r++) {
+                float s = grad_scale * sc[r];
+                sc[r] = s;
+                for (int k = 0; k < C; k++) xs[(size_t)r * C + k] = x[(size_t)r * C + k] * s;
+            }
         mt_sync(m, tid);
         if (dlnf) {
-            /* dwlm[v0:v1] (v1-v0,C) += chunk[:, v0:v1]^T @ x (rows,C) */
-            if (v1 > v0)
-                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, v1 - v0, C, rows, 1.0f,
-                            chunk + v0, V, x, C, 1.0f, dwlm + (size_t)v0 * C, C);
-            /* dlnf[c0:, k0:k1] (rows, k1-k0) = chunk (rows,V) @ wlm[:, k0:k1] (V, k1-k0) */
-            if (k1 > k0)
-                scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, k1 - k0, V, 1.0f,
-                            chunk, V, wlm + k0, C, 0.0f, dlnf + (size_t)c0 * C + k0, C);
+            if (v1 > v0) {
+                /* dwlm[v0:v1] (v1-v0,C) += E[:, v0:v1]^T @ xs (rows,C), then the onehot term
+                 * for the targets in this slice, rows in order */
+                scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, v1 - v0, C, rows,
+                                  1.0f, chunk + v0, V, xs, C, 1.0f, dwlm + (size_t)v0 * C, C);
+                for (int r = 0; r < rows; r++) {
+                    int t = tg[r];
+                    if (t < v0 || t >= v1) continue;
+                    float *d = dwlm + (size_t)t * C;
+                    const float *xr = x + (size_t)r * C;
+                    for (int k = 0; k < C; k++) d[k] -= grad_scale * xr[k];
+                }
+            }
+            if (k1 > k0) {
+                /* dlnf[c0:, k0:k1] (rows, k1-k0) = E (rows,V) @ wlm[:, k0:k1] (V, k1-k0), then
+                 * each row scaled by s_r minus g * wlm[t_r, k0:k1] */
+                float *o = dlnf + (size_t)c0 * C;
+                scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, k1 - k0, V,
+                                  1.0f, chunk, V, wlm + k0, C, 0.0f, o + k0, C);
+                for (int r = 0; r < rows; r++) {
+                    const float *w = wlm + (size_t)tg[r] * C;
+                    float *orow = o + (size_t)r * C;
+                    for (int k = k0; k < k1; k++) orow[k] = orow[k] * sc[r] - grad_scale * w[k];
+                }
+            }
             mt_sync(m, tid);
         }
     }

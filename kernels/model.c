@@ -186,7 +186,9 @@ static int ensure_chunk(mt_model *m, int N) {
     if (R < 16) R = 16;
     if (R > N) R = N;
     if (m->chunk && m->chunk_rows >= R) return MT_OK;
-    float *p = aligned_alloc(64, ((size_t)R * V * sizeof(float) + 63) & ~(size_t)63);
+    /* (R,V) exponentials, (R,C) scaled rows, (R) scales: see output_layer_chunked */
+    size_t floats = (size_t)R * ((size_t)V + (size_t)m->cfg.d_model + 1);
+    float *p = aligned_alloc(64, (floats * sizeof(float) + 63) & ~(size_t)63);
     if (!p) return MT_ENOMEM;
     free(m->chunk);
     m->chunk = p;

@@ -112,12 +112,14 @@ void attention_forward_item(float *out, float *lse, const float *qkv, int b, int
 void attention_backward_item(float *dqkv, const float *dout, const float *qkv, const float *lse,
                              int b, int h, int T, int C, int NH, float *att, float *datt);
 
-/* dbuf (n) *= gelu'(inp) in place: turns d(gelu output) into d(gelu input). */
-void gelu_grad_inplace(float *dbuf, const float *inp, size_t n);
+/* out (n) = gelu(x); x is overwritten by gelu'(x). */
+void gelu_forward_slope(float *out, float *x_to_slope, size_t n);
+/* a (n) *= b (n). */
+void vec_mul_inplace(float *a, const float *b, size_t n);
 
 /* ---- loss.c: the chunked output layer, called by every pool thread (see loss.c) ---------- */
-/* lnf (N,C), wlm (V,C), chunk (R,V) shared scratch, losses (N). With dlnf: dlnf (N,C) is
- * written and dwlm (V,C) accumulated; without (NULL), forward only. */
+/* lnf (N,C), wlm (V,C), chunk R*(V+C+1) floats of shared scratch, losses (N). With dlnf:
+ * dlnf (N,C) is written and dwlm (V,C) accumulated; without (NULL), forward only. */
 void output_layer_chunked(mt_model *m, int tid, int nt, const float *lnf, const float *wlm,
                           float *dwlm, float *dlnf, const int32_t *targets, float *losses,
                           float *chunk, int R, int N, int C, int V, float grad_scale);
@@ -170,7 +172,7 @@ struct mt_model {
     int parts;                     /* parts the work is split into: <= pool threads */
     float *att_scratch;            /* per thread 2*maxT*maxT */
     mt_acts train, infer;
-    float *chunk;                  /* (R,V) output-layer chunk */
+    float *chunk;                  /* output-layer chunk: R*(V+C+1) floats (loss.c) */
     int chunk_rows;
     uint64_t train_calls, windows;
     /* Optional partition of a training call (mt_forward_backward_parts): thread t does the

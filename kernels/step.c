@@ -97,16 +97,17 @@ static void backward(mt_step *s, int tid, int nt) {
         mt_block_acts *A = &a->slot[l];
         const mt_block *W = &m->P.h[l];
         mt_block *D = &m->G.h[l];
-        /* MLP out: x_next = res2 + gelu(fch) @ Wfcproj^T + b; dresid holds d x_next. */
+        /* MLP out: x_next = res2 + gelu(fch) @ Wfcproj^T + b; dresid holds d x_next.
+         * G = gelu(fch) again, and fch (not needed after this layer) becomes gelu'(fch). */
         mt_tick(m, tid, TK_GELU);
-        gelu_forward(a->G + rf, A->fch + rf, (size_t)nr * F);
+        gelu_forward_slope(a->G + rf, A->fch + rf, (size_t)nr * F);
         mt_sync(m, tid);
         mt_tick(m, tid, TK_MATMUL);
         matmul_backward_dweight_rows(D->fcprojw, D->fcprojb, a->dresid, a->G, N, F, C, c0, c1);
         mt_sync(m, tid);
         matmul_backward_dinp_rows(a->G, a->dresid, W->fcprojw, r0, r1, F, C);
         mt_tick(m, tid, TK_GELU);
-        gelu_grad_inplace(a->G + rf, A->fch + rf, (size_t)nr * F);
+        vec_mul_inplace(a->G + rf, A->fch + rf, (size_t)nr * F);
         mt_tick(m, tid, TK_LAYERNORM);
         layernorm_apply(a->lnbuf + rc, A->res2 + rc, W->ln2w, W->ln2b, A->ln2_mean + r0,
                         A->ln2_rstd + r0, nr, C);

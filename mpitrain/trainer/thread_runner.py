@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import sys
+import traceback
 
 import numpy as np
 
@@ -59,8 +60,8 @@ class ThreadWorker(Worker):
         if self.trace is not None:                   # one trace file per worker thread
             self.trace.close()
             trace_dir = os.environ["MPITRAIN_TRACE_WINDOWS"]
-            self.trace = [open(os.path.join(trace_dir, f"worker_{w}.jsonl"), "a", buffering=1)
-                          for w in range(num_workers)]
+            self.trace = _Traces(open(os.path.join(trace_dir, f"worker_{w}.jsonl"), "a",
+                                      buffering=1) for w in range(num_workers))
 
     def _train_step(self, command) -> None:
         m, tc = self.model, self.tc
@@ -82,14 +83,14 @@ class ThreadWorker(Worker):
                          weight_decay=tc.weight_decay, segments=self.full_segments,
                          threads=self.opt_threads)
 
-    def run(self) -> None:
-        try:
-            super().run()
-        finally:
-            if isinstance(self.trace, list):
-                for f in self.trace:
-                    f.close()
-                self.trace = None
+
+
+class _Traces(list):
+    """The per-worker-thread trace files (test hook), closed together by Worker.run."""
+
+    def close(self) -> None:
+        for f in self:
+            f.close()
 
 
 def _install_signals(on_first) -> None:
@@ -130,14 +131,19 @@ def run_threads(options: dict, threads: int) -> int:
         del checkpoint
         link.start(lambda comm: ThreadWorker(plan, comm, workers).run())
         run_node_zero(node_zero, _install_signals)
-    except WorkerThreadError as e:
+    except BaseException as e:
+        # As MPI mode's abort path: say which thread failed and end the process at once (an
+        # orderly interpreter exit was measured to hang in h5py's finaliser after a worker
+        # thread's exception; a checkpoint being written is under its temporary name).
         link.abort()
-        sys.stderr.write(e.details)
-        print(f"mpitrain: worker thread: {e}", file=sys.stderr, flush=True)
-        return 1
-    except BaseException:
-        link.abort()
-        if link.thread is not None:
-            link.thread.join(timeout=30)
-        raise
+        if isinstance(e, WorkerThreadError):
+            sys.stderr.write(e.details)
+            who = "worker thread"
+        else:
+            traceback.print_exc(file=sys.stderr)
+            who = "Node Zero"
+        print(f"mpitrain: {who}: {e if who == 'worker thread' else f'{type(e).__name__}: {e}'}",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 0

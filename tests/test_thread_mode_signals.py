@@ -1,0 +1,64 @@
+"""SIGTERM (or Ctrl-C) in thread mode: Node Zero saves a checkpoint of the last issued step and
+the process exits 0 within 30 s; the run resumes from it."""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mpitrain.checkpoint import load_checkpoint
+from test_thread_mode import run_threads, thread_env
+from test_train_support import heartbeat, read_metrics, step_losses, tiny_dataset  # noqa: F401
+
+LIMIT = 30.0  # s from the signal to the end of the process
+
+
+def _long_run(dataset, run_dir, threads=12):
+    args = ["--threads", threads, "--preset", "tiny", "--dataset", dataset, "--run-dir",
+            run_dir, "--epochs", 10000, "--eval-every", 100000, "--save-every", 100000,
+            "--quiet"]
+    return subprocess.Popen([sys.executable, "-m", "mpitrain", "train", *map(str, args)],
+                            env=thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_training(proc, run_dir, timeout=60.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        beat = heartbeat(run_dir)
+        if beat is not None and beat["step"] > 0:
+            return beat
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("training did not start")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_exits(tiny_dataset, tmp_path, signum):
+    run_dir = str(tmp_path / "run")
+    proc = _long_run(tiny_dataset, run_dir)
+    _wait_training(proc, run_dir)
+    t0 = time.monotonic()
+    proc.send_signal(signum)
+    try:
+        out, err = proc.communicate(timeout=LIMIT + 10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the process did not end after the signal")
+    assert time.monotonic() - t0 < LIMIT
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out
+    records = read_metrics(run_dir)
+    last = max(step_losses(records))
+    assert any(r.get("event") == "signal" and r["signal"] == signum for r in records)
+    assert any(r.get("event") == "checkpoint" and r["step"] == last for r in records)
+    ckpt = load_checkpoint(f"{run_dir}/checkpoint_step_{last}.h5")
+    assert ckpt.step == last
+    # and it resumes (a few more steps)
+    proc = run_threads(4, "--preset", "tiny", "--dataset", tiny_dataset, "--run-dir", run_dir,
+                       "--epochs", 10000, "--eval-every", 100000, "--save-every", 100000,
+                       "--stop-at", last + 3, "--resume", "auto", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert max(step_losses(read_metrics(run_dir))) == last + 3

@@ -23,7 +23,7 @@ from mpitrain.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, verify
 from mpitrain.errors import UserError
 from mpitrain.inspect_dataset import FORMAT as DATASET_FORMAT
 from mpitrain.inspect_dataset import verify as verify_dataset
-from mpitrain.inspect_tree import dumps
+from mpitrain.inspect_tree import dumps, hdf5_failure
 from mpitrain.tokenizer import Tokenizer, escape_token
 
 FORMATS = (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)
@@ -183,6 +183,16 @@ def nonfinite(path):
 
 def verify_one(path):
     """(status, problems) for one file: 0 sound, 1 damaged, 2 missing or not one of ours."""
+    try:
+        return _verify_one(path)
+    except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
+        if not hdf5_failure(e):
+            raise
+        msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        return 1, [f"its HDF5 structure is damaged ({msg})"]
+
+
+def _verify_one(path):
     if not os.path.isfile(path):
         return 2, ["no such file"]
     if not h5py.is_hdf5(path):
@@ -190,7 +200,9 @@ def verify_one(path):
     try:
         with h5py.File(path, "r") as f:
             fmt = _plain(f.attrs.get("format"))
-    except OSError:
+    except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
+        if not (isinstance(e, OSError) or hdf5_failure(e)):
+            raise
         fmt = None  # an HDF5 signature that will not open: truncated or damaged, verify says how
     else:
         if fmt == DATASET_FORMAT:

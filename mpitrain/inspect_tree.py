@@ -6,6 +6,7 @@ summaries (inspect_dataset, inspect_checkpoint) add to it.
 """
 import json
 import math
+import os
 
 import h5py
 import numpy as np
@@ -25,13 +26,38 @@ def plain(value):
     return value
 
 
+def hdf5_failure(exc) -> bool:
+    """True when `exc` was raised inside h5py or the HDF5 library, i.e. by a damaged file (its
+    metadata fails a checksum, an address points past the end, ...), not by mpitrain's code.
+    HDF5 reports such damage as OSError, KeyError, RuntimeError or a decoding error."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    where = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+    return where.startswith("h5py/") or "/h5py/" in where
+
+
+def _unreadable(e):
+    return f"<unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}>"
+
+
 def _attrs(obj):
     out = {}
-    for k in sorted(obj.attrs):
+    try:
+        keys = sorted(obj.attrs)
+    except Exception as e:  # noqa: BLE001 - damaged attribute storage: say so, keep going
+        if not hdf5_failure(e):
+            raise
+        return {"<attributes>": _unreadable(e)}
+    for k in keys:
         try:
             out[k] = plain(obj.attrs[k])
-        except (OSError, TypeError) as e:  # a type h5py cannot read: say so, keep going
-            out[k] = f"<unreadable: {e}>"
+        except Exception as e:  # noqa: BLE001 - a type h5py cannot read, or damage
+            if not (isinstance(e, (OSError, TypeError)) or hdf5_failure(e)):
+                raise
+            out[k] = _unreadable(e)
     return out
 
 
@@ -56,15 +82,31 @@ def describe(node, name="/"):
             "chunks": list(node.chunks) if node.chunks else None,
             "filters": _filters(node), "attrs": _attrs(node),
         }
-    children = []
-    for key in node:  # h5py lists members by name
-        link = node.get(key, getlink=True)
-        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
-            children.append({"name": key, "kind": "link", "target": getattr(link, "path", ""),
+    children, damage = [], None
+    try:
+        keys = list(node)  # h5py lists members by name
+    except Exception as e:  # noqa: BLE001 - a damaged group: show it and go on
+        if not hdf5_failure(e):
+            raise
+        keys, damage = [], _unreadable(e)
+    for key in keys:
+        label = key if isinstance(key, str) else plain(bytes(key))  # undecodable name: bytes
+        try:
+            link = node.get(key, getlink=True)
+            if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                children.append({"name": label, "kind": "link",
+                                 "target": getattr(link, "path", ""), "attrs": {}})
+                continue
+            children.append(describe(node[key], label))
+        except Exception as e:  # noqa: BLE001 - one damaged member: mark it, list the rest
+            if not hdf5_failure(e):
+                raise
+            children.append({"name": label, "kind": "unreadable", "error": _unreadable(e),
                              "attrs": {}})
-            continue
-        children.append(describe(node[key], key))
-    return {"name": name, "kind": "group", "attrs": _attrs(node), "children": children}
+    out = {"name": name, "kind": "group", "attrs": _attrs(node), "children": children}
+    if damage:
+        out["error"] = damage
+    return out
 
 
 def _short(v, width=100):
@@ -90,8 +132,11 @@ def format_tree(node, indent=0):
                  f"(stored {_human(node['stored_bytes'])}), {layout}{filters}"]
     elif node["kind"] == "link":
         return [f"{pad}{node['name']} -> {node['target']}"]
+    elif node["kind"] == "unreadable":
+        return [f"{pad}{node['name']}  {node['error']}"]
     else:
-        lines = [f"{pad}{node['name']}{'' if node['name'].endswith('/') else '/'}"]
+        lines = [f"{pad}{node['name']}{'' if node['name'].endswith('/') else '/'}"
+                 + (f"  members {node['error']}" if node.get("error") else "")]
     for k, v in node["attrs"].items():
         lines.append(f"{pad}    @{k} = {_short(v)}")
     for child in node.get("children", ()):

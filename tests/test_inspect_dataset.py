@@ -75,3 +75,27 @@ def test_inspect_errors(tmp_path):
     (tmp_path / "t.h5").write_text("text")
     assert_user_error(run_cli("inspect", tmp_path / "t.h5"), "not an HDF5 file")
     assert_user_error(run_cli("inspect"), "required")
+
+
+def test_damaged_object_header_shows_the_rest_of_the_tree(tmp_path):
+    # HDF5 (libver latest) checksums each object header: a flipped byte in /d1's header makes
+    # HDF5 fail to open that object (a KeyError/RuntimeError from h5py, not an OSError).
+    path = tmp_path / "hurt.h5"
+    with h5py.File(path, "w", libver="latest") as f:
+        for i in range(3):
+            f.create_dataset(f"d{i}", data=np.arange(6, dtype=np.float32), track_times=False)
+        header = h5py.h5o.get_info(f["d1"].id).addr
+    raw = bytearray(path.read_bytes())
+    assert raw[header:header + 4] == b"OHDR"
+    raw[header + 12] ^= 0x10
+    path.write_bytes(bytes(raw))
+    p = run_cli("inspect", path)
+    assert p.returncode == 1 and p.stderr == "", p.stderr
+    assert "d0  [6] float32" in p.stdout and "d2  [6] float32" in p.stdout
+    assert "d1  <unreadable: " in p.stdout and "DAMAGED: /d1: <unreadable: " in p.stdout
+    info = json.loads(run_cli("inspect", path, "--json").stdout)
+    assert info["damage"].startswith("/d1: ")
+    assert [c["kind"] for c in info["tree"]["children"]] == ["dataset", "unreadable", "dataset"]
+    assert_user_error(run_cli("inspect", path, "--vocab"), "no 'format' attribute")
+    p = run_cli("inspect", "--verify", path)  # not one of ours: --verify does not judge it
+    assert p.returncode == 2 and "error: not a file mpitrain writes" in p.stdout

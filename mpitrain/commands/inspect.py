@@ -9,7 +9,7 @@ import sys
 import h5py
 
 from mpitrain.errors import UserError
-from mpitrain.inspect_tree import describe, dumps, format_tree, plain
+from mpitrain.inspect_tree import describe, dumps, format_tree, hdf5_failure, plain
 
 NAME = "inspect"
 HELP = "show an HDF5 file's structure and, for mpitrain files, a summary"
@@ -65,25 +65,46 @@ def _file_format(path):
     try:
         with h5py.File(path, "r") as f:
             return plain(f.attrs.get("format"))
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
+        if not (isinstance(e, OSError) or hdf5_failure(e)):
+            raise
+        raise UserError(f"cannot read {path}: {_first_line(e)}") from None
+
+
+def _first_line(e):
+    return str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+
+
+def _tree_damage(node):
+    """The first damage note in a describe() tree, or None."""
+    if node.get("error"):
+        return f"/{node['name'].strip('/')}: {node['error']}"
+    for child in node.get("children", ()):
+        found = _tree_damage(child)
+        if found:
+            return found
+    return None
 
 
 def inspect_file(path, top=None):
-    """{"file", "format", "file_bytes", "tree", "summary"} for any HDF5 file (summary None when
-    the format is not one mpitrain knows)."""
-    _file_format(path)
-    try:
-        with h5py.File(path, "r") as f:
-            fmt = plain(f.attrs.get("format"))
-            tree = describe(f)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    summary = None
+    """{"file", "format", "file_bytes", "tree", "summary", "damage"} for any HDF5 file (summary
+    None when the format is not one mpitrain knows or the file is too damaged for it; damage
+    None when everything read, else what failed first)."""
+    fmt = _file_format(path)
+    with h5py.File(path, "r") as f:
+        tree = describe(f)  # marks damaged members instead of failing
+    summary, damage = None, _tree_damage(tree)
     if fmt in SUMMARIES:
-        summary = importlib.import_module(SUMMARIES[fmt]).summarize(path, top=top)
+        try:
+            summary = importlib.import_module(SUMMARIES[fmt]).summarize(path, top=top)
+        except UserError as e:  # e.g. a dataset whose layout checks fail
+            damage = str(e)
+        except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
+            if not hdf5_failure(e):
+                raise
+            damage = f"the {fmt} summary cannot be read: {_first_line(e)}"
     return {"file": path, "format": fmt, "file_bytes": os.path.getsize(path), "tree": tree,
-            "summary": summary}
+            "summary": summary, "damage": damage}
 
 
 def _dataset_view(args, fmt):
@@ -112,6 +133,17 @@ def _dataset_view(args, fmt):
     return 0
 
 
+def _damaged_to_user_error(path, work):
+    """work() with HDF5-level damage turned into one line (exit 2)."""
+    try:
+        return work()
+    except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
+        if not hdf5_failure(e):
+            raise
+        raise UserError(f"{path} is damaged ({_first_line(e)}); `mpitrain inspect --verify "
+                        f"{path}` says more") from None
+
+
 def run(args):
     if args.top is not None and args.top < 0:
         raise UserError(f"--top must be >= 0, got {args.top}")
@@ -119,15 +151,18 @@ def run(args):
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
     if args.verify or (args.others and args.sequence is None and not args.vocab):
-        return importlib.import_module("mpitrain.inspect_checkpoint").run_extra(args)
+        return _damaged_to_user_error(args.file, lambda: importlib.import_module(
+            "mpitrain.inspect_checkpoint").run_extra(args))
     if args.sequence is not None or args.vocab:
-        return _dataset_view(args, _file_format(args.file))
+        return _damaged_to_user_error(args.file,
+                                      lambda: _dataset_view(args, _file_format(args.file)))
     info = inspect_file(args.file, top=args.top)
+    status = 1 if info["damage"] else 0  # as --verify: the file opens but fails
     if args.no_tree:
         info.pop("tree")
     if args.json:
         print(dumps(info))
-        return 0
+        return status
     size = f", {info['file_bytes']:,} bytes on disk"
     out = [f"{args.file}: format {info['format']!r}{size}" if info["format"] is not None
            else f"{args.file}: no 'format' attribute (not a file mpitrain wrote){size}"]
@@ -136,5 +171,8 @@ def run(args):
     if info["summary"] is not None:
         summary_text = importlib.import_module(SUMMARIES[info["format"]]).format_summary
         out += ["", "summary:", summary_text(info["summary"])]
+    if info["damage"]:
+        out += ["", f"DAMAGED: {info['damage']} (exit status 1; `mpitrain inspect --verify` "
+                "checks everything)"]
     print("\n".join(out))
-    return 0
+    return status

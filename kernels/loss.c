@@ -10,6 +10,7 @@
  * with a barrier after each step. Chunks are visited in order, so each dW_lm element is a sum
  * in a fixed order whatever the thread count. */
 #include <math.h>
+#include <string.h>
 #include "mt_internal.h"
 
 /* Max of x[0..n) with 16 independent lanes (vectorisable; max is order-independent). */
@@ -74,15 +75,17 @@ MT_HOT static void softmax_rows_unnormalised(float *logits, float *losses, float
  *   dW_lm  += E^T (diag(s) x) - g sum_{r: t_r = j} x_r   (rows j of the onehot term)
  *   dlnf_r  = s_r (E W_lm)_r - g W_lm[t_r]
  * so the (R,V) chunk is not rescaled in place (one pass over it saved); only the (R,C) rows of
- * x are scaled, into xs. The chunk buffer holds R*(V+C+1) floats: E, xs, s. */
+ * x are scaled, into xs. E W_lm is summed over the vocabulary: each thread multiplies its own
+ * vocabulary slice into a partial (R,C) (no thread packs the whole (R,V) chunk), and the
+ * partials are added per row in thread order. The chunk buffer holds R*(V+C+1+C*nt) floats:
+ * E, xs, s, partials. */
 void output_layer_chunked(mt_model *m, int tid, int nt, const float *lnf, const float *wlm,
                           float *dwlm, float *dlnf, const int32_t *targets, float *losses,
                           float *chunk, int R, int N, int C, int V, float grad_scale) {
-    int v0, v1, k0, k1;
+    int v0, v1;
     float *xs = chunk + (size_t)R * V, *sc = xs + (size_t)R * C;
     mt_tick(m, tid, TK_OUTPUT);
     mt_split(V, tid, nt, 16, &v0, &v1);
-    mt_split(C, tid, nt, 16, &k0, &k1);
     for (int c0 = 0; c0 < N; c0 += R) {
         int rows = N - c0 < R ? N - c0 : R;
         const float *x = lnf + (size_t)c0 * C;
@@ -117,17 +120,25 @@ void output_layer_chunked(mt_model *m, int tid, int nt, const float *lnf, const 
                     for (int k = 0; k < C; k++) d[k] -= grad_scale * xr[k];
                 }
             }
-            if (k1 > k0) {
-                /* dlnf[c0:, k0:k1] (rows, k1-k0) = E (rows,V) @ wlm[:, k0:k1] (V, k1-k0), then
-                 * each row scaled by s_r minus g * wlm[t_r, k0:k1] */
-                float *o = dlnf + (size_t)c0 * C;
-                scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, k1 - k0, V,
-                                  1.0f, chunk, V, wlm + k0, C, 0.0f, o + k0, C);
-                for (int r = 0; r < rows; r++) {
-                    const float *w = wlm + (size_t)tg[r] * C;
-                    float *orow = o + (size_t)r * C;
-                    for (int k = k0; k < k1; k++) orow[k] = orow[k] * sc[r] - grad_scale * w[k];
+            /* part[tid] (rows,C) = E[:, v0:v1] (rows, v1-v0) @ wlm[v0:v1] (v1-v0, C) */
+            float *part = sc + R + (size_t)tid * R * C;
+            if (v1 > v0)
+                scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, C, v1 - v0,
+                                  1.0f, chunk + v0, V, wlm + (size_t)v0 * C, C, 0.0f, part, C);
+            else
+                memset(part, 0, sizeof(float) * (size_t)rows * C);
+            mt_sync(m, tid);
+            /* dlnf rows (own rows of the chunk) = s_r * sum_t part[t]_r - g * wlm[t_r] */
+            for (int r = r0; r < r1; r++) {
+                float *o = dlnf + (size_t)(c0 + r) * C;
+                const float *w = wlm + (size_t)tg[r] * C;
+                const float *p0 = sc + R + (size_t)r * C;
+                for (int k = 0; k < C; k++) o[k] = p0[k];
+                for (int t = 1; t < nt; t++) {
+                    const float *pt = p0 + (size_t)t * R * C;
+                    for (int k = 0; k < C; k++) o[k] += pt[k];
                 }
+                for (int k = 0; k < C; k++) o[k] = o[k] * sc[r] - grad_scale * w[k];
             }
             mt_sync(m, tid);
         }

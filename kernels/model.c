@@ -181,18 +181,22 @@ static int acts_alloc(mt_acts *a, const mt_config *c, int rows, int training) {
 }
 
 static int ensure_chunk(mt_model *m, int N) {
-    int V = m->cfg.vocab_size;
+    int V = m->cfg.vocab_size, threads = pool_size(m->pool);
     int R = (int)(CHUNK_FLOATS / (unsigned)V) & ~15;
     if (R < 16) R = 16;
     if (R > N) R = N;
-    if (m->chunk && m->chunk_rows >= R) return MT_OK;
-    /* (R,V) exponentials, (R,C) scaled rows, (R) scales: see output_layer_chunked */
-    size_t floats = (size_t)R * ((size_t)V + (size_t)m->cfg.d_model + 1);
+    if (m->chunk && m->chunk_rows >= R && m->chunk_threads >= threads) return MT_OK;
+    if (m->chunk && m->chunk_rows > R) R = m->chunk_rows;
+    /* (R,V) exponentials, (R,C) scaled rows, (R) scales, and (R,C) per thread for the partial
+     * sums of dlnf: see output_layer_chunked */
+    size_t C = (size_t)m->cfg.d_model;
+    size_t floats = (size_t)R * ((size_t)V + C + 1 + C * (size_t)threads);
     float *p = aligned_alloc(64, (floats * sizeof(float) + 63) & ~(size_t)63);
     if (!p) return MT_ENOMEM;
     free(m->chunk);
     m->chunk = p;
     m->chunk_rows = R;
+    m->chunk_threads = threads;
     return MT_OK;
 }
 

@@ -12,7 +12,11 @@
 
 /* Hot element-wise loops are compiled for AVX-512 and AVX2 as well as the baseline and the
  * best one is picked at load time (GCC function multiversioning); results on one machine are
- * always the same. MT_NO_TARGET_CLONES (e.g. for sanitizer builds) turns this off. */
+ * always the same. Off under sanitizers (an instrumented ifunc resolver runs before the
+ * ThreadSanitizer runtime is up and crashes) and with -DMT_NO_TARGET_CLONES. */
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define MT_NO_TARGET_CLONES 1
+#endif
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MT_NO_TARGET_CLONES)
 #define MT_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -118,7 +122,7 @@ void gelu_forward_slope(float *out, float *x_to_slope, size_t n);
 void vec_mul_inplace(float *a, const float *b, size_t n);
 
 /* ---- loss.c: the chunked output layer, called by every pool thread (see loss.c) ---------- */
-/* lnf (N,C), wlm (V,C), chunk R*(V+C+1) floats of shared scratch, losses (N). With dlnf:
+/* lnf (N,C), wlm (V,C), chunk R*(V+C+1+C*nt) floats of scratch, losses (N). With dlnf:
  * dlnf (N,C) is written and dwlm (V,C) accumulated; without (NULL), forward only. */
 void output_layer_chunked(mt_model *m, int tid, int nt, const float *lnf, const float *wlm,
                           float *dwlm, float *dlnf, const int32_t *targets, float *losses,
@@ -172,8 +176,8 @@ struct mt_model {
     int parts;                     /* parts the work is split into: <= pool threads */
     float *att_scratch;            /* per thread 2*maxT*maxT */
     mt_acts train, infer;
-    float *chunk;                  /* output-layer chunk: R*(V+C+1) floats (loss.c) */
-    int chunk_rows;
+    float *chunk;                  /* output-layer chunk: R*(V+C+1+C*threads) floats (loss.c) */
+    int chunk_rows, chunk_threads;
     uint64_t train_calls, windows;
     /* Optional partition of a training call (mt_forward_backward_parts): thread t does the
      * row-local work of windows [part_off[t], part_off[t+1]); NULL = even row split. Set only

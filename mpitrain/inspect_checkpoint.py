@@ -15,6 +15,7 @@ vocabulary(path, top): the vocabulary a checkpoint carries (ids and tokens; no c
 """
 import json
 import os
+import re
 
 import h5py
 import numpy as np
@@ -185,6 +186,8 @@ def verify_one(path):
     """(status, problems) for one file: 0 sound, 1 damaged, 2 missing or not one of ours."""
     try:
         return _verify_one(path)
+    except re.error as e:  # /vocab's pattern attribute (not checksummed) no longer compiles
+        return 1, [f"its vocabulary's pre-token pattern is damaged ({e})"]
     except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
         if not hdf5_failure(e):
             raise
@@ -336,7 +339,7 @@ def vocabulary(path, top=None):
                 raise UserError(f"{path} has no /vocab group (damaged); see inspect --verify")
             tok = Tokenizer.from_hdf5(f["vocab"], where=f"{path}: vocabulary")
             fmt = _plain(f.attrs.get("format"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, re.error) as e:
         raise UserError(f"cannot read the vocabulary of {path}: {str(e).splitlines()[0]}") \
             from None
     n = tok.vocab_size if top is None else min(top, tok.vocab_size)

@@ -137,8 +137,8 @@ def format_summary(s):
         f"parameters   {s['num_params']:,} ({s['param_bytes']:,} bytes){vocab}",
         f"written by   {cb.get('program', '?')} {cb.get('version', '?')} on {cb.get('host', '?')} "
         f"(PID {cb.get('pid', '?')}) at {cb.get('time_utc', '?')}",
-        "checksums    " + ("all tensors and attributes verify" if not s["problems"]
-                           else f"{len(s['problems'])} problem(s): " + "; ".join(s["problems"][:3])),
+        "checksums    " + ("all tensors and attributes verify" if not s["problems"] else
+                           f"{len(s['problems'])} problem(s): " + "; ".join(s["problems"][:3])),
         "finite       " + _finite_line(s["tensors"]),
     ]
     for where, rows in s["tensors"].items():

@@ -136,7 +136,8 @@ def format_sequence(w):
     for i in range(0, len(w["ids"]), 16):
         lines.append("  " + " ".join(f"{x:>6}" for x in w["ids"][i:i + 16]))
     lines.append("tokens:")
-    lines += [f"  {pos:>6} {i:>7}  \"{t}\"" for pos, (i, t) in enumerate(zip(w["ids"], w["tokens"]))]
+    lines += [f"  {pos:>6} {i:>7}  \"{t}\""
+              for pos, (i, t) in enumerate(zip(w["ids"], w["tokens"]))]
     lines.append("text:")
     lines += ["  | " + line for line in w["text"].split("\n")]
     return "\n".join(lines)
@@ -196,5 +197,6 @@ def verify(path):
         found[f"{s}_windows"] = ds.num_windows(s)
     for key, value in found.items():
         if a.get(key) != value:
-            problems.append(f"root attribute {key} is {a.get(key)!r}, the stored arrays give {value}")
+            problems.append(f"root attribute {key} is {a.get(key)!r}, the stored arrays give "
+                            f"{value}")
     return problems

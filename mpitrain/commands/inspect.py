@@ -33,9 +33,9 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object instead of text (NaN and Inf "
                    "as the strings \"NaN\", \"Infinity\", \"-Infinity\")%(default).0s")
-    p.add_argument("--top", type=int, default=None, metavar="N", help="how many tokens to list: the most "
-                   "frequent in a dataset's summary (10 when not given) and with --vocab (all "
-                   "when not given)%(default).0s")
+    p.add_argument("--top", type=int, default=None, metavar="N",
+                   help="how many tokens to list: the most frequent in a dataset's summary "
+                   "(10 when not given) and with --vocab (all when not given)%(default).0s")
     p.add_argument("--no-tree", action="store_true", help="print only the summary%(default).0s")
     view = p.add_mutually_exclusive_group()
     view.add_argument("--verify", action="store_true", help="check soundness: for checkpoints "

@@ -72,26 +72,32 @@ def summarize(path, top=10):
     }
 
 
+def _f(x, spec=","):
+    """A root attribute formatted with `spec`, or "?" when the file lacks it (or holds
+    something else than a number there), so a damaged or older file still prints."""
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else "?"
+
+
 def format_summary(s):
     sp = s["splits"]
+    python = f" (Python {s['python_version']})" if s["corpus"] == "python-stdlib" else ""
     lines = [
         f"dataset      format {s['format']} v{s['format_version']}, corpus "
-        f"{s['corpus']}{' ' + s['data_dir'] if s['data_dir'] else ''}"
-        f"{' (Python ' + s['python_version'] + ')' if s['corpus'] == 'python-stdlib' else ''}",
+        f"{s['corpus']}{' ' + str(s['data_dir']) if s['data_dir'] else ''}{python}",
         f"vocabulary   {s['vocab_size']:,} ids (end-of-document id {s['eod_id']}), "
         f"tokens stored as {s['token_dtype']}",
-        f"tokens       {s['tokens']:,} in {s['documents']:,} documents from {s['sources']:,} "
-        f"sources ({s['bytes']:,} bytes, {s['tokens_per_byte']:.3f} tokens per byte)",
+        f"tokens       {s['tokens']:,} in {s['documents']:,} documents from {_f(s['sources'])} "
+        f"sources ({_f(s['bytes'])} bytes, {_f(s['tokens_per_byte'], '.3f')} tokens per byte)",
     ]
     for name in ("train", "val"):
-        lines.append(f"  {name:<10} {sp[name]['tokens']:,} tokens, {sp[name]['documents']:,} "
+        lines.append(f"  {name:<10} {sp[name]['tokens']:,} tokens, {_f(sp[name]['documents'])} "
                      f"documents, {sp[name]['windows']:,} windows of {s['seq_len']}+1")
     lines += [
-        f"skipped      {s['binary_files_skipped']:,} binary files; "
-        f"{s['invalid_utf8_files']:,} files with invalid UTF-8 "
-        f"({s['replacement_characters']:,} characters replaced)",
-        f"coverage     {s['coverage']:.2%} of pre-tokens in the vocabulary "
-        f"({s['byte_fallback_fraction']:.2%} fell back to bytes)",
+        f"skipped      {_f(s['binary_files_skipped'])} binary files; "
+        f"{_f(s['invalid_utf8_files'])} files with invalid UTF-8 "
+        f"({_f(s['replacement_characters'])} characters replaced)",
+        f"coverage     {_f(s['coverage'], '.2%')} of pre-tokens in the vocabulary "
+        f"({_f(s['byte_fallback_fraction'], '.2%')} fell back to bytes)",
         "most frequent tokens:",
     ]
     for t in s["most_frequent_tokens"]:
@@ -100,7 +106,7 @@ def format_summary(s):
     smp = s["sample"]
     lines.append(f"sample       the first {smp['tokens']} tokens of the {smp['split']} stream, "
                  "decoded:")
-    lines += ["  | " + l for l in smp["text"].split("\n")]
+    lines += ["  | " + line for line in smp["text"].split("\n")]
     return "\n".join(lines)
 
 

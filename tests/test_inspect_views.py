@@ -163,3 +163,16 @@ def test_dataset_with_a_broken_vocabulary_pattern(dataset, tmp_path):
     assert p.returncode == 1 and "pre-token pattern does not compile" in p.stdout
     assert_user_error(run_cli("inspect", bad, "--sequence", 0), "pre-token pattern")
     assert_user_error(run_cli("inspect", bad, "--vocab"), "pre-token pattern")
+
+
+def test_summary_of_a_dataset_missing_root_attributes(dataset, tmp_path):
+    # An older or damaged file without some descriptive root attributes still prints ("?").
+    older = tmp_path / "older.h5"
+    older.write_bytes(dataset.read_bytes())
+    with h5py.File(older, "r+") as f:
+        for key in ("bytes", "coverage", "files"):
+            del f.attrs[key]
+    p = run_cli("inspect", older, "--no-tree")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert "from ? sources (? bytes," in p.stdout and "coverage     ? of pre-tokens" in p.stdout
+    assert json.loads(run_cli("inspect", older, "--json").stdout)["summary"]["bytes"] is None

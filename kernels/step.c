@@ -78,9 +78,13 @@ static void backward(mt_step *s, int tid, int nt) {
     int V = m->cfg.vocab_size, T = s->T, N = s->B * T;
     int r0, r1, i0, i1, c0, c1, q0, q1, f0, f1;
     mt_split_rows(m, s->B, T, NH, tid, nt, &r0, &r1, &i0, &i1);
-    mt_split(C, tid, nt, 16, &c0, &c1);
-    mt_split(3 * C, tid, nt, 16, &q0, &q1);
-    mt_split(F, tid, nt, 16, &f0, &f1);
+    /* Weight-gradient slices: under a partition with more threads than CPUs (thread mode,
+     * 11 workers on 2 cores), only the first CPUs-many threads take slices -- fewer, larger
+     * GEMMs; the sums per output row are the same whatever the split. */
+    int nw = m->part_off && nt > mt_cpu_count() ? mt_cpu_count() : nt, tw = tid < nw ? tid : nw;
+    mt_split(C, tw, nw, 16, &c0, &c1);
+    mt_split(3 * C, tw, nw, 16, &q0, &q1);
+    mt_split(F, tw, nw, 16, &f0, &f1);
     int nr = r1 - r0;
     size_t rc = (size_t)r0 * C, rf = (size_t)r0 * F;
     float *att = att_scratch(m, tid), *datt = att + (size_t)m->cfg.max_seq_len * m->cfg.max_seq_len;

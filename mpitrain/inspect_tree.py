@@ -71,8 +71,10 @@ def _filters(ds):
 
 
 def describe(node, name="/"):
-    """Nested dict of a group/dataset: kind, attributes, and for datasets shape, dtype,
-    logical and stored bytes, layout (contiguous / chunked with chunk shape) and filters."""
+    """Nested dict of a group/dataset/named datatype: kind, attributes, and for datasets
+    shape, dtype, logical and stored bytes, layout (contiguous / chunked with chunk shape) and
+    filters. A member HDF5 cannot open is kept as kind "unreadable" with the error, so a
+    damaged file still shows the rest of its tree."""
     if isinstance(node, h5py.Dataset):
         return {
             "name": name, "kind": "dataset", "shape": list(node.shape), "dtype": str(node.dtype),
@@ -82,6 +84,9 @@ def describe(node, name="/"):
             "chunks": list(node.chunks) if node.chunks else None,
             "filters": _filters(node), "attrs": _attrs(node),
         }
+    if isinstance(node, h5py.Datatype):  # a named (committed) type: no data, no members
+        return {"name": name, "kind": "datatype", "dtype": str(node.dtype),
+                "attrs": _attrs(node)}
     children, damage = [], None
     try:
         keys = list(node)  # h5py lists members by name
@@ -134,6 +139,8 @@ def format_tree(node, indent=0):
         return [f"{pad}{node['name']} -> {node['target']}"]
     elif node["kind"] == "unreadable":
         return [f"{pad}{node['name']}  {node['error']}"]
+    elif node["kind"] == "datatype":
+        lines = [f"{pad}{node['name']}  named datatype {node['dtype']}"]
     else:
         lines = [f"{pad}{node['name']}{'' if node['name'].endswith('/') else '/'}"
                  + (f"  members {node['error']}" if node.get("error") else "")]

@@ -62,10 +62,12 @@ def test_foreign_hdf5_shows_tree_only(tmp_path):
         f.create_dataset("grid", data=np.zeros((4, 6), np.float32), chunks=(2, 3),
                          compression="gzip")
         f["grid"].attrs["units"] = "m"
+        f["pair"] = np.dtype([("a", "<i4"), ("b", "<f8")])  # a named (committed) datatype
     p = run_cli("inspect", path)
     assert p.returncode == 0, p.stderr
     assert "no 'format' attribute" in p.stdout and "grid  [4x6] float32" in p.stdout
     assert "chunked (2, 3), filters gzip" in p.stdout and "@units = m" in p.stdout
+    assert "pair  named datatype [('a', '<i4'), ('b', '<f8')]" in p.stdout
     info = json.loads(run_cli("inspect", path, "--json").stdout)
     assert info["summary"] is None and info["tree"]["children"][0]["chunks"] == [2, 3]
 

@@ -1,0 +1,93 @@
+"""Thread mode's speed and memory: `--threads 12` and `--threads 3` beside the kernel's own
+2-thread step, all in one invocation.
+
+    python scripts/bench_threads.py                        # seed preset, 5 timed steps
+    python scripts/bench_threads.py --preset small --steps 10
+
+For each thread count N it runs `python -m mpitrain train --threads N --preset P --max-steps
+S+1` (no MPI; no evaluation after step 0, no checkpoint besides step 0 and the end) and takes
+the mean tokens/s of steps 2..S+1 from metrics.jsonl (step 1 warms up), and the process's peak
+RSS from the end record (one process: Node Zero, the worker thread and both models). The kernel
+figure is one process running Model.forward_backward + clip + AdamW on the whole batch with
+--kernel-threads threads, timed the same way (bench_scaling.py's kernel_alone).
+Goals (issue 5): threads 12 >= 85% of threads 3; threads 3 >= 95% of the kernel; peak RSS of
+threads 12 < 2 GB. Data: hdf5_data/default_PRESET.h5 (prepared from the default corpus when
+missing).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_scaling import REPO, ensure_dataset, kernel_alone  # noqa: E402
+
+
+def train_threads(threads, preset, dataset, steps):
+    """Run thread mode; returns (per-step records, end record)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = os.path.join(tmp, "run")
+        cmd = [sys.executable, "-m", "mpitrain", "train", "--threads", str(threads),
+               "--preset", preset, "--dataset", dataset, "--run-dir", run_dir,
+               "--max-steps", str(steps), "--epochs", "1000", "--eval-every", "1000000",
+               "--save-every", "1000000", "--quiet"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"bench_threads: {' '.join(cmd)} failed:\n{proc.stderr}")
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    steps_ = [r for r in records if "loss" in r and "event" not in r]
+    end = [r for r in records if r.get("event") == "end"][-1]
+    return steps_, end
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="seed")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    ap.add_argument("--threads", default="12,3", help="--threads values of the runs")
+    ap.add_argument("--kernel-threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    sys.path.insert(0, REPO)
+    from mpitrain.config import PRESETS
+    from mpitrain.dataset import Dataset
+
+    dataset = ensure_dataset(a.preset)
+    ds = Dataset.open(dataset)
+    tc = PRESETS[a.preset]["train"]
+    tokens = tc["batch_size"] * ds.seq_len
+    print(f"preset {a.preset}: batch {tc['batch_size']} x seq_len {ds.seq_len} = {tokens} "
+          f"tokens a step, vocabulary {ds.vocab_size}; {os.cpu_count()} CPU(s); "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    k = kernel_alone(a.preset, ds.vocab_size, tc["batch_size"], ds.seq_len, a.kernel_threads,
+                     a.steps)
+    kernel_tps = tokens / float(np.mean(k["seconds"]))
+    print(f"kernel alone, {a.kernel_threads} threads: {kernel_tps:8.0f} tokens/s   "
+          f"(peak RSS {k['rss_mb']:.0f} MB)", flush=True)
+    results, rss = {}, {}
+    for n in [int(t) for t in a.threads.split(",") if t.strip()]:
+        steps_, end = train_threads(n, a.preset, dataset, a.steps + 1)
+        seconds = [tokens / r["tokens_per_s"] for r in steps_ if r["step"] >= 2]
+        results[n] = tokens / float(np.mean(seconds))
+        rss[n] = max(end["peak_rss_mb"])
+        print(f"--threads {n:2d}:             {results[n]:8.0f} tokens/s = "
+              f"{results[n] / kernel_tps:5.2f} x kernel   (peak RSS {rss[n]:.0f} MB)", flush=True)
+    if 3 in results:
+        print(f"--threads 3 / kernel = {results[3] / kernel_tps:.2f}   (goal >= 0.95)")
+    if 3 in results and 12 in results:
+        print(f"--threads 12 / --threads 3 = {results[12] / results[3]:.2f}   (goal >= 0.85)")
+    if 12 in rss:
+        print(f"--threads 12 peak RSS = {rss[12]:.0f} MB   (goal < 2048 MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -46,19 +46,25 @@ def _unreadable(e):
 def _attrs(obj):
     out = {}
     try:
-        keys = sorted(obj.attrs)
+        keys = sorted(obj.attrs, key=_label)
     except Exception as e:  # noqa: BLE001 - damaged attribute storage: say so, keep going
         if not hdf5_failure(e):
             raise
         return {"<attributes>": _unreadable(e)}
     for k in keys:
         try:
-            out[k] = plain(obj.attrs[k])
+            out[_label(k)] = plain(obj.attrs[k])
         except Exception as e:  # noqa: BLE001 - a type h5py cannot read, or damage
             if not (isinstance(e, (OSError, TypeError)) or hdf5_failure(e)):
                 raise
-            out[k] = _unreadable(e)
+            out[_label(k)] = _unreadable(e)
     return out
+
+
+def _label(name):
+    """A member or attribute name as str (h5py hands back bytes for a name that is not valid
+    UTF-8, e.g. in a damaged file)."""
+    return name if isinstance(name, str) else plain(bytes(name))
 
 
 def _filters(ds):
@@ -95,7 +101,7 @@ def describe(node, name="/"):
             raise
         keys, damage = [], _unreadable(e)
     for key in keys:
-        label = key if isinstance(key, str) else plain(bytes(key))  # undecodable name: bytes
+        label = _label(key)
         try:
             link = node.get(key, getlink=True)
             if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):

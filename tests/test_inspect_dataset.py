@@ -101,3 +101,16 @@ def test_damaged_object_header_shows_the_rest_of_the_tree(tmp_path):
     assert_user_error(run_cli("inspect", path, "--vocab"), "no 'format' attribute")
     p = run_cli("inspect", "--verify", path)  # not one of ours: --verify does not judge it
     assert p.returncode == 2 and "error: not a file mpitrain writes" in p.stdout
+
+
+def test_names_that_are_not_utf8(tmp_path):
+    # HDF5 names are bytes; h5py hands back bytes for one that is not UTF-8. The tree shows
+    # it (with U+FFFD) instead of failing on a str/bytes comparison.
+    path = tmp_path / "names.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.zeros(2))
+        f["x"].attrs.create(b"\xffodd", 1)
+        f["x"].attrs["ok"] = 2
+    p = run_cli("inspect", path)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert "@ok = 2" in p.stdout and "@\ufffdodd = 1" in p.stdout

@@ -230,6 +230,8 @@ int mt_gen_feed(mt_gen *g, const int32_t *ids, int n, float *logits) {
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= c->vocab_size) return MT_EINVAL;
     if (ensure_priv(g) != MT_OK) return MT_ENOMEM;
+    /* The pool is the model's: training and generation must not drive it at once. */
+    if (mt_model_enter(g->m) != MT_OK) return MT_EBUSY;
     int p0 = g->len, start = g->len;   /* where the new ids go; first position computed */
     if (p0 + n > T) {
         /* Keep the newest half of the context (less if the new tokens need the room) and
@@ -246,5 +248,6 @@ int mt_gen_feed(mt_gen *g, const int32_t *ids, int n, float *logits) {
     gen_feed f = {.g = g, .p0 = start, .n = g->len - start, .logits = logits};
     g->rows += (uint64_t)f.n;
     pool_run_parts(g->m->pool, feed_task, &f, g->m->parts);   /* others sleep through it */
+    mt_model_leave(g->m);
     return MT_OK;
 }

@@ -138,6 +138,8 @@ class Generator:
         ids = ids.astype(np.int32)
         rc = self._lib.mt_gen_feed(self._handle, as_ptr(ids, "int32_t *"), ids.size,
                                    as_ptr(self._logits))
+        if rc == self._lib.MT_EBUSY:
+            raise RuntimeError("the model is busy in another thread (one call at a time)")
         if rc != 0:
             raise ValueError(f"the kernel refused the ids (code {rc})")
         return self._logits

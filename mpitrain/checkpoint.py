@@ -32,6 +32,7 @@ import numpy as np
 
 from mpitrain.config import ModelConfig, TrainConfig
 from mpitrain.errors import UserError
+from mpitrain.hdf5_damage import first_line, is_damage, reading
 from mpitrain.schedule import DataPosition
 
 CHECKPOINT_FORMAT = "mpitrain-checkpoint"
@@ -273,66 +274,78 @@ def _check(path, into=None, load_optimizer=True, want_tokenizer=True):
         return None, [f"no such file: {path}"]
     try:
         f = h5py.File(path, "r")
-    except OSError:
+    except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
+        if not is_damage(e):
+            raise
         return None, ["not a readable HDF5 file (truncated, damaged or not HDF5)"]
+    try:
+        with f:
+            return _check_file(f, path, into, load_optimizer, want_tokenizer)
+    except Exception as e:  # noqa: BLE001 - metadata damage met anywhere in the reading
+        if not is_damage(e):
+            raise
+        return None, [f"its HDF5 structure is damaged ({first_line(e)})"]
+
+
+def _check_file(f, path, into, load_optimizer, want_tokenizer):
+    """_check on the open file. h5py exceptions from damage propagate to _check."""
     problems = []
-    with f:
-        attrs = f.attrs
-        try:
-            fmt = _plain(attrs.get("format"))
-        except OSError:
-            return None, ["its root attributes cannot be read (damaged)"]
-        if fmt not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
-            what = f"format {fmt!r}" if fmt else "no format attribute"
-            return None, [f"not an mpitrain checkpoint or weights file ({what})"]
-        version = _plain(attrs.get("format_version"))
-        if version != FORMAT_VERSION:
-            return None, [f"{fmt} format version {version} is not supported "
-                          f"(this mpitrain reads version {FORMAT_VERSION})"]
-        if "meta_crc32" not in attrs:
-            problems.append("root attribute 'meta_crc32' is missing")
-        elif _meta_crc(dict(attrs)) != int(attrs["meta_crc32"]):
-            problems.append("root attributes fail their checksum: the file is damaged")
-        names = _json_attr(attrs, "param_names", problems)
-        shapes = _json_attr(attrs, "param_shapes", problems)
-        mcfg = _json_attr(attrs, "model_config", problems)
-        tcfg = _json_attr(attrs, "train_config", problems)
-        if names is None or shapes is None or mcfg is None or tcfg is None:
-            return None, problems
-        if set(shapes) != set(names):
-            return None, problems + ["param_shapes and param_names disagree"]
-        if into.get("params") is not None and list(into["params"]) != names:
-            exp, got = list(into["params"]), names
-            diff = sorted(set(exp) ^ set(got))[:5]
-            problems.append(f"parameter names: the model has {len(exp)}, the file {len(got)}"
-                            + (f" (differing: {', '.join(diff)})" if diff else " (order differs)"))
-            return None, problems
-        try:
-            model_config = ModelConfig.from_dict(mcfg)
-            train_config = TrainConfig.from_dict(tcfg)
-        except (KeyError, TypeError, ValueError) as e:
-            return None, problems + [f"the stored configuration is invalid ({e})"]
-        ck = Checkpoint(path=path, format=fmt, model_config=model_config,
-                        train_config=train_config, param_names=names, params=None)
-        ck.params = _read_tensors(f, "params", names, shapes, into.get("params"), problems)
-        if fmt == CHECKPOINT_FORMAT:
-            # Without load_optimizer the moments' names and shapes are checked, not read.
-            ck.m = _read_tensors(f, "m", names, shapes, into.get("m"), problems, load_optimizer)
-            ck.v = _read_tensors(f, "v", names, shapes, into.get("v"), problems, load_optimizer)
-            if not load_optimizer:
-                ck.m = ck.v = None
-        for key in ("step", "epoch", "data_epoch", "data_index"):
-            if key not in attrs:
-                problems.append(f"root attribute {key!r} is missing")
-        if not problems:
-            ck.step, ck.epoch = int(attrs["step"]), int(attrs["epoch"])
-            ck.data_position = DataPosition(int(attrs["data_epoch"]), int(attrs["data_index"]))
-            ck.rng_state = _json_attr(attrs, "rng_state", problems)
-            ck.created_by = _json_attr(attrs, "created_by", problems) or {}
-            ck.extra = _json_attr(attrs, "extra", problems) or {}
-            ck.train_loss = float(attrs["train_loss"]) if "train_loss" in attrs else None
-            ck.val_loss = float(attrs["val_loss"]) if "val_loss" in attrs else None
-        problems.extend(_check_vocab(f, ck, want_tokenizer))
+    attrs = f.attrs
+    try:
+        fmt = _plain(attrs.get("format"))
+    except OSError:
+        return None, ["its root attributes cannot be read (damaged)"]
+    if fmt not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
+        what = f"format {fmt!r}" if fmt else "no format attribute"
+        return None, [f"not an mpitrain checkpoint or weights file ({what})"]
+    version = _plain(attrs.get("format_version"))
+    if version != FORMAT_VERSION:
+        return None, [f"{fmt} format version {version} is not supported "
+                      f"(this mpitrain reads version {FORMAT_VERSION})"]
+    if "meta_crc32" not in attrs:
+        problems.append("root attribute 'meta_crc32' is missing")
+    elif _meta_crc(dict(attrs)) != int(attrs["meta_crc32"]):
+        problems.append("root attributes fail their checksum: the file is damaged")
+    names = _json_attr(attrs, "param_names", problems)
+    shapes = _json_attr(attrs, "param_shapes", problems)
+    mcfg = _json_attr(attrs, "model_config", problems)
+    tcfg = _json_attr(attrs, "train_config", problems)
+    if names is None or shapes is None or mcfg is None or tcfg is None:
+        return None, problems
+    if set(shapes) != set(names):
+        return None, problems + ["param_shapes and param_names disagree"]
+    if into.get("params") is not None and list(into["params"]) != names:
+        exp, got = list(into["params"]), names
+        diff = sorted(set(exp) ^ set(got))[:5]
+        problems.append(f"parameter names: the model has {len(exp)}, the file {len(got)}"
+                        + (f" (differing: {', '.join(diff)})" if diff else " (order differs)"))
+        return None, problems
+    try:
+        model_config = ModelConfig.from_dict(mcfg)
+        train_config = TrainConfig.from_dict(tcfg)
+    except (KeyError, TypeError, ValueError) as e:
+        return None, problems + [f"the stored configuration is invalid ({e})"]
+    ck = Checkpoint(path=path, format=fmt, model_config=model_config,
+                    train_config=train_config, param_names=names, params=None)
+    ck.params = _read_tensors(f, "params", names, shapes, into.get("params"), problems)
+    if fmt == CHECKPOINT_FORMAT:
+        # Without load_optimizer the moments' names and shapes are checked, not read.
+        ck.m = _read_tensors(f, "m", names, shapes, into.get("m"), problems, load_optimizer)
+        ck.v = _read_tensors(f, "v", names, shapes, into.get("v"), problems, load_optimizer)
+        if not load_optimizer:
+            ck.m = ck.v = None
+    for key in ("step", "epoch", "data_epoch", "data_index"):
+        if key not in attrs:
+            problems.append(f"root attribute {key!r} is missing")
+    if not problems:
+        ck.step, ck.epoch = int(attrs["step"]), int(attrs["epoch"])
+        ck.data_position = DataPosition(int(attrs["data_epoch"]), int(attrs["data_index"]))
+        ck.rng_state = _json_attr(attrs, "rng_state", problems)
+        ck.created_by = _json_attr(attrs, "created_by", problems) or {}
+        ck.extra = _json_attr(attrs, "extra", problems) or {}
+        ck.train_loss = float(attrs["train_loss"]) if "train_loss" in attrs else None
+        ck.val_loss = float(attrs["val_loss"]) if "val_loss" in attrs else None
+    problems.extend(_check_vocab(f, ck, want_tokenizer))
     return ck, problems
 
 
@@ -425,7 +438,7 @@ def export_weights(src, out) -> Path:
         g = f.create_group("params")
         for n in ck.param_names:
             _write_tensor(g, n, ck.params[n])
-        with h5py.File(src, "r") as s:
+        with reading(src), h5py.File(src, "r") as s:
             s.copy(s["vocab"], f, "vocab")  # checksums travel with the datasets
 
     _atomic_h5(out, fill)

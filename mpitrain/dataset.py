@@ -20,11 +20,13 @@ import h5py
 import numpy as np
 
 from mpitrain.errors import UserError
+from mpitrain.hdf5_damage import first_line, is_damage, reading
 from mpitrain.tokenizer import Tokenizer
 
 FORMAT = "mpitrain-dataset"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+_CHUNK = 1 << 22  # tokens read at a time by the id check of Dataset.open (8-16 MiB)
 
 
 def token_dtype(vocab_size: int):
@@ -129,12 +131,23 @@ class Dataset:
                 num_tokens, dtype = tokens.shape[0], tokens.dtype
                 if tokens.ndim != 1 or dtype not in (np.uint16, np.uint32):
                     raise ValueError(f"/tokens is {tokens.ndim}-D {dtype}, expected 1-D uint16/uint32")
+                # The token array has no checksum: a damaged id must be refused here, before a
+                # trainer starts workers, not when a worker reads its split.
+                max_id = max((int(tokens[a:a + _CHUNK].max()) for a in
+                              range(0, num_tokens, _CHUNK)), default=0)
         except UserError:
             raise
-        except (KeyError, ValueError, TypeError, OSError) as e:
-            msg = str(e).replace("\n", " ")
-            raise UserError(f"{path} is damaged or incomplete ({msg}); prepare it again") from None
+        except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
+            # ours: a missing member (KeyError), the checks above and the vocabulary's refusals
+            # (ValueError); anything else only when h5py raised it (is_damage)
+            if not (isinstance(e, (KeyError, ValueError, TypeError)) or is_damage(e)):
+                raise
+            raise UserError(f"{path} is damaged or incomplete ({first_line(e)}); "
+                            "prepare it again") from None
         _check_layout(path, attrs, tok, offsets, ranges, num_tokens)
+        if max_id >= tok.vocab_size:
+            raise UserError(f"{path} is damaged: token id {max_id} >= vocabulary size "
+                            f"{tok.vocab_size}; prepare it again")
         return cls(path, attrs, tok, offsets, ranges, num_tokens, dtype)
 
     @property
@@ -147,16 +160,13 @@ class Dataset:
         if split not in self.ranges:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         ranges = self.ranges[split]
-        try:
-            with h5py.File(self.path, "r") as f:
-                tokens = f["tokens"]
-                if len(ranges) == 1:
-                    a, b = ranges[0]
-                    out = tokens[a:b]
-                else:
-                    out = np.concatenate([tokens[a:b] for a, b in ranges])
-        except (KeyError, OSError) as e:
-            raise UserError(f"{self.path}: cannot read tokens ({e}); prepare it again") from None
+        with reading(self.path, "; prepare it again"), h5py.File(self.path, "r") as f:
+            tokens = f["tokens"]
+            if len(ranges) == 1:
+                a, b = ranges[0]
+                out = tokens[a:b]
+            else:
+                out = np.concatenate([tokens[a:b] for a, b in ranges])
         if out.size and int(out.max()) >= self.vocab_size:
             raise UserError(f"{self.path} is damaged: token id {int(out.max())} >= vocabulary "
                             f"size {self.vocab_size}; prepare it again")

@@ -6,10 +6,11 @@ summaries (inspect_dataset, inspect_checkpoint) add to it.
 """
 import json
 import math
-import os
 
 import h5py
 import numpy as np
+
+from mpitrain.hdf5_damage import hdf5_failure  # noqa: F401 - also imported from here by inspect
 
 _FILTER_NAMES = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
                  6: "scaleoffset", 32001: "blosc", 32004: "lz4", 32015: "zstd"}
@@ -24,19 +25,6 @@ def plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def hdf5_failure(exc) -> bool:
-    """True when `exc` was raised inside h5py or the HDF5 library, i.e. by a damaged file (its
-    metadata fails a checksum, an address points past the end, ...), not by mpitrain's code.
-    HDF5 reports such damage as OSError, KeyError, RuntimeError or a decoding error."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None:
-        return False
-    where = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
-    return where.startswith("h5py/") or "/h5py/" in where
 
 
 def _unreadable(e):

@@ -197,7 +197,11 @@ class Tokenizer:
             pretokens = [t.decode("utf-8") for t in tokens[s + 256:]]
         except UnicodeDecodeError:
             raise ValueError(f"{where} is damaged: a pre-token is not valid UTF-8") from None
-        return cls(pretokens, specials, pattern)
+        try:
+            return cls(pretokens, specials, pattern)
+        except re.error as e:  # the stored pattern carries no checksum of its own
+            raise ValueError(f"{where} is damaged: its pre-token pattern does not compile "
+                             f"({e})") from None
 
     # ----------------------------------------------------------------- vocab.txt
     def save_txt(self, path):
@@ -240,6 +244,7 @@ class Tokenizer:
         Raises mpitrain.errors.UserError with one line naming the problem.
         """
         from mpitrain.errors import UserError
+        from mpitrain.hdf5_damage import reading
 
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -250,7 +255,8 @@ class Tokenizer:
             if magic == b"\x89HDF\r\n\x1a\n":
                 import h5py
 
-                with h5py.File(path, "r") as h5:
+                # reading(): damage HDF5 meets (any exception type) -> UserError
+                with reading(path), h5py.File(path, "r") as h5:
                     if "vocab" not in h5:
                         raise ValueError(f"{path} has no 'vocab' group (not an mpitrain dataset "
                                          "or checkpoint)")

@@ -71,12 +71,7 @@ def flip_offsets(path, count, seed, data_share=0.25):
 
 
 def _damage(case):
-    shutil.copyfile(case["src"], case["copy"])
-    with open(case["copy"], "r+b") as f:
-        f.seek(case["offset"])
-        byte = f.read(1)[0]
-        f.seek(case["offset"])
-        f.write(bytes([byte ^ case["xor"]]))
+    _flipped(case["src"], case["copy"], case["offset"], case["xor"])
     if case.get("fresh"):
         shutil.rmtree(case["fresh"], ignore_errors=True)
 
@@ -274,6 +269,52 @@ def test_byte_flips_end_in_exit_0_or_one_line_and_exit_2(files, kind, tmp_path):
         pytest.xfail(f"{len(known)} infer cases fail in commands/infer.py load():\n"
                      + "\n\n".join(known))
     assert not failures, "\n\n".join(failures)
+
+
+def _flipped(src, dst, offset, xor):
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ xor]))
+
+
+def test_find_resume_skips_a_newest_checkpoint_with_damaged_metadata(files, tmp_path, capsys):
+    """Damage HDF5 meets in a checkpoint's structure (here the first flip that makes it raise
+    inside h5py, e.g. KeyError 'incorrect metadata checksum') is a problem verify() reports
+    and find_resume skips with a warning; load_checkpoint names it in a UserError."""
+    from mpitrain import checkpoint as ckpt
+    from mpitrain.errors import UserError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(files["checkpoint"], run / "checkpoint_step_1.h5")
+    newest = run / "checkpoint_step_2.h5"
+    for offset, xor in flip_offsets(files["checkpoint"], 200, SEED, data_share=0.0):
+        _flipped(files["checkpoint"], newest, offset, xor)
+        problems = ckpt.verify(newest)
+        if problems and problems[0].startswith("its HDF5 structure is damaged"):
+            break
+    else:
+        pytest.fail("no flip among 200 reached HDF5's own structures")
+    assert ckpt.find_resume(run) == run / "checkpoint_step_1.h5"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "skipping damaged checkpoint" in err and str(newest) in err
+    with pytest.raises(UserError, match="its HDF5 structure is damaged"):
+        ckpt.load_checkpoint(newest)
+
+
+def test_a_stored_pattern_that_no_longer_compiles_is_refused(tmp_path):
+    from mpitrain.tokenizer import Tokenizer
+
+    path = tmp_path / "v.h5"
+    with h5py.File(path, "w") as f:
+        Tokenizer(["hello", " world"]).to_hdf5(f.create_group("vocab"))
+        f["vocab"].attrs["pattern"] = " ?[^\\W"   # a damaged character class
+    with h5py.File(path, "r") as f:
+        with pytest.raises(ValueError, match="pre-token pattern does not compile"):
+            Tokenizer.from_hdf5(f["vocab"])
 
 
 if __name__ == "__main__":

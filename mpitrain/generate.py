@@ -172,10 +172,15 @@ def _peek_model_config(path):
     import h5py
 
     from mpitrain.config import ModelConfig
+    from mpitrain.hdf5_damage import is_damage
 
     try:
         with h5py.File(path, "r") as f:
             raw = f.attrs["model_config"]
         return ModelConfig.from_dict(json.loads(raw))
-    except (OSError, KeyError, TypeError, ValueError):
+    except (TypeError, ValueError):      # attribute missing its fields or not JSON
+        return None
+    except Exception as e:               # missing, not HDF5 or damaged: the loader says which
+        if not is_damage(e):
+            raise
         return None

@@ -207,3 +207,25 @@ def test_a_failing_thread_ends_the_run(tiny_dataset, tmp_path, fault, who):
                        env={"MPITRAIN_FAULT": fault}, timeout=60)
     assert proc.returncode == 1, proc.stderr
     assert f"mpitrain: {who}: RuntimeError: injected fault" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["threads", "mpi"])
+def test_resume_from_the_step_0_checkpoint(runs, tiny_dataset, tmp_path, mode):
+    """Resuming from checkpoint_step_0.h5 (a resume whose start step is 0) must not hang: Node
+    Zero sends the state of every resume and the workers wait for it. The run then equals the
+    straight run bit for bit at the same world (--threads 4 / its MPI twin at tolerance)."""
+    start = os.path.join(runs[("t", 4)], "checkpoint_step_0.h5")
+    run_dir = str(tmp_path / "from0")
+    args = tiny_args(tiny_dataset, run_dir, "--resume", start)
+    proc = run_threads(4, *args, timeout=60) if mode == "threads" else run_train(3, *args)
+    assert proc.returncode == 0, proc.stderr
+    got = step_losses(read_metrics(run_dir))
+    ref = step_losses(read_metrics(runs[("t", 4)]))
+    assert sorted(got) == list(range(1, 21))
+    if mode == "threads":
+        a = _arenas(os.path.join(run_dir, "checkpoint_step_20.h5"))
+        b = _arenas(os.path.join(runs[("t", 4)], "checkpoint_step_20.h5"))
+        for k in a:
+            assert np.array_equal(a[k], b[k]), k
+    else:
+        assert all(_rel(got[s], ref[s]) < REL for s in range(1, 21)), got

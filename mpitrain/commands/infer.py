@@ -78,6 +78,7 @@ def load(path, threads):
     import h5py
 
     from mpitrain.generate import Generator
+    from mpitrain.hdf5_damage import is_damage
 
     try:
         with h5py.File(path, "r") as f:
@@ -87,8 +88,9 @@ def load(path, threads):
         if fmt == "mpitrain-dataset":
             raise UserError(f"{path} is a dataset (made by prepare), not a model: give a "
                             "checkpoint from a run directory or an export")
-    except OSError:
-        pass  # missing or not HDF5: load_checkpoint names the problem
+    except Exception as e:  # missing, not HDF5 or damaged: load_checkpoint names the problem
+        if not is_damage(e):
+            raise
     return Generator.from_file(path, threads=threads)
 
 

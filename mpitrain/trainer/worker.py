@@ -65,8 +65,8 @@ class Worker:
 
     def run(self) -> None:
         m = self.model
-        if self.plan.start_step > 0:
-            self.comm.receive_state([m.param_buffer, m.m_buffer, m.v_buffer])
+        if self.plan.resume_path is not None:  # Node Zero sends the state of every resume,
+            self.comm.receive_state([m.param_buffer, m.m_buffer, m.v_buffer])  # step 0's too
         while True:
             command = self.comm.next_command()
             if injected_fault(self.rank, command.step) and command.kind == STEP:

@@ -32,6 +32,7 @@ import traceback
 import numpy as np
 
 from mpitrain import optim, schedule
+from mpitrain.errors import UserError
 from mpitrain.topology import assign_windows, placement_table
 from mpitrain.trainer.messages import STEP, Report
 from mpitrain.trainer.worker import Worker
@@ -136,6 +137,11 @@ def run_threads(options: dict, threads: int) -> int:
         # orderly interpreter exit was measured to hang in h5py's finaliser after a worker
         # thread's exception; a checkpoint being written is under its temporary name).
         link.abort()
+        user = e.original if isinstance(e, WorkerThreadError) else e
+        if isinstance(user, UserError):  # a user's mistake found late: one line, as before start
+            print(f"mpitrain: error: {user}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(user.exit_code)
         if isinstance(e, WorkerThreadError):
             sys.stderr.write(e.details)
             who = "worker thread"

@@ -39,6 +39,7 @@ class WorkerThreadError(RuntimeError):
     def __init__(self, exc: BaseException, details: str):
         super().__init__(f"{type(exc).__name__}: {exc}")
         self.details = details
+        self.original = exc
 
 
 class _Aborted(Exception):

@@ -34,6 +34,7 @@ from mpitrain.config import ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import first_line, is_damage, reading
 from mpitrain.schedule import DataPosition
+from mpitrain.h5attrs import plain as _plain
 
 CHECKPOINT_FORMAT = "mpitrain-checkpoint"
 WEIGHTS_FORMAT = "mpitrain-weights"
@@ -75,16 +76,6 @@ def _meta_crc(attrs: dict) -> int:
     """CRC32 over the root attributes except meta_crc32, in a canonical JSON form."""
     canon = {k: _plain(v) for k, v in attrs.items() if k != "meta_crc32"}
     return zlib.crc32(json.dumps(canon, sort_keys=True).encode()) & 0xFFFFFFFF
-
-
-def _plain(v):
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
 
 
 def _as_dict(cfg) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import first_line, is_damage, reading
 from mpitrain.tokenizer import Tokenizer
+from mpitrain.h5attrs import plain as _plain
 
 FORMAT = "mpitrain-dataset"
 FORMAT_VERSION = 1
@@ -72,17 +73,6 @@ def write_dataset(path, *, tokens, doc_offsets, splits, sources, tokenizer, attr
         _dataset(src, "replaced", np.asarray(sources["replaced"], dtype=np.int64))
         tokenizer.to_hdf5(_group(f, "vocab"))
         f.flush()  # surface write errors (a full disk) here, not in a silent close
-
-
-def _plain(v):
-    """HDF5 attribute value -> plain Python (for .attrs and JSON)."""
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return v
 
 
 class Dataset:

@@ -26,17 +26,10 @@ from mpitrain.inspect_dataset import FORMAT as DATASET_FORMAT
 from mpitrain.inspect_dataset import verify as verify_dataset
 from mpitrain.inspect_tree import dumps, hdf5_failure
 from mpitrain.tokenizer import Tokenizer, escape_token
+from mpitrain.h5attrs import plain as _plain
 
 FORMATS = (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)
 GROUPS = ("params", "optimizer/m", "optimizer/v")
-
-
-def _plain(v):
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _json(attrs, key):

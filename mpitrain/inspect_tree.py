@@ -8,23 +8,12 @@ import json
 import math
 
 import h5py
-import numpy as np
 
 from mpitrain.hdf5_damage import hdf5_failure  # noqa: F401 - also imported from here by inspect
+from mpitrain.h5attrs import plain
 
 _FILTER_NAMES = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
                  6: "scaleoffset", 32001: "blosc", 32004: "lz4", 32015: "zstd"}
-
-
-def plain(value):
-    """An HDF5 attribute value as plain Python (str, int, float, bool, lists)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.ndarray):
-        return [plain(v) for v in value.tolist()] if value.dtype.kind in "OS" else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _unreadable(e):

@@ -19,6 +19,7 @@ import pytest
 from mpitrain import schedule
 from mpitrain.config import PRESETS
 from mpitrain.topology import assign_windows
+from mpitrain.trainer.worker import MICRO_WINDOWS
 from test_train_support import (end_record, read_metrics, run_train, step_losses, tiny_args,
                                 tiny_dataset, val_losses)  # noqa: F401 (fixture)
 
@@ -66,10 +67,12 @@ def test_counters(runs, n):
     counters = np.array(end["counters"])
     assert counters.shape == (n, 2)
     assert counters[0].tolist() == [0, 0]                 # Node Zero never trains
-    assert (counters[1:, 0] == 20).all()                  # one kernel call per step per worker
+    shares = assign_windows(n - 1, BATCH)
+    # one kernel call per step for each MICRO_WINDOWS of the worker's windows
+    calls = [20 * -(-len(w) // MICRO_WINDOWS) for w in shares]
+    assert counters[1:, 0].tolist() == calls
     assert counters[1:, 1].sum() == 20 * BATCH            # every window exactly once
-    expected = [20 * len(w) for w in assign_windows(n - 1, BATCH)]
-    assert counters[1:, 1].tolist() == expected
+    assert counters[1:, 1].tolist() == [20 * len(w) for w in shares]
 
 
 def test_run_directory_contents(runs):

@@ -28,6 +28,11 @@ from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import EVAL, SAVE, STEP, STOP, Report
 from mpitrain.trainer.node_zero import injected_fault, peak_rss_kib
 
+# Windows per kernel call: a worker with more (few workers, large batches) runs several calls
+# accumulating gradients, so its activations stay those of 8 windows (a seed-preset worker at
+# mpirun -n 2 or 3 otherwise held 32 or 16 windows of activations: 1.0-1.25 GB).
+MICRO_WINDOWS = 8
+
 
 class Worker:
     def __init__(self, plan, comm, rank: int):
@@ -95,8 +100,12 @@ class Worker:
             self.trace.write(json.dumps({"step": command.step, "windows": ids.tolist()}) + "\n")
         if ids.size:
             x, y = schedule.gather_windows(self.tokens, ids, tc.seq_len)   # int32 [B_w, T]
-            mean = m.forward_backward(x, y, grad_scale=self.scale)
-            self._sums[0] = mean * x.size                 # sum of this worker's token losses
+            loss_sum = 0.0
+            for a in range(0, len(ids), MICRO_WINDOWS):   # gradients accumulate, in order
+                xa, ya = x[a:a + MICRO_WINDOWS], y[a:a + MICRO_WINDOWS]
+                mean = m.forward_backward(xa, ya, grad_scale=self.scale, accumulate=a > 0)
+                loss_sum += mean * xa.size
+            self._sums[0] = loss_sum                      # sum of this worker's token losses
         else:
             m.grad_buffer[...] = 0.0
             self._sums[0] = 0.0
@@ -119,7 +128,7 @@ class Worker:
     def _evaluate(self, step: int) -> None:
         n = len(self.eval_x)
         loss_sum = 0.0
-        chunk = max(1, len(self.share))   # no bigger than a training call: activations fit
+        chunk = max(1, min(len(self.share), MICRO_WINDOWS))  # as a training call: activations fit
         for a in range(0, n, chunk):
             x, y = self.eval_x[a:a + chunk], self.eval_y[a:a + chunk]
             loss_sum += self.model.loss(x, y) * x.size

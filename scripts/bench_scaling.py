@@ -104,6 +104,28 @@ def kernel_alone(preset, vocab, batch, seq, threads, steps):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def baseline(preset, steps, kernel_threads):
+    """The dataset, prepared when missing; a header line; and the single-process kernel step
+    timed in this invocation (the figure every ratio is taken against).
+    Returns (dataset path, tokens a step, kernel tokens/s)."""
+    sys.path.insert(0, REPO)
+    from mpitrain.config import PRESETS
+    from mpitrain.dataset import Dataset
+
+    dataset = ensure_dataset(preset)
+    ds = Dataset.open(dataset)
+    batch = PRESETS[preset]["train"]["batch_size"]
+    tokens = batch * ds.seq_len
+    print(f"preset {preset}: batch {batch} x seq_len {ds.seq_len} = {tokens} "
+          f"tokens a step, vocabulary {ds.vocab_size}; {os.cpu_count()} CPU(s); "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    k = kernel_alone(preset, ds.vocab_size, batch, ds.seq_len, kernel_threads, steps)
+    kernel_tps = tokens / float(np.mean(k["seconds"]))
+    print(f"kernel alone, {kernel_threads} threads: {kernel_tps:8.0f} tokens/s   "
+          f"(peak RSS {k['rss_mb']:.0f} MB)", flush=True)
+    return dataset, tokens, kernel_tps
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="seed")
@@ -113,23 +135,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint-steps", type=int, default=0,
                     help="steps of the checkpoint-overhead comparison at -n 3 (0: skip)")
     a = ap.parse_args(argv)
-    sys.path.insert(0, REPO)
-    from mpitrain.config import PRESETS
-    from mpitrain.dataset import Dataset
-
-    dataset = ensure_dataset(a.preset)
-    ds = Dataset.open(dataset)
-    tc = PRESETS[a.preset]["train"]
-    tokens = tc["batch_size"] * ds.seq_len
-    print(f"preset {a.preset}: batch {tc['batch_size']} x seq_len {ds.seq_len} = {tokens} "
-          f"tokens a step, vocabulary {ds.vocab_size}; {os.cpu_count()} CPU(s); "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    dataset, tokens, kernel_tps = baseline(a.preset, a.steps, a.kernel_threads)
     worlds = [int(w) for w in a.worlds.split(",") if w.strip()]
-    k = kernel_alone(a.preset, ds.vocab_size, tc["batch_size"], ds.seq_len, a.kernel_threads,
-                     a.steps)
-    kernel_tps = tokens / float(np.mean(k["seconds"]))
-    print(f"kernel alone, {a.kernel_threads} threads: {kernel_tps:8.0f} tokens/s   "
-          f"(peak RSS {k['rss_mb']:.0f} MB)")
     results = {}
     for n in worlds:
         steps_, end, _ = train(n, a.preset, dataset, a.steps + 1)

@@ -20,13 +20,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_scaling import REPO, ensure_dataset, kernel_alone  # noqa: E402
+from bench_scaling import REPO, baseline  # noqa: E402
 
 
 def train_threads(threads, preset, dataset, steps):
@@ -57,22 +56,7 @@ def main(argv=None):
     ap.add_argument("--threads", default="12,3", help="--threads values of the runs")
     ap.add_argument("--kernel-threads", type=int, default=2)
     a = ap.parse_args(argv)
-    sys.path.insert(0, REPO)
-    from mpitrain.config import PRESETS
-    from mpitrain.dataset import Dataset
-
-    dataset = ensure_dataset(a.preset)
-    ds = Dataset.open(dataset)
-    tc = PRESETS[a.preset]["train"]
-    tokens = tc["batch_size"] * ds.seq_len
-    print(f"preset {a.preset}: batch {tc['batch_size']} x seq_len {ds.seq_len} = {tokens} "
-          f"tokens a step, vocabulary {ds.vocab_size}; {os.cpu_count()} CPU(s); "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
-    k = kernel_alone(a.preset, ds.vocab_size, tc["batch_size"], ds.seq_len, a.kernel_threads,
-                     a.steps)
-    kernel_tps = tokens / float(np.mean(k["seconds"]))
-    print(f"kernel alone, {a.kernel_threads} threads: {kernel_tps:8.0f} tokens/s   "
-          f"(peak RSS {k['rss_mb']:.0f} MB)", flush=True)
+    dataset, tokens, kernel_tps = baseline(a.preset, a.steps, a.kernel_threads)
     results, rss = {}, {}
     for n in [int(t) for t in a.threads.split(",") if t.strip()]:
         steps_, end = train_threads(n, a.preset, dataset, a.steps + 1)

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from mpitrain.checkpoint import load_checkpoint
-from test_train_support import (heartbeat, read_metrics, run_train, start_train, step_losses,
+from test_train_support import (read_metrics, run_train, start_train, step_losses,
+                                wait_training,
                                 tiny_dataset)  # noqa: F401 (fixture)
 
 LIMIT = 30.0  # s from the signal to the end of the job
@@ -22,18 +23,6 @@ def _long_run(dataset, run_dir, n=4):
     return start_train(n, "--preset", "tiny", "--dataset", dataset, "--run-dir", run_dir,
                        "--epochs", 10000, "--eval-every", 100000, "--save-every", 100000,
                        "--quiet")
-
-
-def _wait_training(proc, run_dir, timeout=60.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        beat = heartbeat(run_dir)
-        if beat is not None and beat["step"] > 0:
-            return beat
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail("training did not start")
 
 
 def _finish(proc, t_signal):
@@ -48,7 +37,7 @@ def _finish(proc, t_signal):
 def test_sigterm_saves_and_exits(tiny_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     proc = _long_run(tiny_dataset, run_dir)
-    _wait_training(proc, run_dir)
+    wait_training(proc, run_dir)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err, elapsed = _finish(proc, t0)
@@ -71,7 +60,7 @@ def test_sigterm_saves_and_exits(tiny_dataset, tmp_path):
 def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     proc = _long_run(tiny_dataset, run_dir)
-    _wait_training(proc, run_dir)
+    wait_training(proc, run_dir)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err, elapsed = _finish(proc, t0)
@@ -81,7 +70,7 @@ def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
 
     run_dir = str(tmp_path / "run2")
     proc = _long_run(tiny_dataset, run_dir)
-    _wait_training(proc, run_dir)
+    wait_training(proc, run_dir)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
@@ -93,7 +82,7 @@ def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
 def test_sigkill_of_a_worker_ends_the_job(tiny_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     proc = _long_run(tiny_dataset, run_dir)
-    beat = _wait_training(proc, run_dir)
+    beat = wait_training(proc, run_dir)
     t0 = time.monotonic()
     os.kill(beat["ranks"][2]["pid"], signal.SIGKILL)
     out, err, elapsed = _finish(proc, t0)

@@ -9,7 +9,8 @@ import pytest
 
 from mpitrain.checkpoint import load_checkpoint
 from test_thread_mode import run_threads, thread_env
-from test_train_support import heartbeat, read_metrics, step_losses, tiny_dataset  # noqa: F401
+from test_train_support import (read_metrics, step_losses, tiny_dataset,  # noqa: F401
+                                wait_training)
 
 LIMIT = 30.0  # s from the signal to the end of the process
 
@@ -23,23 +24,11 @@ def _long_run(dataset, run_dir, threads=12):
                             text=True)
 
 
-def _wait_training(proc, run_dir, timeout=60.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        beat = heartbeat(run_dir)
-        if beat is not None and beat["step"] > 0:
-            return beat
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail("training did not start")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_exits(tiny_dataset, tmp_path, signum):
     run_dir = str(tmp_path / "run")
     proc = _long_run(tiny_dataset, run_dir)
-    _wait_training(proc, run_dir)
+    wait_training(proc, run_dir)
     t0 = time.monotonic()
     proc.send_signal(signum)
     try:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -106,3 +107,16 @@ def heartbeat(run_dir):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def wait_training(proc, run_dir, timeout=60.0):
+    """Wait until the run's heartbeat shows a finished step (returns it); fail if proc died."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        beat = heartbeat(run_dir)
+        if beat is not None and beat["step"] > 0:
+            return beat
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("training did not start")

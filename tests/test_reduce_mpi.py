@@ -1,0 +1,57 @@
+"""comm.pairwise_reduce_scatter under mpirun: rank r's slice is the float32 sum in the fixed
+order it documents (own part, then ranks r-1, r-2, ...), bit for bit -- so a run is
+reproducible -- and the sum to float tolerance, for uneven slices, messages cut into pieces and
+slices shorter than a piece."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import mpirun_path
+
+CODE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from mpi4py import MPI
+    from mpitrain.trainer.comm import pairwise_reduce_scatter
+    comm = MPI.COMM_WORLD
+    k, r = comm.size, comm.rank
+    results = []
+    for n, piece in ((1000, 7), (1003, 64), (5, 2), (4099, 4096), (k + 1, 1)):
+        rng = np.random.default_rng(100 + r)
+        # magnitudes over many octaves: a different summation order would show in the bits
+        array = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 6, n)).astype(np.float32)
+        counts = [n // k + (1 if w < n % k else 0) for w in range(k)]
+        ours = np.empty(counts[r], np.float32)
+        pairwise_reduce_scatter(comm, array, ours, counts, sleep_s=1e-4, piece=piece)
+        everything = comm.allgather(array)
+        lo = sum(counts[:r])
+        theirs = everything[r][lo:lo + counts[r]].copy()
+        for i in range(1, k):
+            theirs += everything[(r - i) % k][lo:lo + counts[r]]
+        exact = np.sum(np.array(everything, np.float64), axis=0)[lo:lo + counts[r]]
+        close = bool(np.allclose(ours, exact, rtol=1e-5,
+                                 atol=1e-6 * float(np.abs(exact).max(initial=1.0))))
+        results.append([n, piece, bool(np.array_equal(ours, theirs)), close])
+    gathered = comm.gather(results, root=0)
+    if r == 0:
+        print(json.dumps(gathered), flush=True)
+""")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 5])
+def test_pairwise_reduce_scatter_sums_in_its_fixed_order(ranks):
+    mpirun = mpirun_path()
+    if mpirun is None:
+        pytest.skip("mpirun not available")
+    r = subprocess.run([mpirun, "-n", str(ranks), sys.executable, "-c", CODE],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    gathered = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(gathered) == ranks
+    for rank, results in enumerate(gathered):
+        for n, piece, equal, close in results:
+            assert equal, f"rank {rank}, n {n}, piece {piece}: not the documented order"
+            assert close, f"rank {rank}, n {n}, piece {piece}: not the sum"

@@ -1,7 +1,8 @@
-"""comm.pairwise_reduce_scatter under mpirun: rank r's slice is the float32 sum in the fixed
-order it documents (own part, then ranks r-1, r-2, ...), bit for bit -- so a run is
-reproducible -- and the sum to float tolerance, for uneven slices, messages cut into pieces and
-slices shorter than a piece."""
+"""comm.pairwise_reduce_scatter and pairwise_allgather under mpirun. The reduce-scatter gives
+rank r's slice as the float32 sum in the fixed order it documents (own part, then ranks r-1,
+r-2, ...), bit for bit -- so a run is reproducible -- and the sum to float tolerance, for uneven
+slices, messages cut into pieces and slices shorter than a piece; the all-gather then puts
+every rank's slice in every rank's array."""
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ CODE = textwrap.dedent("""
     import json, sys
     import numpy as np
     from mpi4py import MPI
-    from mpitrain.trainer.comm import pairwise_reduce_scatter
+    from mpitrain.trainer.comm import pairwise_allgather, pairwise_reduce_scatter
     comm = MPI.COMM_WORLD
     k, r = comm.size, comm.rank
     results = []
@@ -34,7 +35,13 @@ CODE = textwrap.dedent("""
         exact = np.sum(np.array(everything, np.float64), axis=0)[lo:lo + counts[r]]
         close = bool(np.allclose(ours, exact, rtol=1e-5,
                                  atol=1e-6 * float(np.abs(exact).max(initial=1.0))))
-        results.append([n, piece, bool(np.array_equal(ours, theirs)), close])
+        whole = array.copy()
+        displs = [sum(counts[:w]) for w in range(k)]
+        whole[lo:lo + counts[r]] = ours
+        pairwise_allgather(comm, whole, counts, displs, sleep_s=1e-4)
+        slices = comm.allgather(ours)
+        gathered = bool(np.array_equal(whole, np.concatenate(slices)))
+        results.append([n, piece, bool(np.array_equal(ours, theirs)), close, gathered])
     gathered = comm.gather(results, root=0)
     if r == 0:
         print(json.dumps(gathered), flush=True)
@@ -42,7 +49,7 @@ CODE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3, 5])
-def test_pairwise_reduce_scatter_sums_in_its_fixed_order(ranks):
+def test_pairwise_reduce_scatter_and_allgather(ranks):
     mpirun = mpirun_path()
     if mpirun is None:
         pytest.skip("mpirun not available")
@@ -52,6 +59,7 @@ def test_pairwise_reduce_scatter_sums_in_its_fixed_order(ranks):
     gathered = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(gathered) == ranks
     for rank, results in enumerate(gathered):
-        for n, piece, equal, close in results:
+        for n, piece, equal, close, gathered in results:
             assert equal, f"rank {rank}, n {n}, piece {piece}: not the documented order"
             assert close, f"rank {rank}, n {n}, piece {piece}: not the sum"
+            assert gathered, f"rank {rank}, n {n}: the all-gather missed a slice"

@@ -76,7 +76,7 @@ def pairwise_reduce_scatter(comm, array: np.ndarray, shard: np.ndarray, counts: 
     of its own slice, so the sum runs in a fixed order (own part, then r-1, r-2, ...; checked
     bit for bit in tests/test_reduce_mpi.py): a run is reproducible. Messages carry at most `piece`
     floats, received into two buffers in turn. Measured with 136 MB of float32 on 2 cores:
-    0.03 s against MPICH's 0.07 s between 2 ranks, 0.23-0.27 s against 0.33 s among 11 (MPICH
+    0.03 s against MPICH's 0.07 s between 2 ranks, 0.25 s against 0.33 s among 11 (MPICH
     stages the data through temporary buffers; here the sum is one vectorised add a piece)."""
     k, r = comm.Get_size(), comm.Get_rank()
     displs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

@@ -14,9 +14,9 @@ Node Zero never computes a training batch. It talks to the workers only through 
   STOP     the last command: workers send their kernel counters and peak RSS, and wait to be
            released.
 
-While it waits, Node Zero sleeps (comm.wait_pending: 1 ms growing to 20 ms), refreshes heartbeat.json and reacts to a stop
-request (a signal): it then issues EVAL and SAVE for the last issued step and STOP, so the run
-ends after at most LOOKAHEAD more steps with a checkpoint.
+While it waits, Node Zero sleeps (comm.wait_pending: 1 ms growing to 20 ms), refreshes
+heartbeat.json and reacts to a stop request (a signal): it then issues EVAL and SAVE for the
+last issued step and STOP, so the run ends after at most LOOKAHEAD more steps with a checkpoint.
 """
 import os
 import socket

@@ -1,4 +1,4 @@
-"""comm.pairwise_reduce_scatter and pairwise_allgather under mpirun. The reduce-scatter gives
+"""collectives.pairwise_reduce_scatter and pairwise_allgather under mpirun. The reduce-scatter gives
 rank r's slice as the float32 sum in the fixed order it documents (own part, then ranks r-1,
 r-2, ...), bit for bit -- so a run is reproducible -- and the sum to float tolerance, for uneven
 slices, messages cut into pieces and slices shorter than a piece; the all-gather then puts
@@ -16,7 +16,7 @@ CODE = textwrap.dedent("""
     import json, sys
     import numpy as np
     from mpi4py import MPI
-    from mpitrain.trainer.comm import pairwise_allgather, pairwise_reduce_scatter
+    from mpitrain.trainer.collectives import pairwise_allgather, pairwise_reduce_scatter
     comm = MPI.COMM_WORLD
     k, r = comm.size, comm.rank
     results = []

@@ -6,52 +6,20 @@ kernel counters, let the workers go. Each call that waits returns a `Pending` wh
 blocks, so Node Zero decides how to wait (it sleeps, and does its housekeeping meanwhile). Thread
 mode implements the same interface with threads.
 
-Waiting without spinning. An MPICH rank inside a blocking call burns a core; with 12 ranks on 2
-cores that slowed the computing ranks 6.2x in the measurements of issue 4, against 1.05x when the
-waiting ranks polled a non-blocking call with Test and a 1 ms sleep, and an Iallreduce polled
-with Test and a 100 us sleep took 0.45 s against 0.90 s blocking. So every wait here is a
-non-blocking MPI call polled with Test and a sleep, and the sleep grows while the wait lasts:
-every wake-up preempts a rank (or kernel thread) that computes. Node Zero, which is off the
-critical path (it issues commands ahead), starts at 1 ms and doubles up to 20 ms; a 1 ms sleep
-loop beside the kernel's 2-thread step alone cost it about 5%. The workers reach each step's
-reduction at different times (their groups hold different numbers of windows): they first wait
-in an Ibarrier sleeping 100 us doubling up to 2 ms -- at -n 12 ten of them wait there while the
-slowest computes; with their fixed 100 us polls its compute took 2.98 s a step, with the
-back-off 2.8 s (one instrumented run) -- and then run the collective itself, in which every
-rank must call Test for it to progress, polling every 100 us.
+Every wait here sleeps (waiting.py: why and how long); the workers' reduce-scatter and all-gather
+are written out in collectives.py.
 """
 import pickle
-import time
 
 import numpy as np
 
+from mpitrain.trainer.collectives import pairwise_allgather, pairwise_reduce_scatter
 from mpitrain.trainer.messages import HEADER, REPORT_SIZE, Command, Report
+from mpitrain.trainer.waiting import (NODE_ZERO_MAX_SLEEP, NODE_ZERO_SLEEP, WORKER_MAX_SLEEP,
+                                      WORKER_SLEEP, Pending, _mpi, wait)
 
-NODE_ZERO_SLEEP = 1e-3      # s: Node Zero's first sleep in a wait ...
-NODE_ZERO_MAX_SLEEP = 2e-2  # ... doubling up to this
-WORKER_SLEEP = 1e-4         # s between polls on a worker inside a collective
-WORKER_MAX_SLEEP = 2e-3     # s: a worker's longest sleep while it waits for the others
-TAG_COMMAND, TAG_REPORT, TAG_STATE = 11, 12, 13
-TAG_GATHER = 99             # pairwise_allgather, on the workers' communicator
-TAG_REDUCE = 100            # + round: pairwise_reduce_scatter, on the workers' communicator
-REDUCE_PIECE = 1 << 21      # floats a message of pairwise_reduce_scatter carries (8 MB)
+TAG_COMMAND, TAG_REPORT, TAG_STATE = 11, 12, 13   # collectives.py uses 99 and 100..
 LEAD_RANK = 1               # worker 0 reports to Node Zero and sends it state
-
-
-def _mpi():
-    from mpi4py import MPI  # imported late: importing it initialises MPI
-
-    return MPI
-
-
-def wait(requests, sleep_s: float, max_sleep_s: float = 0.0) -> None:
-    """Complete MPI requests by polling Testall with sleeps in between (never a blocking Wait);
-    the sleeps start at sleep_s and double up to max_sleep_s (when larger)."""
-    MPI = _mpi()
-    requests = list(requests)
-    while not MPI.Request.Testall(requests):
-        time.sleep(sleep_s)
-        sleep_s = min(2 * sleep_s, max(sleep_s, max_sleep_s))
 
 
 def bcast_object(comm, obj, root: int = 0, sleep_s: float = NODE_ZERO_SLEEP):
@@ -66,125 +34,6 @@ def bcast_object(comm, obj, root: int = 0, sleep_s: float = NODE_ZERO_SLEEP):
         data = np.empty(int(size[0]), np.uint8)
     wait([comm.Ibcast(data, root=root)], sleep_s)
     return obj if comm.Get_rank() == root else pickle.loads(data.tobytes())
-
-
-def pairwise_reduce_scatter(comm, array: np.ndarray, shard: np.ndarray, counts: list,
-                            sleep_s: float = WORKER_SLEEP, piece: int = REDUCE_PIECE) -> None:
-    """shard = this rank's slice (counts[rank] floats, slices in rank order) of the sum of
-    `array` over the ranks of `comm`: the pairwise exchange of MPICH's Ireduce_scatter, written
-    out. In round i = 1..k-1 rank r sends its part of rank r+i's slice and adds rank r-i's part
-    of its own slice, so the sum runs in a fixed order (own part, then r-1, r-2, ...; checked
-    bit for bit in tests/test_reduce_mpi.py): a run is reproducible. Messages carry at most `piece`
-    floats, received into two buffers in turn. Measured with 136 MB of float32 on 2 cores:
-    0.03 s against MPICH's 0.07 s between 2 ranks, 0.25 s against 0.33 s among 11 (MPICH
-    stages the data through temporary buffers; here the sum is one vectorised add a piece)."""
-    k, r = comm.Get_size(), comm.Get_rank()
-    displs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    if not np.shares_memory(shard, array):   # one rank may pass its whole array as the shard
-        shard[...] = array[displs[r]:displs[r + 1]]
-    if k == 1:
-        return
-    steps = []   # (round, offset received, offset sent); None: nothing that way this step
-    for i in range(1, k):
-        dst = (r + i) % k
-        n_recv = -(-counts[r] // piece)
-        n_send = -(-counts[dst] // piece)
-        steps += [(i, j * piece if j < n_recv else None, j * piece if j < n_send else None)
-                  for j in range(max(n_recv, n_send))]
-    buffers = [np.empty(min(piece, counts[r]), np.float32) for _ in range(2)]
-
-    def post(j):
-        i, o_recv, o_send = steps[j]
-        src, dst = (r - i) % k, (r + i) % k
-        requests, received = [], None
-        if o_recv is not None:
-            received = (o_recv, buffers[j % 2][:min(piece, counts[r] - o_recv)])
-            requests.append(comm.Irecv(received[1], source=src, tag=TAG_REDUCE + i))
-        if o_send is not None:
-            lo = displs[dst] + o_send
-            hi = min(lo + piece, displs[dst + 1])
-            requests.append(comm.Isend(array[lo:hi], dest=dst, tag=TAG_REDUCE + i))
-        return requests, received
-
-    current = post(0)
-    for j in range(len(steps)):
-        requests, received = current
-        wait(requests, sleep_s)
-        if j + 1 < len(steps):
-            current = post(j + 1)   # into the other buffer, while we add this one
-        if received is not None:
-            o, buf = received
-            part = shard[o:o + buf.size]
-            np.add(part, buf, out=part)
-
-
-def pairwise_allgather(comm, array: np.ndarray, counts: list, displs: list,
-                       sleep_s: float = WORKER_SLEEP) -> None:
-    """Every rank's slice [displs[w], displs[w] + counts[w]) of `array` to all, in place: each
-    rank receives every other slice straight into `array` while sending its own to all, all
-    messages at once. 136 MB among 11 ranks on 2 cores: 0.11 s against 0.13 s for MPICH's
-    Iallgatherv (its ring, the fastest of its algorithms here)."""
-    k, r = comm.Get_size(), comm.Get_rank()
-    mine = array[displs[r]:displs[r] + counts[r]]
-    requests = []
-    for i in range(1, k):
-        src, dst = (r - i) % k, (r + i) % k
-        requests.append(comm.Irecv(array[displs[src]:displs[src] + counts[src]], source=src,
-                                   tag=TAG_GATHER))
-        requests.append(comm.Isend(mine, dest=dst, tag=TAG_GATHER))
-    wait(requests, sleep_s)
-
-
-class Pending:
-    """Something started that may not have finished; `done()` tests it without blocking,
-    `wait(timeout)` sleeps up to `timeout` seconds unless it is done, and `result` holds what it
-    produced once it has."""
-
-    def __init__(self, requests=(), finish=None):
-        self._requests = list(requests)
-        self._finish = finish
-        self._done = False
-        self.result = None
-
-    def done(self) -> bool:
-        if not self._done and _mpi().Request.Testall(self._requests):
-            self._done = True
-            if self._finish is not None:
-                self.result = self._finish()
-        return self._done
-
-    def wait(self, timeout: float) -> bool:
-        """done(), after sleeping `timeout` seconds if it was not done yet."""
-        if self.done():
-            return True
-        time.sleep(timeout)
-        return self.done()
-
-
-class TestPending(Pending):
-    """A Pending over a non-blocking test: test() -> (done, result)."""
-
-    def __init__(self, test):
-        super().__init__()
-        self._test = test
-
-    def done(self) -> bool:
-        if not self._done:
-            self._done, result = self._test()
-            if self._done:
-                self.result = result
-        return self._done
-
-
-def wait_pending(pending: Pending, between=None) -> Pending:
-    """Node Zero's wait: sleeps growing from NODE_ZERO_SLEEP to NODE_ZERO_MAX_SLEEP, calling
-    `between()` (its housekeeping) after each."""
-    sleep = NODE_ZERO_SLEEP
-    while not pending.wait(sleep):
-        if between is not None:
-            between()
-        sleep = min(2 * sleep, NODE_ZERO_MAX_SLEEP)
-    return pending
 
 
 class WorkerLink:

@@ -14,7 +14,7 @@ Node Zero never computes a training batch. It talks to the workers only through 
   STOP     the last command: workers send their kernel counters and peak RSS, and wait to be
            released.
 
-While it waits, Node Zero sleeps (comm.wait_pending: 1 ms growing to 20 ms), refreshes
+While it waits, Node Zero sleeps (waiting.wait_pending: 1 ms growing to 20 ms), refreshes
 heartbeat.json and reacts to a stop request (a signal): it then issues EVAL and SAVE for the
 last issued step and STOP, so the run ends after at most LOOKAHEAD more steps with a checkpoint.
 """
@@ -27,7 +27,7 @@ import numpy as np
 
 from mpitrain import schedule
 from mpitrain.trainer import peak, sampling
-from mpitrain.trainer.comm import TestPending, wait_pending
+from mpitrain.trainer.waiting import TestPending, wait_pending
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.runlog import RunLog, fmt_duration
 from mpitrain.trainer.saver import Saver

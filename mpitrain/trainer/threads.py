@@ -29,7 +29,8 @@ import traceback
 
 import numpy as np
 
-from mpitrain.trainer.comm import Pending, TestPending, WorkerLink
+from mpitrain.trainer.comm import WorkerLink
+from mpitrain.trainer.waiting import Pending, TestPending
 
 _ABORT = object()          # put on the command queue: the worker thread ends
 _WORKER_POLL_S = 0.1       # the worker's waits re-check the abort flag this often (asleep)

@@ -26,7 +26,7 @@ def pairwise_reduce_scatter(comm, array: np.ndarray, shard: np.ndarray, counts: 
     stages the data through temporary buffers; here the sum is one vectorised add a piece)."""
     k, r = comm.Get_size(), comm.Get_rank()
     displs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    if not np.shares_memory(shard, array):   # one rank may pass its whole array as the shard
+    if not np.may_share_memory(shard, array):   # one rank may pass its whole array as the shard
         shard[...] = array[displs[r]:displs[r + 1]]
     if k == 1:
         return

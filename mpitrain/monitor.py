@@ -205,17 +205,21 @@ def snapshot(reader, interval=2.0, now=None) -> dict:
     if tc.get("epochs"):
         epochs = int(tc["epochs"])
     warmup = tc.get("warmup")
+    state, detail = liveness(reader, hb, finished, interval, now)
+    activity = (hb or {}).get("activity")
     if finished:
         phase = "finished"
     elif signalled:
         phase = "stopping (signal)"
+    elif state == "alive" and isinstance(activity, str) and activity not in (
+            "training", "starting", "finished"):
+        phase = activity              # evaluating, writing a sample, saving a checkpoint
     elif not reader.steps:
         phase = "starting"
     elif warmup and step <= warmup:
         phase = "warmup"
     else:
         phase = "training"
-    state, detail = liveness(reader, hb, finished, interval, now)
     ckpts = reader.checkpoints
     on_disk = [c for c in ckpts if c.get("path") and os.path.exists(c["path"])]
     return {

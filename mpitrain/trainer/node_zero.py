@@ -27,11 +27,13 @@ import numpy as np
 
 from mpitrain import schedule
 from mpitrain.trainer import peak, sampling
-from mpitrain.trainer.waiting import TestPending, wait_pending
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.runlog import RunLog, fmt_duration
 from mpitrain.trainer.saver import Saver
+from mpitrain.trainer.waiting import TestPending, wait_pending
 
+ACTIVITY = {STEP: "training", EVAL: "evaluating after step {step}",
+            SAVE: "saving a checkpoint of step {step}"}   # heartbeat.json's "activity"
 LOOKAHEAD = 2   # STEP commands issued beyond the last reported step: the workers never wait
                 # for Node Zero's reaction to a report
 
@@ -101,6 +103,7 @@ class NodeZero:
         self._issue_steps()
         while self.queue:
             command = self.queue[0]
+            self.log.set_activity(ACTIVITY[command.kind].format(step=command.step))
             report = self._wait(self.link.next_report()).result
             if (report.kind, report.step) != (command.kind, command.step):
                 raise RuntimeError(f"protocol error: expected the report of "
@@ -195,6 +198,7 @@ class NodeZero:
         self.val_loss = r.loss
         if self.best_val_loss is None or r.loss < self.best_val_loss:
             self.best_val_loss = r.loss
+        self.log.set_activity(f"writing the sample of step {r.step}")
         ids = sampling.generate(self.model, self.prompt, self.tc.seed, r.step,
                                 context=self.tc.seq_len)
         self.log.evaluation(r.step, r.loss, self.tokenizer.decode(self.prompt),

@@ -39,6 +39,7 @@ class RunLog:
         self._heartbeat_at = 0.0
         self._printed_at = time.monotonic()
         self.step = start_step
+        self.activity = "starting"   # what Node Zero is doing, for `mpitrain monitor`
         self.bar = bar(total=stop_step, desc="train", unit="step", initial=start_step)
         self.bar_shown = not self.bar.disable
         self.heartbeat(force=True)
@@ -98,11 +99,20 @@ class RunLog:
         _atomic_write(os.path.join(self.run_dir, "heartbeat.json"), json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(),
             "ranks": [{"rank": r, "host": h, "pid": p} for r, (h, p) in enumerate(self.ranks)],
-            "step": self.step, "stop_step": self.stop_step, "time": now,
+            "step": self.step, "stop_step": self.stop_step, "activity": self.activity,
+            "time": now,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
         }, indent=1) + "\n")
 
+    def set_activity(self, activity: str) -> None:
+        """What Node Zero is doing now (training, evaluating after step N, ...); a change is
+        written to heartbeat.json at once."""
+        if activity != self.activity:
+            self.activity = activity
+            self.heartbeat(force=True)
+
     def close(self) -> None:
+        self.activity = "finished"
         self.heartbeat(force=True)
         self.bar.close()
         self._metrics.close()

@@ -47,24 +47,31 @@ def ensure_dataset(preset):
     return path
 
 
-def train(n, preset, dataset, steps, *extra):
-    """Run the trainer; returns (per-step records, end record, checkpoint events)."""
+def run_trainer(launch, preset, dataset, steps, *extra, env=None):
+    """Run `launch + [python -m mpitrain train ...]` for `steps` steps without evaluations (or
+    checkpoints, unless `extra` asks for them) in a temporary run directory; returns (per-step
+    records, end record, checkpoint events) from its metrics.jsonl."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
-        cmd = [mpirun(), "-n", str(n), sys.executable, "-m", "mpitrain", "train",
+        cmd = [*launch, sys.executable, "-m", "mpitrain", "train",
                "--preset", preset, "--dataset", dataset, "--run-dir", run_dir,
                "--max-steps", str(steps), "--epochs", "1000", "--eval-every", "1000000",
                "--quiet", *extra]
         if "--save-every" not in extra:
             cmd += ["--save-every", "1000000"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            sys.exit(f"bench_scaling: {' '.join(cmd)} failed:\n{proc.stderr}")
+            sys.exit(f"{os.path.basename(sys.argv[0])}: {' '.join(cmd)} failed:\n{proc.stderr}")
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]
     steps_ = [r for r in records if "loss" in r and "event" not in r]
     end = [r for r in records if r.get("event") == "end"][-1]
     return steps_, end, [r for r in records if r.get("event") == "checkpoint"]
+
+
+def train(n, preset, dataset, steps, *extra):
+    """`mpirun -n n` of the trainer: see run_trainer."""
+    return run_trainer([mpirun(), "-n", str(n)], preset, dataset, steps, *extra)
 
 
 def step_seconds(steps_, tokens_per_step, first=2):

@@ -15,37 +15,22 @@ threads 12 < 2 GB. Data: hdf5_data/default_PRESET.h5 (prepared from the default 
 missing).
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
-import tempfile
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_scaling import REPO, baseline  # noqa: E402
+from bench_scaling import REPO, baseline, run_trainer  # noqa: E402
 
 
 def train_threads(threads, preset, dataset, steps):
-    """Run thread mode; returns (per-step records, end record)."""
+    """Run thread mode (no MPI); returns (per-step records, end record)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = os.path.join(tmp, "run")
-        cmd = [sys.executable, "-m", "mpitrain", "train", "--threads", str(threads),
-               "--preset", preset, "--dataset", dataset, "--run-dir", run_dir,
-               "--max-steps", str(steps), "--epochs", "1000", "--eval-every", "1000000",
-               "--save-every", "1000000", "--quiet"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"bench_threads: {' '.join(cmd)} failed:\n{proc.stderr}")
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
-    steps_ = [r for r in records if "loss" in r and "event" not in r]
-    end = [r for r in records if r.get("event") == "end"][-1]
+    steps_, end, _ = run_trainer([], preset, dataset, steps, "--threads", str(threads), env=env)
     return steps_, end
 
 

@@ -26,32 +26,13 @@ MT_HOT void layernorm_forward(float *out, float *mean, float *rstd,
     }
 }
 
-/* dout, inp, dinp are (N,C); backward adds into dinp, dweight, dbias. */
+/* dout, inp, dinp are (N,C); backward adds into dinp, dweight, dbias: the threaded step's two
+ * pieces below, over every row and column. */
 void layernorm_backward(float *dinp, float *dweight, float *dbias,
                         const float *dout, const float *inp, const float *weight,
                         const float *mean, const float *rstd, int N, int C) {
-    for (int n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C;
-        const float *g = dout + (size_t)n * C;
-        float *dx = dinp + (size_t)n * C;
-        float m = mean[n], s = rstd[n];
-        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
-        for (int i = 0; i < C; i++) {
-            float xhat = (x[i] - m) * s;
-            float dnorm = weight[i] * g[i];
-            dnorm_mean += dnorm;
-            dnorm_norm_mean += dnorm * xhat;
-        }
-        dnorm_mean /= (float)C;
-        dnorm_norm_mean /= (float)C;
-        for (int i = 0; i < C; i++) {
-            float xhat = (x[i] - m) * s;
-            float dnorm = weight[i] * g[i];
-            dbias[i] += g[i];
-            dweight[i] += xhat * g[i];
-            dx[i] += (dnorm - dnorm_mean - xhat * dnorm_norm_mean) * s;
-        }
-    }
+    layernorm_backward_dx(dinp, dout, inp, weight, mean, rstd, N, C);
+    layernorm_backward_dparams(dweight, dbias, dout, inp, mean, rstd, N, C, 0, C);
 }
 
 /* ---- LayerNorm pieces for the threaded backward ------------------------------------------ */

@@ -7,7 +7,8 @@
     model.adamw_step(lr=1e-3, step=1)
 
 Memory: `param_buffer`, `grad_buffer`, `m_buffer`, `v_buffer` are 1-D float32 NumPy arrays
-owned here; the C model holds pointers into them, and `params` / `grads` (and `adam_m` /
+owned here (the parameters may instead live in an arena the caller passes, e.g. memory the MPI
+workers of one node share); the C model holds pointers into them, and `params` / `grads` (and `adam_m` /
 `adam_v`) are named views into them (GPT-2 state_dict names, linear weights [out, in]) -- no
 copies, so MPI reductions and HDF5 reads/writes work on the same memory the kernel uses.
 Every array is checked (dtype, shape, contiguity, id range) before a pointer reaches C.
@@ -19,14 +20,41 @@ from mpitrain._native import as_ptr, kernel
 from mpitrain.config import ModelConfig
 
 MAX_THREADS = 256   # the optimizer's limit (mpitrain.optim.MAX_THREADS)
-_ALIGN_BYTES = 64   # arenas start on a cache line
+ALIGN_BYTES = 64    # arenas start on a cache line
+
+
+def aligned_arena(raw, n):
+    """The first n floats of float32 array `raw` (n + ALIGN_BYTES // 4 long) that start on an
+    ALIGN_BYTES boundary."""
+    start = (-raw.ctypes.data % ALIGN_BYTES) // 4
+    return raw[start:start + n]
 
 
 def _aligned_zeros(n):
     """n float32 zeros starting on a 64-byte boundary (np.zeros is lazily zeroed memory)."""
-    raw = np.zeros(n + _ALIGN_BYTES // 4, np.float32)
-    start = (-raw.ctypes.data % _ALIGN_BYTES) // 4
-    return raw[start:start + n]
+    return aligned_arena(np.zeros(n + ALIGN_BYTES // 4, np.float32), n)
+
+
+def parameter_count(config) -> int:
+    """The number of float32 parameters of a model of `config` (its arenas' length)."""
+    ffi, lib = kernel()
+    return int(lib.mt_num_params(ffi.new("mt_config *", _c_config(config))))
+
+
+def _c_config(config) -> dict:
+    return dict(vocab_size=config.vocab_size, max_seq_len=config.max_seq_len,
+                d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
+                d_ff=config.d_ff)
+
+
+def _check_arena(arena, n):
+    if not (isinstance(arena, np.ndarray) and arena.dtype == np.float32 and arena.ndim == 1
+            and arena.size == n and arena.flags.c_contiguous and arena.flags.writeable):
+        raise ValueError(f"param_arena must be a writeable contiguous 1-D float32 array of {n} "
+                         f"floats")
+    if arena.ctypes.data % ALIGN_BYTES:
+        raise ValueError(f"param_arena must start on a {ALIGN_BYTES}-byte boundary")
+    return arena
 
 
 def _check_threads(threads):
@@ -39,7 +67,10 @@ def _check_threads(threads):
 class Model:
     """A GPT (issue 3's architecture) whose forward/backward runs in the C kernel."""
 
-    def __init__(self, config, seed=0, threads=1):
+    def __init__(self, config, seed=0, threads=1, param_arena=None, initialize=True):
+        """param_arena: a 1-D contiguous float32 array of parameter_count(config) floats to hold
+        the parameters instead of one of our own; initialize=False leaves it as it is (another
+        process initialises it)."""
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -48,22 +79,23 @@ class Model:
         ffi, lib = kernel()
         self._ffi, self._lib = ffi, lib
         self.config = config
-        self._cfg = ffi.new("mt_config *", dict(
-            vocab_size=config.vocab_size, max_seq_len=config.max_seq_len,
-            d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
-            d_ff=config.d_ff))
+        self._cfg = ffi.new("mt_config *", _c_config(config))
         self.num_params = int(lib.mt_num_params(self._cfg))
         if self.num_params <= 0:
             raise ValueError(f"invalid model configuration: {config}")
         self._table = self._read_table()
         # The C model keeps pointers into these four arrays: they live exactly as long as this
-        # object and are exposed read-only as attributes (write into them, never rebind them).
-        self._arenas = tuple(_aligned_zeros(self.num_params) for _ in range(4))
+        # object (a caller's param_arena must outlive it too) and are exposed read-only as
+        # attributes (write into them, never rebind them).
+        n = self.num_params
+        params = _aligned_zeros(n) if param_arena is None else _check_arena(param_arena, n)
+        self._arenas = (params, *(_aligned_zeros(n) for _ in range(3)))
         handle = lib.mt_model_new(self._cfg, *(as_ptr(a) for a in self._arenas), threads)
         if handle == ffi.NULL:
             raise MemoryError("the kernel could not allocate the model")
         self._handle = ffi.gc(handle, lib.mt_model_free)
-        lib.mt_model_init(self._handle, int(seed) & (2 ** 64 - 1))
+        if initialize:
+            lib.mt_model_init(self._handle, int(seed) & (2 ** 64 - 1))
         self.param_names = [name for name, _, _ in self._table]
         self.param_shapes = {name: shape for name, _, shape in self._table}
         self.params = self._views(self.param_buffer)

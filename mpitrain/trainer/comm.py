@@ -8,7 +8,16 @@ mode implements the same interface with threads.
 
 Every wait here sleeps (waiting.py: why and how long); the workers' reduce-scatter and all-gather
 are written out in collectives.py.
+
+Parameters shared on a node: when every worker runs on one node (the usual case, and this
+machine's), the workers keep one parameter arena in a shared-memory window instead of one each.
+Each worker still computes on all parameters and updates its own slice, so after the update a
+barrier replaces the all-gather, and the node's cache holds one copy of the weights instead of
+one per worker (docs/TRAINING.md has the measurements). Across nodes, or with
+MPITRAIN_SHARED_PARAMS=0, every worker keeps its own copy and the slices are all-gathered; the
+two give bitwise the same parameters (tests/test_train_mpi.py).
 """
+import os
 import pickle
 
 import numpy as np
@@ -117,6 +126,47 @@ class MPIWorkerComm:
         self._cmd = np.empty(HEADER + batch_size, np.int64)
         self._cmd_req = world.Irecv(self._cmd, source=0, tag=TAG_COMMAND)
         self._reports = []
+        self._window = None            # the shared parameter window (share_parameters)
+        self.writes_parameters = True  # whether this worker writes whole parameter arenas
+
+    def share_parameters(self, count: int):
+        """Collective over the workers: a float32 arena of `count` floats in memory that every
+        worker maps, if they all run on one node (see the module docstring); else None. The
+        node's first worker is then the one that writes whole arenas (initialisation, resume):
+        `writes_parameters`."""
+        MPI = _mpi()
+        node = self.workers.Split_type(MPI.COMM_TYPE_SHARED)
+        shared = node.Get_size() == self.num_workers \
+            and os.environ.get("MPITRAIN_SHARED_PARAMS", "1") != "0"
+        if not shared:
+            node.Free()
+            return None
+        first = node.Get_rank() == 0
+        from mpitrain.model import ALIGN_BYTES, aligned_arena
+
+        pad = ALIGN_BYTES // 4   # MPICH aligns a one-process window only as malloc does
+        self._window = MPI.Win.Allocate_shared(4 * (count + pad) if first else 0, 4, comm=node)
+        node.Free()
+        self._window.Lock_all()   # a passive epoch: Win.Sync orders our stores and loads
+        self.writes_parameters = first
+        buf, _ = self._window.Shared_query(0)
+        return aligned_arena(np.frombuffer(buf, np.float32, count + pad), count)
+
+    def publish_parameters(self, array: np.ndarray, counts: list, displs: list) -> None:
+        """Every worker's updated slice of the parameters to all: a barrier when they share
+        one arena (share_parameters), else an all-gather of the slices."""
+        if self._window is None:
+            pairwise_allgather(self.workers, array, counts, displs)
+        else:
+            self.parameters_ready()
+
+    def parameters_ready(self) -> None:
+        """With a shared parameter arena: wait (asleep) until every worker's writes to it are
+        done and visible here. Without one, every worker wrote its own: nothing to wait for."""
+        if self._window is not None:
+            self._window.Sync()
+            wait([self.workers.Ibarrier()], WORKER_SLEEP, WORKER_MAX_SLEEP)
+            self._window.Sync()
 
     def next_command(self) -> Command:
         wait([self._cmd_req], WORKER_SLEEP, WORKER_MAX_SLEEP)
@@ -168,6 +218,9 @@ class MPIWorkerComm:
         self._cmd_req.Cancel()
         wait([self._cmd_req], WORKER_SLEEP)
         wait([self.world.Ibarrier()], WORKER_SLEEP, NODE_ZERO_MAX_SLEEP)
+        if self._window is not None:   # every worker is past its last use of the arena
+            self._window.Unlock_all()
+            self._window.Free()
 
 
 def make_worker_comm(world, batch_size: int, edges: list):

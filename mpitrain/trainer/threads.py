@@ -165,6 +165,7 @@ class ThreadWorkerComm:
     index = 0
     num_workers = 1
     is_lead = True
+    writes_parameters = True
 
     def __init__(self, link: ThreadWorkerLink):
         self.link = link
@@ -198,6 +199,15 @@ class ThreadWorkerComm:
         np.copyto(shard, array)
 
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
+        pass
+
+    def share_parameters(self, count: int):
+        return None      # the one replica's own arena
+
+    def publish_parameters(self, array: np.ndarray, counts: list, displs: list) -> None:
+        pass
+
+    def parameters_ready(self) -> None:
         pass
 
     def _put(self, q: queue.Queue, item) -> None:

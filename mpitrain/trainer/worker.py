@@ -10,8 +10,9 @@ contributes zeros.
 The optimizer state is sharded (as ZeRO stage 1): the parameter arena is cut into one
 contiguous slice per worker; a reduce-scatter leaves each worker the summed gradient of its
 slice, the global norm comes from the slices' sums of squares, each worker clips and applies
-AdamW to its slice only, and an in-place all-gather gives every worker all parameters again.
-The communication equals one all-reduce; the AdamW work (and memory traffic) is divided by the
+AdamW to its slice only, and an in-place all-gather gives every worker all parameters again
+(or, when the workers of a node share one parameter arena, a barrier: comm.py). The
+communication equals one all-reduce; the AdamW work (and memory traffic) is divided by the
 number of workers instead of repeated on each. Each worker's Adam moments are current only on its
 own slice; before a checkpoint they are all-gathered too. The result is a fixed function of the
 gradients for a given world size (bitwise reproducible, so a resume continues bit for bit).
@@ -37,11 +38,13 @@ MICRO_WINDOWS = 8
 class Worker:
     def __init__(self, plan, comm, rank: int):
         from mpitrain.dataset import Dataset
-        from mpitrain.model import Model
+        from mpitrain.model import Model, parameter_count
 
         self.plan, self.comm, self.rank = plan, comm, rank
         tc = self.tc = plan.train_config
-        self.model = Model(plan.model_config, seed=tc.seed, threads=plan.threads_per_rank)
+        shared = comm.share_parameters(parameter_count(plan.model_config))
+        self.model = Model(plan.model_config, seed=tc.seed, threads=plan.threads_per_rank,
+                           param_arena=shared, initialize=comm.writes_parameters)
         ds = Dataset.open(plan.dataset_path)
         # The whole training stream stays in memory: any window can fall to this worker.
         self.tokens = np.ascontiguousarray(ds.split_tokens("train"))
@@ -74,7 +77,11 @@ class Worker:
     def run(self) -> None:
         m = self.model
         if self.plan.resume_path is not None:  # Node Zero sends the state of every resume,
-            self.comm.receive_state([m.param_buffer, m.m_buffer, m.v_buffer])  # step 0's too
+            # step 0's too; with one shared parameter arena, one worker writes it (the others'
+            # copy lands in their gradient buffers, free until the first step)
+            params = m.param_buffer if self.comm.writes_parameters else m.grad_buffer
+            self.comm.receive_state([params, m.m_buffer, m.v_buffer])
+        self.comm.parameters_ready()
         while True:
             command = self.comm.next_command()
             if injected_fault(self.rank, command.step) and command.kind == STEP:
@@ -126,7 +133,7 @@ class Worker:
                          m.v_buffer[lo:hi], lr=command.lr, step=command.step, beta1=tc.beta1,
                          beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
                          segments=self.segments, threads=m.threads)
-        self.comm.allgather_in_place(m.param_buffer, self.counts, self.displs)
+        self.comm.publish_parameters(m.param_buffer, self.counts, self.displs)
 
     def _evaluate(self, step: int) -> None:
         n = len(self.eval_x)

@@ -21,7 +21,7 @@ import pytest
 from mpitrain import schedule
 from mpitrain.config import PRESETS
 from mpitrain.topology import assign_windows
-from mpitrain.trainer.worker import MICRO_WINDOWS
+from mpitrain.trainer.worker import MICRO_WINDOWS, call_ranges, tail_windows
 from test_train_support import (end_record, read_metrics, run_train, step_losses, tiny_args,
                                 tiny_dataset, val_losses)  # noqa: F401 (fixture)
 
@@ -70,11 +70,28 @@ def test_counters(runs, n):
     assert counters.shape == (n, 2)
     assert counters[0].tolist() == [0, 0]                 # Node Zero never trains
     shares = assign_windows(n - 1, BATCH)
-    # one kernel call per step for each MICRO_WINDOWS of the worker's windows
-    calls = [20 * -(-len(w) // MICRO_WINDOWS) for w in shares]
+    # one kernel call per step for each MICRO_WINDOWS of the worker's windows, the tail apart
+    cpus = len(os.sched_getaffinity(0))
+    calls = [20 * len(call_ranges(len(w), tail_windows(shares, i, n - 1, cpus, 1)))
+             for i, w in enumerate(shares)]
     assert counters[1:, 0].tolist() == calls
     assert counters[1:, 1].sum() == 20 * BATCH            # every window exactly once
     assert counters[1:, 1].tolist() == [20 * len(w) for w in shares]
+
+
+def test_the_tail_and_the_calls():
+    seed_shares = assign_windows(11, 32)                  # -n 12, seed preset
+    assert [len(s) for s in seed_shares] == [3, 3, 3, 3, 3, 3, 5, 3, 2, 2, 2]
+    assert [tail_windows(seed_shares, w, 11, 2, 1) for w in range(11)] == [0] * 6 + [2] + [0] * 4
+    assert tail_windows(seed_shares, 6, 11, 12, 1) == 0   # a CPU each: none idles
+    assert tail_windows(seed_shares, 6, 11, 2, 2) == 0    # it already runs on every CPU
+    assert tail_windows(assign_windows(2, 32), 0, 2, 1, 1) == 0   # equal shares
+    assert call_ranges(5, 2) == [(0, 3), (3, 5)]
+    assert call_ranges(16, 0) == [(0, 8), (8, 16)]
+    assert call_ranges(19, 3) == [(0, 8), (8, 16), (16, 19)]
+    assert call_ranges(20, 10) == [(0, 8), (8, 10), (10, 18), (18, 20)]
+    assert call_ranges(0, 0) == []
+    assert MICRO_WINDOWS == 8
 
 
 def test_run_directory_contents(runs):

@@ -128,14 +128,16 @@ class MPIWorkerComm:
         self._reports = []
         self._window = None            # the shared parameter window (share_parameters)
         self.writes_parameters = True  # whether this worker writes whole parameter arenas
+        self.node_workers = 1          # workers on this worker's node (share_parameters)
 
     def share_parameters(self, count: int):
         """Collective over the workers: a float32 arena of `count` floats in memory that every
         worker maps, if they all run on one node (see the module docstring); else None. The
         node's first worker is then the one that writes whole arenas (initialisation, resume):
-        `writes_parameters`."""
+        `writes_parameters`. Sets `node_workers`."""
         MPI = _mpi()
         node = self.workers.Split_type(MPI.COMM_TYPE_SHARED)
+        self.node_workers = node.Get_size()
         shared = node.Get_size() == self.num_workers \
             and os.environ.get("MPITRAIN_SHARED_PARAMS", "1") != "0"
         if not shared:

@@ -166,6 +166,7 @@ class ThreadWorkerComm:
     num_workers = 1
     is_lead = True
     writes_parameters = True
+    node_workers = 1
 
     def __init__(self, link: ThreadWorkerLink):
         self.link = link

@@ -35,6 +35,26 @@ from mpitrain.trainer.node_zero import injected_fault, peak_rss_kib
 MICRO_WINDOWS = 8
 
 
+def tail_windows(shares, index: int, node_workers: int, cpus: int, threads: int) -> int:
+    """How many of worker `index`'s windows (its last ones) it computes on all `cpus` instead of
+    its `threads`: on a node with more workers than CPUs, the worker holding more windows than
+    any other computes its extra ones after the others have finished theirs and gone to sleep,
+    on one CPU of several otherwise idle. At -n 12 on 2 cores (shares 3,3,3,3,3,3,5,3,2,2,2)
+    that is worker 6's last 2 windows. 0 when no CPU would be idle."""
+    if node_workers <= cpus or cpus <= threads:
+        return 0
+    others = max((len(s) for w, s in enumerate(shares) if w != index), default=0)
+    return max(0, len(shares[index]) - others)
+
+
+def call_ranges(windows: int, tail: int) -> list:
+    """The [a, b) ranges of a worker's windows that each kernel call computes: at most
+    MICRO_WINDOWS each, the last `tail` windows in calls of their own."""
+    head = windows - tail
+    return [(a, min(a + MICRO_WINDOWS, head)) for a in range(0, head, MICRO_WINDOWS)] + \
+        [(a, min(a + MICRO_WINDOWS, windows)) for a in range(head, windows, MICRO_WINDOWS)]
+
+
 class Worker:
     def __init__(self, plan, comm, rank: int):
         from mpitrain.dataset import Dataset
@@ -49,8 +69,15 @@ class Worker:
         # The whole training stream stays in memory: any window can fall to this worker.
         self.tokens = np.ascontiguousarray(ds.split_tokens("train"))
         # j in [0, batch_size): the positions in each step's batch that belong to our groups.
-        self.share = np.array(assign_windows(comm.num_workers, tc.batch_size)[comm.index],
-                              np.int64)
+        shares = assign_windows(comm.num_workers, tc.batch_size)
+        self.share = np.array(shares[comm.index], np.int64)
+        cpus = len(os.sched_getaffinity(0))
+        self.tail = tail_windows(shares, comm.index, comm.node_workers, cpus,
+                                 plan.threads_per_rank)
+        if self.tail:   # the extra kernel threads sleep until the tail's calls
+            self.model.threads = cpus
+            self.model.work_parts = plan.threads_per_rank
+        self.calls = call_ranges(len(self.share), self.tail)
         eval_share = assign_windows(comm.num_workers, len(plan.eval_ids))[comm.index]
         self.eval_x, self.eval_y = schedule.gather_windows(
             ds.split_tokens("val"), plan.eval_ids[eval_share], tc.seq_len)
@@ -111,8 +138,10 @@ class Worker:
         if ids.size:
             x, y = schedule.gather_windows(self.tokens, ids, tc.seq_len)   # int32 [B_w, T]
             loss_sum = 0.0
-            for a in range(0, len(ids), MICRO_WINDOWS):   # gradients accumulate, in order
-                xa, ya = x[a:a + MICRO_WINDOWS], y[a:a + MICRO_WINDOWS]
+            for a, b in self.calls:                       # gradients accumulate, in order
+                if self.tail:
+                    m.work_parts = 0 if b > len(ids) - self.tail else self.plan.threads_per_rank
+                xa, ya = x[a:b], y[a:b]
                 mean = m.forward_backward(xa, ya, grad_scale=self.scale, accumulate=a > 0)
                 loss_sum += mean * xa.size
             self._sums[0] = loss_sum                      # sum of this worker's token losses

@@ -50,10 +50,10 @@ def _c_config(config) -> dict:
 def _check_arena(arena, n):
     if not (isinstance(arena, np.ndarray) and arena.dtype == np.float32 and arena.ndim == 1
             and arena.size == n and arena.flags.c_contiguous and arena.flags.writeable):
-        raise ValueError(f"param_arena must be a writeable contiguous 1-D float32 array of {n} "
+        raise ValueError(f"an arena must be a writeable contiguous 1-D float32 array of {n} "
                          f"floats")
     if arena.ctypes.data % ALIGN_BYTES:
-        raise ValueError(f"param_arena must start on a {ALIGN_BYTES}-byte boundary")
+        raise ValueError(f"an arena must start on a {ALIGN_BYTES}-byte boundary")
     return arena
 
 
@@ -67,10 +67,11 @@ def _check_threads(threads):
 class Model:
     """A GPT (issue 3's architecture) whose forward/backward runs in the C kernel."""
 
-    def __init__(self, config, seed=0, threads=1, param_arena=None, initialize=True):
-        """param_arena: a 1-D contiguous float32 array of parameter_count(config) floats to hold
-        the parameters instead of one of our own; initialize=False leaves it as it is (another
-        process initialises it)."""
+    def __init__(self, config, seed=0, threads=1, param_arena=None, grad_arena=None,
+                 initialize=True):
+        """param_arena, grad_arena: 1-D contiguous float32 arrays of parameter_count(config)
+        floats to hold the parameters and the gradients instead of arenas of our own;
+        initialize=False leaves the parameters as they are (another process initialises them)."""
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -85,11 +86,11 @@ class Model:
             raise ValueError(f"invalid model configuration: {config}")
         self._table = self._read_table()
         # The C model keeps pointers into these four arrays: they live exactly as long as this
-        # object (a caller's param_arena must outlive it too) and are exposed read-only as
+        # object (a caller's arenas must outlive it too) and are exposed read-only as
         # attributes (write into them, never rebind them).
         n = self.num_params
-        params = _aligned_zeros(n) if param_arena is None else _check_arena(param_arena, n)
-        self._arenas = (params, *(_aligned_zeros(n) for _ in range(3)))
+        self._arenas = tuple(_aligned_zeros(n) if a is None else _check_arena(a, n)
+                             for a in (param_arena, grad_arena, None, None))
         handle = lib.mt_model_new(self._cfg, *(as_ptr(a) for a in self._arenas), threads)
         if handle == ffi.NULL:
             raise MemoryError("the kernel could not allocate the model")

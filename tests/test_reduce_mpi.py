@@ -2,7 +2,9 @@
 rank r's slice as the float32 sum in the fixed order it documents (own part, then ranks r-1,
 r-2, ...), bit for bit -- so a run is reproducible -- and the sum to float tolerance, for uneven
 slices, messages cut into pieces and slices shorter than a piece; the all-gather then puts
-every rank's slice in every rank's array."""
+every rank's slice in every rank's array. shared_reduce_scatter (arrays in shared memory, read in
+place) sums in the same order, bit for bit, and releases the pages it read without losing
+them."""
 import json
 import subprocess
 import sys
@@ -63,3 +65,61 @@ def test_pairwise_reduce_scatter_and_allgather(ranks):
             assert equal, f"rank {rank}, n {n}, piece {piece}: not the documented order"
             assert close, f"rank {rank}, n {n}, piece {piece}: not the sum"
             assert gathered, f"rank {rank}, n {n}: the all-gather missed a slice"
+
+
+def _shared_arrays(k, n, seed):
+    """k float32 arrays of n in one shared (MAP_SHARED) mapping, as MPI's shared windows are."""
+    import mmap
+
+    import numpy as np
+
+    flat = np.frombuffer(mmap.mmap(-1, k * n * 4, flags=mmap.MAP_SHARED), np.float32)
+    rng = np.random.default_rng(seed)
+    flat[...] = rng.standard_normal(k * n) * 10.0 ** rng.integers(-6, 6, k * n)
+    return [flat[w * n:(w + 1) * n] for w in range(k)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 11])
+def test_shared_reduce_scatter_sums_in_the_pairwise_order(k):
+    """Rank r's slice in the order of pairwise_reduce_scatter (own, r-1, r-2, ...), bit for
+    bit, for uneven slices cut into pieces; the arrays it reads are left as they were."""
+    import numpy as np
+
+    from mpitrain.trainer.collectives import shared_reduce_scatter
+
+    n = 10_007
+    arrays = _shared_arrays(k, n, seed=k)
+    before = [a.copy() for a in arrays]
+    counts = [n // k + (1 if w < n % k else 0) for w in range(k)]
+    for r in range(k):
+        lo = sum(counts[:r])
+        shard = np.empty(counts[r], np.float32)
+        shared_reduce_scatter(arrays, r, shard, counts, piece=1000)
+        expected = before[r][lo:lo + counts[r]].copy()
+        for i in range(1, k):
+            expected += before[(r - i) % k][lo:lo + counts[r]]
+        assert np.array_equal(shard, expected), r
+    for a, b in zip(arrays, before):
+        assert np.array_equal(a, b)
+    if k == 1:   # one rank may pass its whole array as the shard
+        shared_reduce_scatter(arrays, 0, arrays[0], counts)
+        assert np.array_equal(arrays[0], before[0])
+
+
+def test_released_pages_leave_the_rss_and_keep_their_contents():
+    import os
+
+    import numpy as np
+
+    from mpitrain.trainer.collectives import _release
+
+    def rss_mb():
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    (array,) = _shared_arrays(1, 16 << 20, seed=0)   # 64 MB, all touched
+    copy = array.copy()
+    touched = rss_mb()
+    _release(array)
+    assert rss_mb() < touched - 60
+    assert np.array_equal(array, copy)     # read back from the shared memory

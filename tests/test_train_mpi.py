@@ -8,7 +8,7 @@ Proofs held here (issue 4):
   the same world size, and the same losses (1e-4 relative) when resumed at another world size;
 - the windows each worker trains are exactly its symmetry groups' windows of each step;
 - workers sharing one parameter arena (the default on one node) and workers keeping a copy each
-  (MPITRAIN_SHARED_PARAMS=0, as across nodes) end with bitwise-identical state, resume included.
+  (MPITRAIN_SHARED_MEMORY=0, as across nodes) end with bitwise-identical state, resume included.
 Each run takes about 1 s (-n 2, -n 3) to 3 s (-n 12, oversubscribed) on 2 cores.
 """
 import json
@@ -146,7 +146,7 @@ def test_private_copies_match_the_shared_arena(runs, tiny_dataset, tmp_path, n):
     """All-gathered private parameter copies and the node's shared arena: the same state, bit
     for bit (at -n 3 through a resume, so the resume's one-writer path is covered too)."""
     run_dir = str(tmp_path / "private")
-    private = {"MPITRAIN_SHARED_PARAMS": "0"}
+    private = {"MPITRAIN_SHARED_MEMORY": "0"}
     stop = ["--stop-at", 10] if n == 3 else []
     proc = run_train(n, *tiny_args(tiny_dataset, run_dir, *stop), env=private)
     assert proc.returncode == 0, proc.stderr

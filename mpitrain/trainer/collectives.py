@@ -5,6 +5,9 @@ scaling): the same exchange pattern, without MPICH's staging through temporary b
 waits poll every WORKER_SLEEP (waiting.py): inside a collective every rank must call Test for
 it to progress.
 """
+import ctypes
+import mmap
+
 import numpy as np
 
 from mpitrain.trainer.waiting import WORKER_SLEEP, wait
@@ -79,3 +82,50 @@ def pairwise_allgather(comm, array: np.ndarray, counts: list, displs: list,
                                    tag=TAG_GATHER))
         requests.append(comm.Isend(mine, dest=dst, tag=TAG_GATHER))
     wait(requests, sleep_s)
+
+
+SHARED_PIECE = 1 << 18      # floats shared_reduce_scatter adds at a time (1 MB)
+_MADV_DONTNEED = 4
+
+
+def shared_reduce_scatter(arrays: list, r: int, shard: np.ndarray, counts: list,
+                          piece: int = SHARED_PIECE) -> None:
+    """shard = slice r (counts[r] floats, slices in rank order) of the sum of `arrays`, every
+    rank's array mapped in this process (shared memory), summed in the order of
+    pairwise_reduce_scatter (own part, then r-1, r-2, ...) so that the result is bitwise the
+    same. No message, no copy: the others' slices are read where they lie, `piece` floats at a
+    time so that the piece of `shard` stays in cache. The pages of the others' arrays are
+    released from this process after reading (madvise DONTNEED: they stay in the shared
+    memory), so they do not count in its RSS beyond one piece."""
+    k = len(arrays)
+    lo = sum(counts[:r])
+    hi = lo + counts[r]
+    own = arrays[r]
+    for a in range(lo, hi, piece):
+        b = min(a + piece, hi)
+        out = shard[a - lo:b - lo]
+        if not np.may_share_memory(out, own):   # one rank may pass its whole array as the shard
+            out[...] = own[a:b]
+        for i in range(1, k):
+            part = arrays[(r - i) % k][a:b]
+            np.add(out, part, out=out)
+            _release(part)
+
+
+def _release(view: np.ndarray) -> None:
+    """Unmap the whole pages of `view` (a shared mapping: its contents stay)."""
+    first = -(-view.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = (view.ctypes.data + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
+_LIBC = None

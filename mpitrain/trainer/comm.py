@@ -9,20 +9,23 @@ mode implements the same interface with threads.
 Every wait here sleeps (waiting.py: why and how long); the workers' reduce-scatter and all-gather
 are written out in collectives.py.
 
-Parameters shared on a node: when every worker runs on one node (the usual case, and this
-machine's), the workers keep one parameter arena in a shared-memory window instead of one each.
-Each worker still computes on all parameters and updates its own slice, so after the update a
-barrier replaces the all-gather, and the node's cache holds one copy of the weights instead of
-one per worker (docs/TRAINING.md has the measurements). Across nodes, or with
-MPITRAIN_SHARED_PARAMS=0, every worker keeps its own copy and the slices are all-gathered; the
-two give bitwise the same parameters (tests/test_train_mpi.py).
+Shared memory on one node: when every worker runs on one node (the usual case, and this
+machine's), the workers keep the parameters in one shared-memory window instead of a copy each,
+and their gradient arenas in another, where every worker can read them. Each worker still
+computes on all parameters and updates its own slice, so after the update a barrier replaces the
+all-gather, and the reduce-scatter reads the others' slices in place
+(collectives.shared_reduce_scatter) instead of exchanging messages; the node's cache holds one
+copy of the weights instead of one per worker (docs/TRAINING.md has the measurements). Across
+nodes, or with MPITRAIN_SHARED_MEMORY=0, every worker keeps its own copies and the slices are
+exchanged; the two give bitwise the same state (tests/test_train_mpi.py).
 """
 import os
 import pickle
 
 import numpy as np
 
-from mpitrain.trainer.collectives import pairwise_allgather, pairwise_reduce_scatter
+from mpitrain.trainer.collectives import (pairwise_allgather, pairwise_reduce_scatter,
+                                          shared_reduce_scatter)
 from mpitrain.trainer.messages import HEADER, REPORT_SIZE, Command, Report
 from mpitrain.trainer.waiting import (NODE_ZERO_MAX_SLEEP, NODE_ZERO_SLEEP, WORKER_MAX_SLEEP,
                                       WORKER_SLEEP, Pending, _mpi, wait)
@@ -126,38 +129,57 @@ class MPIWorkerComm:
         self._cmd = np.empty(HEADER + batch_size, np.int64)
         self._cmd_req = world.Irecv(self._cmd, source=0, tag=TAG_COMMAND)
         self._reports = []
-        self._window = None            # the shared parameter window (share_parameters)
+        self._windows = []             # the shared-memory windows (share_arenas)
+        self._grads = None             # every worker's gradient arena, when shared
         self.writes_parameters = True  # whether this worker writes whole parameter arenas
-        self.node_workers = 1          # workers on this worker's node (share_parameters)
+        self.node_workers = 1          # workers on this worker's node (share_arenas)
 
-    def share_parameters(self, count: int):
-        """Collective over the workers: a float32 arena of `count` floats in memory that every
-        worker maps, if they all run on one node (see the module docstring); else None. The
-        node's first worker is then the one that writes whole arenas (initialisation, resume):
+    def share_arenas(self, count: int):
+        """Collective over the workers: (parameters, gradients), float32 arenas of `count`
+        floats in shared memory, if every worker runs on this node (see the module docstring);
+        else (None, None). The parameters are one arena for all the workers; the gradients an
+        arena each, which the others read in the reduce-scatter. The node's first worker is
+        the one that writes whole parameter arenas (initialisation, resume):
         `writes_parameters`. Sets `node_workers`."""
         MPI = _mpi()
         node = self.workers.Split_type(MPI.COMM_TYPE_SHARED)
         self.node_workers = node.Get_size()
-        shared = node.Get_size() == self.num_workers \
-            and os.environ.get("MPITRAIN_SHARED_PARAMS", "1") != "0"
-        if not shared:
+        if node.Get_size() != self.num_workers \
+                or os.environ.get("MPITRAIN_SHARED_MEMORY", "1") == "0":
             node.Free()
-            return None
+            return None, None
         first = node.Get_rank() == 0
+        params = self._window_arenas(node, count, first)[0]
+        self._grads = self._window_arenas(node, count, True)
+        node.Free()
+        self.writes_parameters = first
+        return params, self._grads[self.index]
+
+    def _window_arenas(self, node, count: int, mine: bool) -> list:
+        """A shared window with an arena of `count` floats from each rank of `node` for which
+        `mine` is true: those arenas, in rank order."""
         from mpitrain.model import ALIGN_BYTES, aligned_arena
 
+        MPI = _mpi()
         pad = ALIGN_BYTES // 4   # MPICH aligns a one-process window only as malloc does
-        self._window = MPI.Win.Allocate_shared(4 * (count + pad) if first else 0, 4, comm=node)
-        node.Free()
-        self._window.Lock_all()   # a passive epoch: Win.Sync orders our stores and loads
-        self.writes_parameters = first
-        buf, _ = self._window.Shared_query(0)
-        return aligned_arena(np.frombuffer(buf, np.float32, count + pad), count)
+        window = MPI.Win.Allocate_shared(4 * (count + pad) if mine else 0, 4, comm=node)
+        window.Lock_all()        # a passive epoch: Win.Sync orders our stores and loads
+        self._windows.append(window)
+        arenas = []
+        for rank in range(node.Get_size()):
+            buf, _ = window.Shared_query(rank)
+            if len(buf):
+                arenas.append(aligned_arena(np.frombuffer(buf, np.float32, count + pad), count))
+        return arenas
+
+    def _sync(self) -> None:
+        for window in self._windows:
+            window.Sync()
 
     def publish_parameters(self, array: np.ndarray, counts: list, displs: list) -> None:
         """Every worker's updated slice of the parameters to all: a barrier when they share
-        one arena (share_parameters), else an all-gather of the slices."""
-        if self._window is None:
+        one arena (share_arenas), else an all-gather of the slices."""
+        if not self._windows:
             pairwise_allgather(self.workers, array, counts, displs)
         else:
             self.parameters_ready()
@@ -165,10 +187,10 @@ class MPIWorkerComm:
     def parameters_ready(self) -> None:
         """With a shared parameter arena: wait (asleep) until every worker's writes to it are
         done and visible here. Without one, every worker wrote its own: nothing to wait for."""
-        if self._window is not None:
-            self._window.Sync()
+        if self._windows:
+            self._sync()
             wait([self.workers.Ibarrier()], WORKER_SLEEP, WORKER_MAX_SLEEP)
-            self._window.Sync()
+            self._sync()
 
     def next_command(self) -> Command:
         wait([self._cmd_req], WORKER_SLEEP, WORKER_MAX_SLEEP)
@@ -190,8 +212,14 @@ class MPIWorkerComm:
         """shard = this worker's slice (counts[index] floats, slices in worker order) of the
         sum of `array` over all workers. The step's first collective: the workers arrive at
         it at different times."""
-        self._arrive()
-        pairwise_reduce_scatter(self.workers, array, shard, counts)
+        if self._grads is None:
+            self._arrive()
+            pairwise_reduce_scatter(self.workers, array, shard, counts)
+        else:   # every gradient is written and visible: read the others' in place
+            self._sync()
+            self._arrive()
+            self._sync()
+            shared_reduce_scatter(self._grads, self.index, shard, counts)
 
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
         """Every worker's slice [displs[w], displs[w] + counts[w]) of `array` to all."""
@@ -220,9 +248,9 @@ class MPIWorkerComm:
         self._cmd_req.Cancel()
         wait([self._cmd_req], WORKER_SLEEP)
         wait([self.world.Ibarrier()], WORKER_SLEEP, NODE_ZERO_MAX_SLEEP)
-        if self._window is not None:   # every worker is past its last use of the arena
-            self._window.Unlock_all()
-            self._window.Free()
+        for window in self._windows:   # every worker is past its last use of the arenas
+            window.Unlock_all()
+            window.Free()
 
 
 def make_worker_comm(world, batch_size: int, edges: list):

@@ -202,8 +202,8 @@ class ThreadWorkerComm:
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
         pass
 
-    def share_parameters(self, count: int):
-        return None      # the one replica's own arena
+    def share_arenas(self, count: int):
+        return None, None      # the one replica's own arenas
 
     def publish_parameters(self, array: np.ndarray, counts: list, displs: list) -> None:
         pass

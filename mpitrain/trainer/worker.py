@@ -11,7 +11,8 @@ The optimizer state is sharded (as ZeRO stage 1): the parameter arena is cut int
 contiguous slice per worker; a reduce-scatter leaves each worker the summed gradient of its
 slice, the global norm comes from the slices' sums of squares, each worker clips and applies
 AdamW to its slice only, and an in-place all-gather gives every worker all parameters again
-(or, when the workers of a node share one parameter arena, a barrier: comm.py). The
+(when the workers of a node share their arenas, the reduce-scatter reads the others' gradients
+in place and a barrier replaces the all-gather: comm.py). The
 communication equals one all-reduce; the AdamW work (and memory traffic) is divided by the
 number of workers instead of repeated on each. Each worker's Adam moments are current only on its
 own slice; before a checkpoint they are all-gathered too. The result is a fixed function of the
@@ -62,9 +63,10 @@ class Worker:
 
         self.plan, self.comm, self.rank = plan, comm, rank
         tc = self.tc = plan.train_config
-        shared = comm.share_parameters(parameter_count(plan.model_config))
+        params, grads = comm.share_arenas(parameter_count(plan.model_config))
         self.model = Model(plan.model_config, seed=tc.seed, threads=plan.threads_per_rank,
-                           param_arena=shared, initialize=comm.writes_parameters)
+                           param_arena=params, grad_arena=grads,
+                           initialize=comm.writes_parameters)
         ds = Dataset.open(plan.dataset_path)
         # The whole training stream stays in memory: any window can fall to this worker.
         self.tokens = np.ascontiguousarray(ds.split_tokens("train"))

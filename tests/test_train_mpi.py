@@ -228,3 +228,17 @@ def test_matches_a_single_process_reference(runs, tiny_dataset):
                                         tc.eval_windows)
     vx, vy = schedule.gather_windows(val, eval_ids, tc.seq_len)
     assert _rel(val_losses(records)[20], model.loss(vx, vy)) < REL
+
+
+def test_shared_memory_only_where_it_fits(tmp_path, capsys):
+    """A /dev/shm too small for the windows (a container's 64 MB default) would end a worker
+    with SIGBUS when it first writes there: the workers keep private copies instead, and the
+    lead worker says so."""
+    from mpitrain.trainer.comm import _shm_fits
+
+    assert _shm_fits(1 << 20, warn=True, path=str(tmp_path))
+    assert capsys.readouterr().err == ""
+    assert not _shm_fits(1 << 60, warn=True, path=str(tmp_path))
+    assert "workers need 1099511627776 MB to share" in capsys.readouterr().err
+    assert not _shm_fits(1 << 20, warn=False, path=str(tmp_path / "missing"))
+    assert capsys.readouterr().err == ""

@@ -21,6 +21,7 @@ exchanged; the two give bitwise the same state (tests/test_train_mpi.py).
 """
 import os
 import pickle
+import sys
 
 import numpy as np
 
@@ -144,11 +145,15 @@ class MPIWorkerComm:
         MPI = _mpi()
         node = self.workers.Split_type(MPI.COMM_TYPE_SHARED)
         self.node_workers = node.Get_size()
-        if node.Get_size() != self.num_workers \
-                or os.environ.get("MPITRAIN_SHARED_MEMORY", "1") == "0":
+        first = node.Get_rank() == 0
+        share = node.Get_size() == self.num_workers \
+            and os.environ.get("MPITRAIN_SHARED_MEMORY", "1") != "0"
+        if share:   # one look at the shared-memory file system, for every worker alike
+            need = 4 * count * (1 + node.Get_size()) + (64 << 20)
+            share = bool(node.bcast(_shm_fits(need, warn=self.is_lead) if first else None))
+        if not share:
             node.Free()
             return None, None
-        first = node.Get_rank() == 0
         params = self._window_arenas(node, count, first)[0]
         self._grads = self._window_arenas(node, count, True)
         node.Free()
@@ -251,6 +256,23 @@ class MPIWorkerComm:
         for window in self._windows:   # every worker is past its last use of the arenas
             window.Unlock_all()
             window.Free()
+
+
+def _shm_fits(need: int, warn: bool, path: str = "/dev/shm") -> bool:
+    """Whether `need` bytes fit in the file system that holds MPICH's shared-memory windows:
+    where it is too small (a container's default 64 MB /dev/shm), writing into a window would
+    kill the process with SIGBUS, so the workers keep private copies instead (slower)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        free = 0
+    else:
+        free = st.f_bavail * st.f_frsize
+    if free < need and warn:
+        print(f"mpitrain: warning: {path} has {free >> 20} MB free and the workers need "
+              f"{need >> 20} MB to share their parameters and gradients: each keeps copies of "
+              f"its own, which is slower", file=sys.stderr, flush=True)
+    return free >= need
 
 
 def make_worker_comm(world, batch_size: int, edges: list):

@@ -79,7 +79,13 @@ def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
     assert elapsed < 10
 
 
+def _mpich_files() -> set:
+    return {f for f in os.listdir("/dev/shm") if f.startswith("mpich_shm_")} \
+        if os.path.isdir("/dev/shm") else set()
+
+
 def test_sigkill_of_a_worker_ends_the_job(tiny_dataset, tmp_path):
+    before = _mpich_files()
     run_dir = str(tmp_path / "run")
     proc = _long_run(tiny_dataset, run_dir)
     beat = wait_training(proc, run_dir)
@@ -88,3 +94,5 @@ def test_sigkill_of_a_worker_ends_the_job(tiny_dataset, tmp_path):
     out, err, elapsed = _finish(proc, t0)
     assert proc.returncode != 0
     assert elapsed < LIMIT
+    # MPICH's start-up file of the job is gone (MPICH removes it only in MPI_Finalize)
+    assert not _mpich_files() - before

@@ -185,9 +185,8 @@ WORDS = "the quick brown fox jumps over a lazy dog while models train on data 42
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A small dataset, the step-1 tiny-preset checkpoint trained on it, and its export. (The
-    resume cases start from step 1: resuming a step-0 checkpoint in thread mode hangs in the
-    trainer, a bug outside this test's scope, reported.)"""
+    """A small dataset, the step-1 tiny-preset checkpoint trained on it, and its export (step 1:
+    its Adam moments are not all zeros, so damage there is not invisible)."""
     from mpitrain.cli import main
 
     root = tmp_path_factory.mktemp("damage")

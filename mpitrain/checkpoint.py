@@ -32,9 +32,10 @@ import numpy as np
 
 from mpitrain.config import ModelConfig, TrainConfig
 from mpitrain.errors import UserError
-from mpitrain.hdf5_damage import first_line, is_damage, reading
+from mpitrain.hdf5_damage import DamagedFile, first_line, is_damage, open_ours, reading
 from mpitrain.schedule import DataPosition
 from mpitrain.h5attrs import plain as _plain
+from mpitrain.h5attrs import shown_name
 
 CHECKPOINT_FORMAT = "mpitrain-checkpoint"
 WEIGHTS_FORMAT = "mpitrain-weights"
@@ -217,9 +218,13 @@ def _read_tensors(f, key, names, shapes, into, problems, read=True):
         problems.append(f"group /{where} is missing")
         return None
     group = f[where]
+    if not isinstance(group, h5py.Group):
+        problems.append(f"/{where} is not a group")
+        return None
     found = set(group.keys())
     missing = [n for n in names if n not in found]
-    unexpected = sorted(found - set(names))
+    # a damaged name may not decode: h5py gives it as bytes
+    unexpected = sorted(shown_name(n) for n in found - set(names))
     if missing or unexpected:
         problems.append(f"/{where}: expected {len(names)} tensors, found {len(found)}"
                         + (f"; missing: {', '.join(missing[:5])}" if missing else "")
@@ -230,6 +235,9 @@ def _read_tensors(f, key, names, shapes, into, problems, read=True):
             continue
         ds = group[n]
         want = tuple(shapes[n])
+        if not isinstance(ds, h5py.Dataset):
+            problems.append(f"/{where}/{n} is not a dataset")
+            continue
         if ds.shape != want or ds.dtype != np.float32:
             problems.append(f"/{where}/{n}: expected float32 {list(want)}, found "
                             f"{ds.dtype} {list(ds.shape)}")
@@ -264,10 +272,12 @@ def _check(path, into=None, load_optimizer=True, want_tokenizer=True):
     if not os.path.isfile(path):
         return None, [f"no such file: {path}"]
     try:
-        f = h5py.File(path, "r")
+        f = open_ours(path)
     except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
         if not is_damage(e):
             raise
+        if isinstance(e, DamagedFile):
+            return None, [str(e)]
         return None, ["not a readable HDF5 file (truncated, damaged or not HDF5)"]
     try:
         with f:
@@ -429,7 +439,7 @@ def export_weights(src, out) -> Path:
         g = f.create_group("params")
         for n in ck.param_names:
             _write_tensor(g, n, ck.params[n])
-        with reading(src), h5py.File(src, "r") as s:
+        with reading(src), open_ours(src) as s:
             s.copy(s["vocab"], f, "vocab")  # checksums travel with the datasets
 
     _atomic_h5(out, fill)

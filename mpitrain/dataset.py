@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from mpitrain.errors import UserError
-from mpitrain.hdf5_damage import first_line, is_damage, reading
+from mpitrain.hdf5_damage import first_line, is_damage, open_ours, reading
 from mpitrain.tokenizer import Tokenizer
 from mpitrain.h5attrs import plain as _plain
 
@@ -102,7 +102,7 @@ class Dataset:
             raise UserError(f"{path} is not an HDF5 file (expected a dataset made by "
                             "`mpitrain prepare`)")
         try:
-            with h5py.File(path, "r") as f:
+            with open_ours(path) as f:
                 fmt = _plain(f.attrs.get("format"))
                 if fmt != FORMAT:
                     what = f"format={fmt!r}" if fmt is not None else "no format attribute"
@@ -150,7 +150,7 @@ class Dataset:
         if split not in self.ranges:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         ranges = self.ranges[split]
-        with reading(self.path, "; prepare it again"), h5py.File(self.path, "r") as f:
+        with reading(self.path, "; prepare it again"), open_ours(self.path) as f:
             tokens = f["tokens"]
             if len(ranges) == 1:
                 a, b = ranges[0]

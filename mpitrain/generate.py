@@ -169,16 +169,14 @@ def _peek_model_config(path):
     read (load_checkpoint then reports the problem)."""
     import json
 
-    import h5py
-
     from mpitrain.config import ModelConfig
-    from mpitrain.hdf5_damage import is_damage
+    from mpitrain.hdf5_damage import is_damage, open_ours
 
     try:
-        with h5py.File(path, "r") as f:
+        with open_ours(path) as f:
             raw = f.attrs["model_config"]
         return ModelConfig.from_dict(json.loads(raw))
-    except (TypeError, ValueError):      # attribute missing its fields or not JSON
+    except (KeyError, TypeError, ValueError):   # attribute missing its fields or not JSON
         return None
     except Exception as e:               # missing, not HDF5 or damaged: the loader says which
         if not is_damage(e):

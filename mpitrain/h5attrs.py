@@ -1,4 +1,5 @@
-"""HDF5 attribute values as plain Python: the one conversion every reader of our files uses."""
+"""HDF5 attribute values as plain Python, and member names as text: the one conversion every
+reader of our files uses."""
 import numpy as np
 
 
@@ -11,3 +12,8 @@ def plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def shown_name(name) -> str:
+    """An HDF5 member's name for a message: h5py gives a name that does not decode as bytes."""
+    return name if isinstance(name, str) else repr(name)

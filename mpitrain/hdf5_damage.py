@@ -5,11 +5,20 @@ message larger than its buffer) as OSError, KeyError, RuntimeError, ValueError o
 error, depending on where it meets it. Every reader of our files (checkpoint, dataset,
 tokenizer, inspect) uses these helpers, so such damage ends as a UserError (one line, exit 2)
 or a reported problem, while an exception raised by mpitrain's own code keeps its traceback.
+
+Some damage does not raise: it crashes the process. A string attribute whose datatype class
+byte is flipped reads as a variable-length sequence, and reading it segfaults inside h5py
+(measured with a byte-flip sweep of a dataset file). mpitrain writes only integer, float and
+string attributes, so every reader opens our files with `open_ours`, which refuses a file
+holding any other kind of attribute before anything is read.
 """
 import os
 from contextlib import contextmanager
 
+import h5py
+
 from mpitrain.errors import UserError
+from mpitrain.h5attrs import plain, shown_name
 
 
 def hdf5_failure(exc) -> bool:
@@ -48,3 +57,48 @@ def reading(path, advice=""):
         if not is_damage(e):
             raise
         raise UserError(f"{os.fspath(path)} is damaged ({first_line(e)}){advice}") from None
+
+
+class DamagedFile(OSError):
+    """Damage found by mpitrain's own checks; the message says what."""
+
+
+def safe_attribute(attrs, name) -> bool:
+    """Whether attribute `name` of `attrs` (an h5py AttributeManager) has a datatype mpitrain
+    writes -- integer, float or string, scalar or array -- judged without reading it."""
+    return attrs.get_id(name).get_type().get_class() in (h5py.h5t.INTEGER, h5py.h5t.FLOAT,
+                                                         h5py.h5t.STRING)
+
+
+def file_format(path):
+    """The root `format` attribute of any HDF5 file (None without one), read only when it is a
+    kind of attribute mpitrain writes: DamagedFile otherwise. h5py and HDF5 errors (a file
+    that will not open) pass through."""
+    with h5py.File(path, "r") as f:
+        if "format" not in f.attrs:
+            return None
+        if not safe_attribute(f.attrs, "format"):
+            raise DamagedFile("the file is damaged: its format attribute has a datatype "
+                              "mpitrain never writes")
+        return plain(f.attrs["format"])
+
+
+def open_ours(path):
+    """h5py.File(path, "r") for one of mpitrain's files, once every attribute in it has been
+    found to be of a kind mpitrain writes (see the module docstring); DamagedFile (an OSError,
+    which every reader takes as damage) otherwise, or when walking the file meets damage."""
+    f = h5py.File(path, "r")
+    try:
+        objects = [("", f)]
+        f.visititems(lambda name, obj: objects.append(("/" + shown_name(name), obj)) and None)
+        for where, obj in objects:
+            for name in obj.attrs:
+                if not safe_attribute(obj.attrs, name):
+                    raise DamagedFile(f"the file is damaged: attribute {where or '/'}:{name} "
+                                      f"has a datatype mpitrain never writes")
+    except BaseException as e:
+        f.close()
+        if isinstance(e, DamagedFile) or not (isinstance(e, Exception) and is_damage(e)):
+            raise
+        raise DamagedFile(f"its HDF5 structure is damaged ({first_line(e)})") from None
+    return f

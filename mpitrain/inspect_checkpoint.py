@@ -24,9 +24,11 @@ from mpitrain.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, verify
 from mpitrain.errors import UserError
 from mpitrain.inspect_dataset import FORMAT as DATASET_FORMAT
 from mpitrain.inspect_dataset import verify as verify_dataset
+from mpitrain.hdf5_damage import DamagedFile, file_format, open_ours
 from mpitrain.inspect_tree import dumps, hdf5_failure
 from mpitrain.tokenizer import Tokenizer, escape_token
 from mpitrain.h5attrs import plain as _plain
+from mpitrain.h5attrs import shown_name
 
 FORMATS = (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)
 GROUPS = ("params", "optimizer/m", "optimizer/v")
@@ -55,10 +57,20 @@ def tensor_stats(arr: np.ndarray) -> dict:
     return stats
 
 
-def _names(f, attrs, where):
-    order = _json(attrs, "param_names") or []
-    present = list(f[where].keys())
-    return [n for n in order if n in present] + sorted(set(present) - set(order))
+def _tensors(f, attrs, where) -> list:
+    """(name, dataset) for the datasets of group /where: those the file's `param_names` lists
+    first, in its order, then any others by name. On a damaged file a member that is not a
+    dataset is left out (verify names it), and a name that does not decode shows as its
+    bytes."""
+    group = f[where] if where in f else None
+    if not isinstance(group, h5py.Group):
+        return []
+    order = _json(attrs, "param_names")
+    order = [n for n in order if isinstance(n, str)] if isinstance(order, list) else []
+    present = list(group.keys())
+    names = [n for n in order if n in present] + sorted(set(present) - set(order),
+                                                        key=shown_name)
+    return [(shown_name(n), group[n]) for n in names if isinstance(group[n], h5py.Dataset)]
 
 
 def summarize(path, top=10):
@@ -66,7 +78,7 @@ def summarize(path, top=10):
     (`top` is the dataset summary's option; checkpoints list every tensor.)"""
     problems = verify(path, want_tokenizer=False)
     out = {"file_bytes": os.path.getsize(path), "problems": problems, "tensors": {}}
-    with h5py.File(path, "r") as f:
+    with open_ours(path) as f:
         a = f.attrs
         out.update({
             "format": _plain(a.get("format")), "format_version": _plain(a.get("format_version")),
@@ -83,8 +95,7 @@ def summarize(path, top=10):
             if where not in f:
                 continue
             rows = []
-            for n in _names(f, a, where):
-                ds = f[where][n]
+            for n, ds in _tensors(f, a, where):
                 try:
                     stats = tensor_stats(ds[()])
                 except OSError:  # unreadable (truncated): shown, not fatal
@@ -155,12 +166,9 @@ def nonfinite(path):
     """One problem per tensor of /params, /optimizer/m, /optimizer/v holding NaN or Inf, naming
     it and the counts. Tensors that cannot be read are skipped (verify reports those)."""
     problems = []
-    with h5py.File(path, "r") as f:
+    with open_ours(path) as f:
         for where in GROUPS:
-            if where not in f:
-                continue
-            for n in _names(f, f.attrs, where):
-                ds = f[where][n]
+            for n, ds in _tensors(f, f.attrs, where):
                 if ds.dtype.kind != "f":
                     continue  # verify names a wrong dtype
                 try:
@@ -194,8 +202,9 @@ def _verify_one(path):
     if not h5py.is_hdf5(path):
         return 2, ["not an HDF5 file"]
     try:
-        with h5py.File(path, "r") as f:
-            fmt = _plain(f.attrs.get("format"))
+        fmt = file_format(path)
+    except DamagedFile as e:
+        return 1, [str(e)]
     except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
         if not (isinstance(e, OSError) or hdf5_failure(e)):
             raise
@@ -232,7 +241,9 @@ def _open_for_compare(path):
     if not os.path.isfile(path):
         raise UserError(f"no such file: {path}")
     try:
-        f = h5py.File(path, "r")
+        f = open_ours(path)
+    except DamagedFile as e:
+        raise UserError(f"{path} is damaged ({e})") from None
     except OSError:
         raise UserError(f"{path} is not a readable HDF5 file") from None
     if _plain(f.attrs.get("format")) not in FORMATS:
@@ -255,15 +266,14 @@ def compare(path_a, path_b) -> dict:
         for where in GROUPS:
             if where not in fa and where not in fb:
                 continue
-            na = _names(fa, fa.attrs, where) if where in fa else []
-            nb = _names(fb, fb.attrs, where) if where in fb else []
+            ta, tb = dict(_tensors(fa, fa.attrs, where)), dict(_tensors(fb, fb.attrs, where))
             rows = []
-            for n in na + [n for n in nb if n not in na]:
+            for n in list(ta) + [n for n in tb if n not in ta]:
                 row = {"name": n}
-                if n not in nb or n not in na:
-                    row["status"] = "only in A" if n in na else "only in B"
+                if n not in tb or n not in ta:
+                    row["status"] = "only in A" if n in ta else "only in B"
                 else:
-                    x, y = fa[where][n][()], fb[where][n][()]
+                    x, y = ta[n][()], tb[n][()]
                     if x.shape != y.shape:
                         row["status"] = f"shape {list(x.shape)} vs {list(y.shape)}"
                     else:
@@ -327,7 +337,7 @@ def vocabulary(path, top=None):
     """The vocabulary stored in a checkpoint or export, in id order (the first `top` ids when
     given). Checkpoints hold no token stream, so there are no counts."""
     try:
-        with h5py.File(path, "r") as f:
+        with open_ours(path) as f:
             if "vocab" not in f:
                 raise UserError(f"{path} has no /vocab group (damaged); see inspect --verify")
             tok = Tokenizer.from_hdf5(f["vocab"], where=f"{path}: vocabulary")

@@ -10,6 +10,7 @@ import math
 import h5py
 
 from mpitrain.hdf5_damage import hdf5_failure  # noqa: F401 - also imported from here by inspect
+from mpitrain.hdf5_damage import safe_attribute
 from mpitrain.h5attrs import plain
 
 _FILTER_NAMES = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
@@ -30,6 +31,9 @@ def _attrs(obj):
         return {"<attributes>": _unreadable(e)}
     for k in keys:
         try:
+            if not safe_attribute(obj.attrs, k):   # may crash h5py if damaged: not read
+                out[_label(k)] = "<not read: a datatype mpitrain never writes>"
+                continue
             out[_label(k)] = plain(obj.attrs[k])
         except Exception as e:  # noqa: BLE001 - a type h5py cannot read, or damage
             if not (isinstance(e, (OSError, TypeError)) or hdf5_failure(e)):

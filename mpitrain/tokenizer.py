@@ -244,7 +244,7 @@ class Tokenizer:
         Raises mpitrain.errors.UserError with one line naming the problem.
         """
         from mpitrain.errors import UserError
-        from mpitrain.hdf5_damage import reading
+        from mpitrain.hdf5_damage import open_ours, reading
 
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -253,10 +253,8 @@ class Tokenizer:
             magic = f.read(8)
         try:
             if magic == b"\x89HDF\r\n\x1a\n":
-                import h5py
-
                 # reading(): damage HDF5 meets (any exception type) -> UserError
-                with reading(path), h5py.File(path, "r") as h5:
+                with reading(path), open_ours(path) as h5:
                     if "vocab" not in h5:
                         raise ValueError(f"{path} has no 'vocab' group (not an mpitrain dataset "
                                          "or checkpoint)")

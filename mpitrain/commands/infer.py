@@ -75,16 +75,11 @@ def _check_args(args):
 
 def load(path, threads):
     """A Generator for a model file, or UserError with one line saying what is wrong."""
-    import h5py
-
     from mpitrain.generate import Generator
-    from mpitrain.hdf5_damage import is_damage
+    from mpitrain.hdf5_damage import file_format, is_damage
 
     try:
-        with h5py.File(path, "r") as f:
-            fmt = f.attrs.get("format")
-        if isinstance(fmt, bytes):
-            fmt = fmt.decode("utf-8", "replace")
+        fmt = file_format(path)
         if fmt == "mpitrain-dataset":
             raise UserError(f"{path} is a dataset (made by prepare), not a model: give a "
                             "checkpoint from a run directory or an export")

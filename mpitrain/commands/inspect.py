@@ -9,7 +9,8 @@ import sys
 import h5py
 
 from mpitrain.errors import UserError
-from mpitrain.inspect_tree import describe, dumps, format_tree, hdf5_failure, plain
+from mpitrain.hdf5_damage import DamagedFile, file_format
+from mpitrain.inspect_tree import describe, dumps, format_tree, hdf5_failure
 
 NAME = "inspect"
 HELP = "show an HDF5 file's structure and, for mpitrain files, a summary"
@@ -63,8 +64,9 @@ def _file_format(path):
     if not h5py.is_hdf5(path):
         raise UserError(f"{path} is not an HDF5 file")
     try:
-        with h5py.File(path, "r") as f:
-            return plain(f.attrs.get("format"))
+        return file_format(path)
+    except DamagedFile as e:
+        raise UserError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
         if not (isinstance(e, OSError) or hdf5_failure(e)):
             raise
@@ -100,7 +102,7 @@ def inspect_file(path, top=None):
         except UserError as e:  # e.g. a dataset whose layout checks fail
             damage = str(e)
         except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
-            if not hdf5_failure(e):
+            if not (isinstance(e, OSError) or hdf5_failure(e)):
                 raise
             damage = f"the {fmt} summary cannot be read: {_first_line(e)}"
     return {"file": path, "format": fmt, "file_bytes": os.path.getsize(path), "tree": tree,

@@ -118,6 +118,8 @@ class Dataset:
                 offsets = f["documents/offsets"][()]
                 ranges = {s: f[f"splits/{s}/ranges"][()] for s in SPLITS}
                 tokens = f["tokens"]
+                if not isinstance(tokens, h5py.Dataset):
+                    raise ValueError("/tokens is not a dataset")
                 num_tokens, dtype = tokens.shape[0], tokens.dtype
                 if tokens.ndim != 1 or dtype not in (np.uint16, np.uint32):
                     raise ValueError(f"/tokens is {tokens.ndim}-D {dtype}, expected 1-D uint16/uint32")
@@ -173,7 +175,9 @@ def _check_layout(path, attrs, tok, offsets, ranges, num_tokens):
     def bad(why):
         raise UserError(f"{path} is damaged ({why}); prepare it again")
 
-    if int(attrs.get("vocab_size", -1)) != tok.vocab_size:
+    if not isinstance(attrs.get("seq_len"), int) or attrs["seq_len"] < 1:
+        bad(f"seq_len attribute {attrs.get('seq_len')!r} is not a positive integer")
+    if attrs.get("vocab_size") != tok.vocab_size:
         bad(f"vocab_size attribute {attrs.get('vocab_size')} != vocabulary size {tok.vocab_size}")
     if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != num_tokens \
             or np.any(np.diff(offsets) <= 0):

@@ -368,3 +368,22 @@ def test_a_tensor_name_that_does_not_decode(files, tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert main(["inspect", path]) == 1
     assert "DAMAGED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["tokens are a datatype", "no seq_len"])
+def test_dataset_members_and_attributes_that_damage_changed(files, tmp_path, damage):
+    """Two more of the wider sweep's finds: /tokens turned into a committed datatype, and the
+    seq_len attribute's name changed, each refused as damage instead of a traceback."""
+    from mpitrain.dataset import Dataset
+    from mpitrain.errors import UserError
+
+    path = str(tmp_path / "ds.h5")
+    shutil.copyfile(files["dataset"], path)
+    with h5py.File(path, "a") as f:
+        if damage == "tokens are a datatype":
+            del f["tokens"]
+            f["tokens"] = np.dtype("uint16")
+        else:
+            del f.attrs["seq_len"]
+    with pytest.raises(UserError, match="damaged"):
+        Dataset.open(path)

@@ -85,3 +85,16 @@ def test_existing_run_needs_resume(tiny_dataset, tmp_path):
     assert_user_error(again, "already holds checkpoints")
     done = run_train(2, *tiny_args(tiny_dataset, run_dir, "--max-steps", 2, "--resume", "auto"))
     assert_user_error(done, "nothing to do")
+
+
+@pytest.mark.parametrize("cpus, local, expected", [(2, 2, 2), (2, 3, 1), (2, 12, 1),
+                                                   (48, 13, 4), (1, 2, 1), (8, "junk", 1)])
+def test_threads_per_rank_default_shares_the_node_s_cpus(monkeypatch, cpus, local, expected):
+    """Without --threads-per-rank, the node's CPUs are divided among its workers (Node Zero
+    not counted): the one worker of mpirun -n 2 on 2 CPUs gets both (measured: 805 -> 1412
+    tokens/s on the seed preset). An unreadable MPI_LOCALNRANKS falls back to the world."""
+    from mpitrain.commands.train import default_threads_per_rank
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setenv("MPI_LOCALNRANKS", str(local))
+    assert default_threads_per_rank(size=8) == expected

@@ -49,8 +49,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None, metavar="N",
                    help="initialisation and data-order seed" + FROM_PRESET)
     p.add_argument("--threads-per-rank", type=int, default=None, metavar="N",
-                   help="MPI mode: kernel threads in each worker process (default: 1)"
-                   "%(default).0s")
+                   help="MPI mode: kernel threads in each worker process (default: this "
+                   "node's CPUs divided among its workers, at least 1)%(default).0s")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help=f"thread mode (no mpirun): threads in all, Node Zero included, so N-1 "
                    f"workers (default: {DEFAULT_THREADS})%(default).0s")
@@ -76,6 +76,21 @@ def world_size() -> int:
         if var in os.environ:
             return int(os.environ[var])
     return 1
+
+
+def default_threads_per_rank(size: int) -> int:
+    """The CPUs this process may use divided among the workers on its node (Node Zero, which
+    mostly sleeps, not counted), at least 1: on 2 CPUs, 2 threads for the one worker of
+    mpirun -n 2 and 1 from -n 3 on. Node Zero's value is the plan's, so every rank uses it."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        local = int(os.environ.get("MPI_LOCALNRANKS", size))   # set by MPICH's launcher
+    except ValueError:
+        local = size
+    return max(1, cpus // max(1, local - 1))
 
 
 def collect_overrides(args) -> dict:
@@ -109,7 +124,7 @@ def run(args) -> int:
         raise UserError(f"--threads must be in [2, {MAX_THREADS}] (Node Zero + at least one "
                         f"worker), got {threads}")
     if args.threads_per_rank is None:
-        args.threads_per_rank = 1
+        args.threads_per_rank = default_threads_per_rank(size)
     if args.threads_per_rank < 1:
         raise UserError(f"--threads-per-rank must be at least 1, got {args.threads_per_rank}")
     if args.stop_at is not None and args.stop_at < 1:

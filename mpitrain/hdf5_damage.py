@@ -89,6 +89,15 @@ def open_ours(path):
     which every reader takes as damage) otherwise, or when walking the file meets damage."""
     f = h5py.File(path, "r")
     try:
+        _check_attribute_kinds(f)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _check_attribute_kinds(f) -> None:
+    try:
         objects = [("", f)]
         f.visititems(lambda name, obj: objects.append(("/" + shown_name(name), obj)) and None)
         for where, obj in objects:
@@ -96,9 +105,9 @@ def open_ours(path):
                 if not safe_attribute(obj.attrs, name):
                     raise DamagedFile(f"the file is damaged: attribute {where or '/'}:{name} "
                                       f"has a datatype mpitrain never writes")
-    except BaseException as e:
-        f.close()
-        if isinstance(e, DamagedFile) or not (isinstance(e, Exception) and is_damage(e)):
+    except DamagedFile:
+        raise
+    except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
+        if not is_damage(e):
             raise
         raise DamagedFile(f"its HDF5 structure is damaged ({first_line(e)})") from None
-    return f

@@ -112,20 +112,13 @@ def shared_reduce_scatter(arrays: list, r: int, shard: np.ndarray, counts: list,
             _release(part)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
 def _release(view: np.ndarray) -> None:
     """Unmap the whole pages of `view` (a shared mapping: its contents stay)."""
     first = -(-view.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
     last = (view.ctypes.data + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return _LIBC
-
-
-_LIBC = None
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)

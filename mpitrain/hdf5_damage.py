@@ -46,17 +46,23 @@ def first_line(exc) -> str:
 
 
 @contextmanager
-def reading(path, advice=""):
-    """Run the body; damage found while reading `path` becomes UserError("PATH is damaged
-    (what HDF5 said)ADVICE"). UserError and exceptions of our own code pass through."""
+def _damage_as(error_type, message):
+    """Run the body; damage met in it becomes error_type(message(what HDF5 said)). error_type
+    itself and exceptions of our own code pass through."""
     try:
         yield
-    except UserError:
+    except error_type:
         raise
     except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
         if not is_damage(e):
             raise
-        raise UserError(f"{os.fspath(path)} is damaged ({first_line(e)}){advice}") from None
+        raise error_type(message(first_line(e))) from None
+
+
+def reading(path, advice=""):
+    """Run the body; damage found while reading `path` becomes UserError("PATH is damaged
+    (what HDF5 said)ADVICE"). UserError and exceptions of our own code pass through."""
+    return _damage_as(UserError, lambda what: f"{os.fspath(path)} is damaged ({what}){advice}")
 
 
 class DamagedFile(OSError):
@@ -97,7 +103,7 @@ def open_ours(path):
 
 
 def _check_attribute_kinds(f) -> None:
-    try:
+    with _damage_as(DamagedFile, lambda what: f"its HDF5 structure is damaged ({what})"):
         objects = [("", f)]
         f.visititems(lambda name, obj: objects.append(("/" + shown_name(name), obj)) and None)
         for where, obj in objects:
@@ -105,9 +111,3 @@ def _check_attribute_kinds(f) -> None:
                 if not safe_attribute(obj.attrs, name):
                     raise DamagedFile(f"the file is damaged: attribute {where or '/'}:{name} "
                                       f"has a datatype mpitrain never writes")
-    except DamagedFile:
-        raise
-    except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
-        if not is_damage(e):
-            raise
-        raise DamagedFile(f"its HDF5 structure is damaged ({first_line(e)})") from None

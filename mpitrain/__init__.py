@@ -2,7 +2,8 @@
 
 Public API (imported lazily so `import mpitrain` stays cheap):
   Tokenizer             mpitrain.tokenizer
-  ModelConfig, Model    mpitrain.model
+  ModelConfig           mpitrain.config
+  Model                 mpitrain.model
 """
 
 __version__ = "0.1.0"

@@ -65,7 +65,7 @@ def _check_threads(threads):
 
 
 class Model:
-    """A GPT (issue 3's architecture) whose forward/backward runs in the C kernel."""
+    """A GPT (docs/DESIGN.md, "The model") whose forward/backward runs in the C kernel."""
 
     def __init__(self, config, seed=0, threads=1, param_arena=None, grad_arena=None,
                  initialize=True):

@@ -1,6 +1,6 @@
 """The training schedule: learning rate by step, the data order, and cutting windows.
 
-DESIGN.md: learning rate rising linearly from 0 over `warmup` steps, then a cosine decay to 10%
+docs/DESIGN.md: learning rate rising linearly from 0 over `warmup` steps, then a cosine decay to 10%
 of its peak at the planned last step. An epoch is one pass over all training windows (seq_len + 1
 tokens at stride seq_len) in an order drawn from a generator seeded by (seed, epoch); step s
 takes the next batch_size windows, running on into the next epoch's order when an epoch ends.

@@ -1,4 +1,4 @@
-"""The vocabulary and the byte-fallback pre-token tokenizer (DESIGN.md, "Vocabulary").
+"""The vocabulary and the byte-fallback pre-token tokenizer (docs/DESIGN.md, "The pipeline"; layout in docs/FORMATS.md).
 
 Ids, in this order:
   0 .. S-1           special tokens (SPECIALS; S = 1: end of document)
@@ -22,7 +22,7 @@ import numpy as np
 
 SPECIALS = ("<|endoftext|>",)
 
-# The benchmark's pre-token regex (issue 2) plus ` ?_+`: the benchmark's alternatives match
+# The count-only baseline's pre-token regex (docs/BENCHMARKS.md, "prepare") plus ` ?_+`: the benchmark's alternatives match
 # every code point except "_" (a word character that is neither letter nor digit), and a
 # tokenizer must lose nothing. `\s+` stays last so " word" keeps its leading space.
 PATTERN = r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+"

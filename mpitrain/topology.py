@@ -1,4 +1,4 @@
-"""Kissing-spheres placement: which worker computes which windows of a step (DESIGN.md).
+"""Kissing-spheres placement: which worker computes which windows of a step (docs/DESIGN.md, "Placement"; docs/TOPOLOGY.md).
 
 The 12 positions around Node Zero are the vertices of an icosahedron. Worker w (0-based here;
 MPI rank w + 1) sits at vertex w. The global batch of a step is cut into 12 symmetry groups,

@@ -10,7 +10,7 @@ the mean tokens/s of steps 2..S+1 from metrics.jsonl (step 1 warms up), and the 
 RSS from the end record (one process: Node Zero, the worker thread and both models). The kernel
 figure is one process running Model.forward_backward + clip + AdamW on the whole batch with
 --kernel-threads threads, timed the same way (bench_scaling.py's kernel_alone).
-Goals (issue 5): threads 12 >= 85% of threads 3; threads 3 >= 95% of the kernel; peak RSS of
+Goals: threads 12 >= 85% of threads 3; threads 3 >= 95% of the kernel; peak RSS of
 threads 12 < 2 GB. Data: hdf5_data/default_PRESET.h5 (prepared from the default corpus when
 missing).
 """

@@ -1,7 +1,7 @@
 """A compact plain-PyTorch GPT with mpitrain's architecture and GPT-2 state_dict names.
 
 The reference the kernel is compared against (tests) and timed against (scripts/bench_kernel.py).
-Architecture (DESIGN.md, issue 3): token + learned position embeddings, n_layers pre-LayerNorm
+Architecture (docs/DESIGN.md, "The model"): token + learned position embeddings, n_layers pre-LayerNorm
 blocks (LN eps 1e-5 -> causal multi-head attention, scale 1/sqrt(head_dim) -> residual;
 LN -> Linear d->d_ff -> GELU (tanh) -> Linear d_ff->d -> residual), final LayerNorm, untied
 lm_head without bias, mean cross-entropy over all targets. Linear weights are [out, in]

@@ -40,7 +40,7 @@ def corpus_dir(tmp_path):
 
 
 def ref_val_documents(doc_tokens, val_fraction):
-    """Held-out documents by DESIGN's rule as docs/FORMATS.md states it, in plain Python."""
+    """Held-out documents by the rule docs/FORMATS.md states, in plain Python."""
     d, total = len(doc_tokens), sum(doc_tokens)
     n_val = min(max(1, round(d * val_fraction)), d - 1)
     target = val_fraction * total / n_val

@@ -1,7 +1,7 @@
 """An independent NumPy GPT (float64 by default): forward, loss and a hand-written backward.
 
 The definition the C kernel is checked against (tests/test_model*.py) and that other tests may
-import. Same architecture as issue 3: token + learned position embeddings, pre-LN blocks
+import. Same architecture as docs/DESIGN.md, "The model": token + learned position embeddings, pre-LN blocks
 (LN eps 1e-5 -> causal multi-head attention, scale 1/sqrt(head_dim) -> residual; LN -> c_fc ->
 GELU (tanh) -> c_proj -> residual), final LN, untied lm_head (no bias), cross-entropy.
 Parameters are a dict name -> array with GPT-2 state_dict names and [out, in] linear weights.

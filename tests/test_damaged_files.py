@@ -2,7 +2,7 @@
 export and a small dataset, each damaged copy given to `infer --model`, `export`,
 `train --resume FILE` (thread mode, tiny preset, --max-steps 1) and `train --dataset`, plus
 Dataset.open. Every case must end with exit 0 or 2, and an exit 2 with exactly one line on
-stderr (DESIGN.md, "Interfaces"; issues 2, 4, 6).
+stderr (README, "bad input"; docs/DESIGN.md, "Files").
 
 How the sweep runs: the parent (`sweep`) starts one worker process
 (`python tests/test_damaged_files.py CASES.json START`) that runs the cases in order, in-process

@@ -164,7 +164,7 @@ def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path):
 
 
 def test_checkpoint_inspect_through_the_command_line(tmp_path):
-    # Everything issue 6 lists for a checkpoint, through the real CLI, text and JSON.
+    # Everything inspect promises for a checkpoint, through the real CLI, text and JSON.
     path = tmp_path / "checkpoint_step_7.h5"
     params, _, _ = _save(path)
     p = run_cli("inspect", path)

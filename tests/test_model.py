@@ -57,7 +57,7 @@ def test_parameter_table_follows_gpt2_names_and_shapes():
 
 
 def test_seed_preset_size():
-    # DESIGN.md: 33.8M parameters at vocabulary 30,000 (without allocating the model).
+    # The seed preset: 33.8M parameters at vocabulary 30,000 (without allocating the model).
     c = ModelConfig.preset("seed")
     C, F, L = c.d_model, c.d_ff, c.n_layers
     n = 2 * c.vocab_size * C + c.max_seq_len * C + 2 * C + L * (

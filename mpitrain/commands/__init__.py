@@ -18,5 +18,5 @@ COMMANDS = (
     "plot",
 )
 
-# The subcommand used when the first argument is not a command name (DESIGN.md: train).
+# The subcommand used when the first argument is not a command name (train, as README's main job).
 DEFAULT_COMMAND = "train"

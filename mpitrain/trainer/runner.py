@@ -8,7 +8,7 @@
   4. rank 0 runs Node Zero, the others Worker, until Node Zero releases them
 
 Abort path: `python -m mpitrain` under mpirun would otherwise leave the other ranks waiting
-forever when one rank raises (measured in issue 4). Any exception after step 2's agreement, on
+forever when one rank raises (measured). Any exception after step 2's agreement, on
 any rank, prints the traceback and "mpitrain: rank R: <error>" and calls MPI.COMM_WORLD.Abort,
 which ends every rank.
 

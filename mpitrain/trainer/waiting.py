@@ -1,7 +1,7 @@
 """How the trainer waits: never in a blocking MPI call, and asleep as much as it can.
 
 An MPICH rank inside a blocking call burns a core; with 12 ranks on 2
-cores that slowed the computing ranks 6.2x in the measurements of issue 4, against 1.05x when the
+cores that slowed the computing ranks 6.2x in our measurements (docs/TRAINING.md), against 1.05x when the
 waiting ranks polled a non-blocking call with Test and a 1 ms sleep, and an Iallreduce polled
 with Test and a 100 us sleep took 0.45 s against 0.90 s blocking. So every wait here is a
 non-blocking MPI call polled with Test and a sleep, and the sleep grows while the wait lasts:

@@ -1,7 +1,7 @@
 """A worker: its groups' windows of every step in the C kernel, the gradient sum among the
 workers, clipping by the global norm, AdamW.
 
-The step invariant (DESIGN.md): each worker's forward_backward runs with grad_scale = 1 / (the
+The step invariant (docs/DESIGN.md): each worker's forward_backward runs with grad_scale = 1 / (the
 global batch's target tokens), so its gradient is its share of the *sum* of token gradients
 already divided by the global count; summed over the workers it is the gradient of the global
 mean loss, whatever the number of workers. A worker whose groups are empty in a step

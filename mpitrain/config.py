@@ -3,24 +3,130 @@
 Precedence when training (documented in README): preset < checkpoint (on resume, the model
 architecture comes from the checkpoint) < command-line options and --set key=value. The
 vocabulary size and the sequence length always come from the dataset.
+
+Every field is typed data: its annotation is its type (int, float, bool, or str with a fixed
+set of choices), and setting() gives its default and the values it accepts. Construction
+checks each field by name, so a ModelConfig or TrainConfig that exists is valid. A stored
+configuration (checkpoint, export) that lacks a field reads as the field's default, so a new
+field is one line whose default reproduces what files written before it meant; a field this
+version does not know is refused by name (docs/FORMATS.md, "Checkpoint").
 """
-from dataclasses import asdict, dataclass, fields, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+TYPES = (int, float, bool, str)
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")   # --set spellings of a bool
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 30000      # total ids: special tokens + 256 bytes + pre-tokens
-    max_seq_len: int = 256       # rows of the learned position table
-    d_model: int = 384           # residual stream width
-    n_layers: int = 6            # transformer blocks
-    n_heads: int = 12            # attention heads (head_dim = d_model // n_heads)
-    d_ff: int = 1536             # hidden width of the MLP
+def setting(default, *, min=None, above=None, below=None, choices=None):
+    """A configuration field: its default and the values it accepts besides its type.
+    min: inclusive lower bound; above, below: exclusive bounds; choices: the values of a str
+    field (required for str fields)."""
+    return field(default=default, metadata={"min": min, "above": above, "below": below,
+                                            "choices": choices})
+
+
+def check(f, value):
+    """`value` as field `f` holds it (an int given for a float becomes a float); ValueError
+    naming the field when the type or the value is not accepted."""
+    kind, rule, name = _kind(f), f.metadata, f.name
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif kind is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    elif kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    elif not isinstance(value, str) or value not in rule.get("choices"):
+        raise ValueError(f"{name} must be one of {', '.join(rule['choices'])}, got {value!r}")
+    if rule.get("min") is not None and not value >= rule["min"]:
+        what = "not be negative" if rule["min"] == 0 else f"be at least {rule['min']}"
+        raise ValueError(f"{name} must {what}, got {value!r}")
+    if rule.get("above") is not None and not value > rule["above"]:
+        what = "be positive" if rule["above"] == 0 else f"be greater than {rule['above']}"
+        raise ValueError(f"{name} must {what}, got {value!r}")
+    if rule.get("below") is not None and not value < rule["below"]:
+        raise ValueError(f"{name} must be less than {rule['below']}, got {value!r}")
+    return value
+
+
+def parse(f, text: str):
+    """Command-line text as field `f`'s value, checked; ValueError saying what was expected."""
+    kind, text = _kind(f), text.strip()
+    if kind is bool:
+        if text.lower() not in TRUE + FALSE:
+            spellings = "/".join(yes + "/" + no for yes, no in zip(TRUE, FALSE))
+            raise ValueError(f"expected a bool ({spellings})")
+        value = text.lower() in TRUE
+    elif kind is str:
+        value = text
+    else:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"expected {kind.__name__}") from None
+    return check(f, value)
+
+
+def _kind(f):
+    """The field's type as a class (annotations may be strings). TypeError for a field this
+    module cannot check: a type other than TYPES, or a str without choices."""
+    kind = {t.__name__: t for t in TYPES}.get(f.type, f.type)
+    if kind not in TYPES:
+        raise TypeError(f"configuration field {f.name} has type {f.type!r}, not one of "
+                        f"int, float, bool, str")
+    if kind is str and not f.metadata.get("choices"):
+        raise TypeError(f"configuration field {f.name} is a str without choices")
+    return kind
+
+
+class _Config:
+    """What ModelConfig and TrainConfig share: field checks, presets, the stored form."""
+    PRESET_PART = None   # the key of this class's fields in a PRESETS entry
 
     def __post_init__(self):
         for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"ModelConfig.{f.name} must be a positive integer, got {v!r}")
+            object.__setattr__(self, f.name, check(f, getattr(self, f.name)))
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        return replace(cls(**PRESETS[_known(name)][cls.PRESET_PART]), **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A stored configuration: missing fields take their defaults, unknown ones are
+        refused by name (a file from a newer mpitrain must not be half understood)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__} is stored as {type(d).__name__}, not an object")
+        known = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}: written by a newer mpitrain?")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    PRESET_PART = "model"
+
+    vocab_size: int = setting(30000, min=1)  # total ids: specials + 256 bytes + pre-tokens
+    max_seq_len: int = setting(256, min=1)   # rows of the learned position table
+    d_model: int = setting(384, min=1)       # residual stream width
+    n_layers: int = setting(6, min=1)        # transformer blocks
+    n_heads: int = setting(12, min=1)        # attention heads (head_dim = d_model // n_heads)
+    d_ff: int = setting(1536, min=1)         # hidden width of the MLP
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
 
@@ -28,49 +134,27 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
-        return replace(cls(**PRESETS[_known(name)]["model"]), **overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
-
 
 @dataclass(frozen=True)
-class TrainConfig:
-    seq_len: int = 128           # tokens per window (each window holds seq_len + 1 tokens)
-    batch_size: int = 32         # windows per optimizer step, whatever the number of workers
-    lr: float = 1e-4             # peak learning rate (after warmup)
-    weight_decay: float = 0.01   # AdamW decoupled decay on parameters with 2+ dimensions
-    beta1: float = 0.9           # AdamW first-moment decay
-    beta2: float = 0.999         # AdamW second-moment decay
-    eps: float = 1e-8            # AdamW denominator epsilon
-    clip: float = 1.0            # global gradient-norm clip (0 disables)
-    warmup: int = 1000           # steps of linear warmup from 0
-    epochs: int = 30             # passes over the training windows
-    max_steps: int = 0           # stop after this many steps (0: run all epochs)
-    save_every: int = 1000       # checkpoint period in steps
-    eval_every: int = 100        # evaluation (and sample) period in steps
-    eval_windows: int = 64       # fixed validation windows per evaluation
-    seed: int = 0                # initialisation and data-order seed
-    keep_last: int = 0           # checkpoints kept besides step 0 (0: keep all)
+class TrainConfig(_Config):
+    PRESET_PART = "train"
 
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "TrainConfig":
-        return replace(cls(**PRESETS[_known(name)]["train"]), **overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
+    seq_len: int = setting(128, min=1)          # tokens per window (a window holds seq_len + 1)
+    batch_size: int = setting(32, min=1)        # windows per optimizer step, any worker count
+    lr: float = setting(1e-4, above=0)          # peak learning rate (after warmup)
+    weight_decay: float = setting(0.01, min=0)  # AdamW decoupled decay of 2+-dimensional params
+    beta1: float = setting(0.9, min=0, below=1)    # AdamW first-moment decay
+    beta2: float = setting(0.999, min=0, below=1)  # AdamW second-moment decay
+    eps: float = setting(1e-8, above=0)         # AdamW denominator epsilon
+    clip: float = setting(1.0, min=0)           # global gradient-norm clip (0 disables)
+    warmup: int = setting(1000, min=0)          # steps of linear warmup from 0
+    epochs: int = setting(30, min=1)            # passes over the training windows
+    max_steps: int = setting(0, min=0)          # stop after this many steps (0: run all epochs)
+    save_every: int = setting(1000, min=1)      # checkpoint period in steps
+    eval_every: int = setting(100, min=1)       # evaluation (and sample) period in steps
+    eval_windows: int = setting(64, min=1)      # fixed validation windows per evaluation
+    seed: int = setting(0, min=0)               # initialisation and data-order seed
+    keep_last: int = setting(0, min=0)          # checkpoints kept besides step 0 (0: keep all)
 # name -> {"model": ModelConfig fields, "train": TrainConfig fields}
 PRESETS = {
     # The original design's configuration: 33.8M parameters at vocabulary 30,000.
@@ -101,3 +185,7 @@ def _known(name: str) -> str:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return name
+
+
+for _cls in (ModelConfig, TrainConfig):   # every field checkable and its default accepted
+    _cls()

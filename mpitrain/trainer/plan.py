@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from mpitrain import schedule
+from mpitrain import config, schedule
 from mpitrain.config import PRESETS, ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 
@@ -47,14 +47,13 @@ class Plan:
 
 
 def parse_value(key: str, text: str):
-    """`--set key=value`: the value converted to the field's type (int, float)."""
+    """`--set key=value`: the value read as the field's declared type and checked by its rule
+    (mpitrain/config.py); UserError naming the key otherwise."""
     cls = ModelConfig if key in MODEL_KEYS else TrainConfig
-    kind = {f.name: f.type for f in fields(cls)}[key]
-    kind = {"int": int, "float": float}.get(kind, kind) if isinstance(kind, str) else kind
     try:
-        return kind(text)
-    except ValueError:
-        raise UserError(f"--set {key}={text}: expected {kind.__name__}") from None
+        return config.parse(next(f for f in fields(cls) if f.name == key), text)
+    except ValueError as e:
+        raise UserError(f"--set {key}={text.strip()}: {e}") from None
 
 
 def parse_sets(items: list) -> dict:
@@ -75,6 +74,17 @@ def parse_sets(items: list) -> dict:
             raise UserError(f"--set {key} given twice")
         out[key] = parse_value(key, value.strip())
     return out
+
+
+def check_overrides(overrides: dict) -> None:
+    """Each value by its field's rule, before anything is read or prepared (--set values were
+    checked when parsed; this catches the dedicated options)."""
+    by_name = {f.name: f for cls in (ModelConfig, TrainConfig) for f in fields(cls)}
+    for key, value in overrides.items():
+        try:
+            config.check(by_name[key], value)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def resolve_configs(preset: str, overrides: dict, vocab_size: int, seq_len: int,
@@ -109,23 +119,7 @@ def resolve_configs(preset: str, overrides: dict, vocab_size: int, seq_len: int,
         raise UserError(f"the dataset's seq_len {seq_len} exceeds the model's max_seq_len "
                         f"{model.max_seq_len} (--set max_seq_len={seq_len}, or prepare with a "
                         f"shorter --seq-len)")
-    _check_train(train)
     return model, train
-
-
-def _check_train(t: TrainConfig) -> None:
-    positive = ("batch_size", "epochs", "save_every", "eval_every", "eval_windows")
-    for k in positive:
-        if getattr(t, k) < 1:
-            raise UserError(f"{k} must be at least 1, got {getattr(t, k)}")
-    for k in ("max_steps", "warmup", "seed", "keep_last"):
-        if getattr(t, k) < 0:
-            raise UserError(f"{k} must not be negative, got {getattr(t, k)}")
-    if not t.lr > 0:
-        raise UserError(f"lr must be positive, got {t.lr}")
-    if t.clip < 0 or t.weight_decay < 0 or not 0 <= t.beta1 < 1 or not 0 <= t.beta2 < 1 \
-            or not t.eps > 0:
-        raise UserError("need clip >= 0, weight_decay >= 0, 0 <= beta1, beta2 < 1 and eps > 0")
 
 
 def existing_checkpoints(run_dir: str) -> list:
@@ -162,6 +156,7 @@ def make_plan(options: dict, num_workers: int):
     from mpitrain.dataset import Dataset
 
     preset = options["preset"]
+    check_overrides(options["overrides"])
     dataset_path = options["dataset"] or default_dataset(preset)
     if options["dataset"] is None and not os.path.exists(dataset_path):
         prepare_default(dataset_path, preset, options["quiet"])

@@ -97,5 +97,6 @@ def test_threads_per_rank_default_shares_the_node_s_cpus(monkeypatch, cpus, loca
     from mpitrain.commands.train import default_threads_per_rank
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    launch = launcher.detect({"PMI_SIZE": "24", "MPI_LOCALNRANKS": str(local)})  # a node of 24 ranks
+    # one node of a 24-rank job
+    launch = launcher.detect({"PMI_SIZE": "24", "MPI_LOCALNRANKS": str(local)})
     assert default_threads_per_rank(launch) == expected

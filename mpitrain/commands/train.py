@@ -1,8 +1,9 @@
 """`mpitrain train` (the default command): train a model on a prepared dataset.
 
-Under mpirun with more than one rank: MPI mode (rank 0 Node Zero, ranks 1.. workers on the
-kissing-spheres placement). Otherwise thread mode: one process, Node Zero and --threads - 1
-worker threads (mpitrain/trainer/thread_runner.py). See README "Training" for the configuration precedence.
+Under mpirun with more than one rank (mpitrain/launcher.py): MPI mode (rank 0 Node Zero,
+ranks 1.. workers on the kissing-spheres placement; mpitrain/trainer/mpi_runner.py). Otherwise
+thread mode: one process, Node Zero and --threads - 1 worker threads
+(mpitrain/trainer/thread_runner.py). See README "Training" for the configuration precedence.
 """
 import os
 

@@ -8,21 +8,14 @@ import importlib
 import os
 import sys
 
+from mpitrain import launcher
 from mpitrain.commands import COMMANDS, DEFAULT_COMMAND
 from mpitrain.errors import UserError
 
 
-def launched_rank() -> int:
-    """This process's rank as the MPI launcher announced it (0 when not launched by mpirun)."""
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
-
-
 def fail(message: str, code: int = 2) -> int:
     """Print one line on stderr (rank 0 only) and return the exit status."""
-    if launched_rank() == 0:
+    if launcher.detect().rank == 0:
         print(f"mpitrain: error: {message}", file=sys.stderr, flush=True)
     return code
 

@@ -24,11 +24,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_scaling import REPO, baseline, run_trainer  # noqa: E402
 
+sys.path.insert(0, REPO)
+from mpitrain import launcher  # noqa: E402
+
 
 def train_threads(threads, preset, dataset, steps):
     """Run thread mode (no MPI); returns (per-step records, end record)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")}
+           if k not in launcher.ALL_VARS}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     steps_, end, _ = run_trainer([], preset, dataset, steps, "--threads", str(threads), env=env)
     return steps_, end

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from mpitrain import launcher
 from mpitrain.config import PRESETS
 from mpitrain.topology import assign_windows
 from test_train_support import (end_record, read_metrics, run_train, step_losses, tiny_args,
@@ -33,7 +34,7 @@ BATCH = PRESETS["tiny"]["train"]["batch_size"]
 def thread_env(extra=None):
     """The environment of a plain (non-mpirun) run."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")}
+           if k not in launcher.ALL_VARS}
     env["PYTHONPATH"] = REPO
     env.update(extra or {})
     return env
@@ -125,7 +126,7 @@ def test_run_directory_matches_mpi_mode(runs):
 
 def test_windows_are_the_groups_windows(tiny_dataset, tmp_path):
     """Each worker thread is given exactly its groups' windows of every step, as MPI rank w+1
-    would take them (the trace hook of worker.py, one file per worker thread)."""
+    would take them (the trace hook of process.py, one file per worker thread)."""
     from mpitrain import schedule
     from mpitrain.dataset import Dataset
 

@@ -21,7 +21,8 @@ import pytest
 from mpitrain import schedule
 from mpitrain.config import PRESETS
 from mpitrain.topology import assign_windows
-from mpitrain.trainer.worker import MICRO_WINDOWS, call_ranges, tail_windows
+from mpitrain.trainer.mpi_worker import call_ranges, tail_windows
+from mpitrain.trainer.worker import MICRO_WINDOWS
 from test_train_support import (end_record, read_metrics, run_train, step_losses, tiny_args,
                                 tiny_dataset, val_losses)  # noqa: F401 (fixture)
 

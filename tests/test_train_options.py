@@ -93,8 +93,10 @@ def test_threads_per_rank_default_shares_the_node_s_cpus(monkeypatch, cpus, loca
     """Without --threads-per-rank, the node's CPUs are divided among its workers (Node Zero
     not counted): the one worker of mpirun -n 2 on 2 CPUs gets both (measured: 805 -> 1412
     tokens/s on the seed preset). An unreadable MPI_LOCALNRANKS falls back to the world."""
+    from mpitrain import launcher
     from mpitrain.commands.train import default_threads_per_rank
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    monkeypatch.setenv("MPI_LOCALNRANKS", str(local))
-    assert default_threads_per_rank(size=8) == expected
+    # one node of a 24-rank job
+    launch = launcher.detect({"PMI_SIZE": "24", "MPI_LOCALNRANKS": str(local)})
+    assert default_threads_per_rank(launch) == expected

@@ -2,10 +2,10 @@
 vocabulary and a tokenized HDF5 dataset. Under `mpirun -n N` the ranks share the work and
 rank 0 writes the same bytes a single process would."""
 import argparse
-import os
 import sys
 import traceback
 
+from mpitrain import launcher
 from mpitrain.errors import UserError
 from mpitrain.prepare import DEFAULT_OUT, Options, prepare
 
@@ -39,11 +39,10 @@ def add_arguments(p):
 
 def mpi_world():
     """COMM_WORLD when launched by mpirun with more than one rank, else None (no MPI import)."""
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
-        if int(os.environ.get(var, "1") or 1) > 1:
-            from mpi4py import MPI
+    if launcher.detect().size > 1:
+        from mpi4py import MPI
 
-            return MPI.COMM_WORLD
+        return MPI.COMM_WORLD
     return None
 
 

@@ -1,11 +1,13 @@
 """`mpitrain train` (the default command): train a model on a prepared dataset.
 
-Under mpirun with more than one rank: MPI mode (rank 0 Node Zero, ranks 1.. workers on the
-kissing-spheres placement). Otherwise thread mode: one process, Node Zero and --threads - 1
-worker threads (mpitrain/trainer/thread_runner.py). See README "Training" for the configuration precedence.
+Under mpirun with more than one rank (mpitrain/launcher.py): MPI mode (rank 0 Node Zero,
+ranks 1.. workers on the kissing-spheres placement; mpitrain/trainer/mpi_runner.py). Otherwise
+thread mode: one process, Node Zero and --threads - 1 worker threads
+(mpitrain/trainer/thread_runner.py). See README "Training" for the configuration precedence.
 """
 import os
 
+from mpitrain import launcher
 from mpitrain.config import PRESETS, TrainConfig
 from mpitrain.errors import UserError
 
@@ -70,15 +72,7 @@ def add_arguments(p):
     p.add_argument("--quiet", action="store_true", help="no progress output on the terminal")
 
 
-def world_size() -> int:
-    """Ranks the MPI launcher started (1 when not launched by mpirun)."""
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 1
-
-
-def default_threads_per_rank(size: int) -> int:
+def default_threads_per_rank(launch: launcher.Launch) -> int:
     """The CPUs this process may use divided among the workers on its node (Node Zero, which
     mostly sleeps, not counted), at least 1: on 2 CPUs, 2 threads for the one worker of
     mpirun -n 2 and 1 from -n 3 on. Node Zero's value is the plan's, so every rank uses it."""
@@ -86,11 +80,7 @@ def default_threads_per_rank(size: int) -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:   # not Linux
         cpus = os.cpu_count() or 1
-    try:
-        local = int(os.environ.get("MPI_LOCALNRANKS", size))   # set by MPICH's launcher
-    except ValueError:
-        local = size
-    return max(1, cpus // max(1, local - 1))
+    return max(1, cpus // max(1, launch.local_size - 1))
 
 
 def collect_overrides(args) -> dict:
@@ -110,7 +100,8 @@ def collect_overrides(args) -> dict:
 
 def run(args) -> int:
     overrides = collect_overrides(args)
-    size = world_size()
+    launch = launcher.detect()
+    size = launch.size
     if size > 1 and args.threads is not None:
         raise UserError("--threads is for thread mode (without mpirun); under mpirun give "
                         "--threads-per-rank")
@@ -124,7 +115,7 @@ def run(args) -> int:
         raise UserError(f"--threads must be in [2, {MAX_THREADS}] (Node Zero + at least one "
                         f"worker), got {threads}")
     if args.threads_per_rank is None:
-        args.threads_per_rank = default_threads_per_rank(size)
+        args.threads_per_rank = default_threads_per_rank(launch)
     if args.threads_per_rank < 1:
         raise UserError(f"--threads-per-rank must be at least 1, got {args.threads_per_rank}")
     if args.stop_at is not None and args.stop_at < 1:
@@ -132,19 +123,18 @@ def run(args) -> int:
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such checkpoint file")
     if args.show_topology:
-        from mpitrain.cli import launched_rank
         from mpitrain.topology import placement_table
 
         workers = size - 1 if size > 1 else threads - 1
         batch = overrides.get("batch_size", PRESETS[args.preset]["train"]["batch_size"])
-        if launched_rank() == 0:
+        if launch.rank == 0:
             print(placement_table(workers, batch))
         return 0
     options = {"preset": args.preset, "dataset": args.dataset, "run_dir": args.run_dir,
                "resume": args.resume, "stop_at": args.stop_at, "quiet": args.quiet,
                "threads_per_rank": args.threads_per_rank, "overrides": overrides}
     if size > 1:
-        from mpitrain.trainer.runner import run_mpi
+        from mpitrain.trainer.mpi_runner import run_mpi
 
         return run_mpi(options)
     from mpitrain.trainer.thread_runner import run_threads

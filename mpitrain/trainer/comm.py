@@ -119,7 +119,8 @@ class MPIWorkerComm:
     """A worker's side: commands from Node Zero, reductions among the workers only.
 
     `workers` is the workers' communicator with the icosahedral graph topology attached
-    (rank there = worker index = world rank - 1)."""
+    (rank there = worker index = world rank - 1). The reductions and barriers run on it among
+    all the workers; none travels along the graph's edges (docs/TOPOLOGY.md, "MPI graph")."""
 
     def __init__(self, world, workers, batch_size: int):
         self.world = world
@@ -276,7 +277,8 @@ def _shm_fits(need: int, warn: bool, path: str = "/dev/shm") -> bool:
 
 
 def make_worker_comm(world, batch_size: int, edges: list):
-    """Split the workers off `world` (collective over world) and attach the graph topology.
+    """Split the workers off `world` (collective over world) and attach the graph topology
+    (for introspection only: docs/TOPOLOGY.md, "MPI graph").
 
     Returns an MPIWorkerComm on a worker, None on Node Zero."""
     MPI = _mpi()

@@ -1,5 +1,7 @@
 """Node Zero: the schedule, evaluation, samples, checkpoints, logs, signals and the stop.
 
+`run_node_zero` runs it in either mode, with the signals of signals.py.
+
 Node Zero never computes a training batch. It talks to the workers only through a WorkerLink
 (comm.py), so the same logic serves MPI mode and thread mode. The protocol, in command order:
 
@@ -28,27 +30,16 @@ import numpy as np
 from mpitrain import schedule
 from mpitrain.trainer import peak, sampling
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
+from mpitrain.trainer.process import injected_fault, peak_rss_kib
 from mpitrain.trainer.runlog import RunLog, fmt_duration
 from mpitrain.trainer.saver import Saver
+from mpitrain.trainer.signals import install_signals
 from mpitrain.trainer.waiting import TestPending, wait_pending
 
 ACTIVITY = {STEP: "training", EVAL: "evaluating after step {step}",
             SAVE: "saving a checkpoint of step {step}"}   # heartbeat.json's "activity"
 LOOKAHEAD = 2   # STEP commands issued beyond the last reported step: the workers never wait
                 # for Node Zero's reaction to a report
-
-
-def peak_rss_kib() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def injected_fault(rank: int, step: int) -> bool:
-    """Test hook: MPITRAIN_FAULT=RANK:STEP makes that rank raise at that step."""
-    spec = os.environ.get("MPITRAIN_FAULT", "")
-    return spec == f"{rank}:{step}"
 
 
 class NodeZero:
@@ -291,6 +282,17 @@ class NodeZero:
         self.log.metrics(event="end", time=time.time(), **stats)
         self.log.say("\n".join(lines))
         return stats
+
+
+def run_node_zero(node_zero: NodeZero, abort) -> dict:
+    """Node Zero's run, the same in MPI and thread mode: the first Ctrl-C/SIGTERM asks it to
+    save and stop, a second calls abort (signals.install_signals). Returns the statistics."""
+    install_signals(node_zero.request_stop, abort)
+    stats = node_zero.run()
+    if node_zero.stop_signal is not None:  # said even with --quiet
+        print(f"mpitrain: stopped by signal {node_zero.stop_signal} after step "
+              f"{node_zero.done}; continue with --resume auto", flush=True)
+    return stats
 
 
 def _fmt(x) -> str:

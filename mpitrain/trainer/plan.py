@@ -147,7 +147,7 @@ def prepare_default(path: str, preset: str, quiet: bool) -> None:
                                     seq_len=cfg["train"]["seq_len"], quiet=quiet), comm=None)
 
 
-def make_plan(options: dict, num_workers: int):
+def make_plan(options: dict):
     """Rank 0: resolve the run from the command's options. Returns (Plan, Checkpoint or None,
     Dataset). Raises UserError before anything is written (except a prepared default corpus).
 

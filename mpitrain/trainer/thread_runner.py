@@ -1,125 +1,42 @@
 """Thread mode: Node Zero and the workers as threads of one process (no MPI).
 
 `--threads N` counts every thread: Node Zero on the main Python thread, and N-1 workers, which
-are the N-1 kernel threads of one shared replica (one Model: params, grads, Adam m and v)
-driven by one Python worker thread (kernel thread 0 is that Python thread, 1..N-2 the kernel's
-pool). Node Zero's code (node_zero.py) and the worker's command loop (worker.py) are the MPI
-mode's own; only the transport (threads.py) and the training step differ:
+are the N-1 kernel threads of one shared replica driven by one Python worker thread
+(thread_worker.py). Node Zero's code (node_zero.py) and the workers' command loop (worker.py)
+are MPI mode's own; only the transport (threads.py) and the training step differ. The loss
+sequence equals MPI mode's to float rounding, and a checkpoint is the same file in both modes:
+Node Zero writes it from its copy of the replica's arenas.
 
-  step n   the batch's windows are ordered worker by worker (worker w's are its symmetry
-           groups' windows, topology.assign_windows(N-1, batch_size)[w], as MPI rank w+1 would
-           take), and the kernel gets the per-worker window counts: kernel thread w does the
-           row-local work (embedding, LayerNorm, GEMM rows, GELU, attention) of exactly worker
-           w's windows with its own activation rows. Weight gradients are split by output rows
-           among the threads, each row summed over all windows in a fixed order (no mutex, no
-           float atomics), so the step writes the summed gradient of the whole batch. Then one
-           clip by the global norm and one AdamW on the replica (kernel threads by ranges).
-
-The loss sequence equals MPI mode's to float rounding (the step invariant: each window's token
-gradients are scaled by 1 / the global token count, and summed). A checkpoint is the same file
-in both modes: Node Zero writes it from its copy of the replica's arenas.
-
-Signals: the first Ctrl-C / SIGTERM asks Node Zero to save and stop (as in MPI mode); a second
-one ends the process at once.
+Signals (signals.py): the first Ctrl-C / SIGTERM asks Node Zero to save and stop (as in MPI
+mode); a second one ends the process at once (os._exit).
 """
-import json
 import os
-import signal
 import socket
 import sys
 import traceback
 
-import numpy as np
-
-from mpitrain import optim, schedule
 from mpitrain.errors import UserError
-from mpitrain.topology import assign_windows, placement_table
-from mpitrain.trainer.messages import STEP, Report
-from mpitrain.trainer.worker import Worker
+from mpitrain.topology import placement_table
 
 MAX_THREADS = 145   # Node Zero + 144 workers: the placement is tested up to 144 workers
 
 
-class ThreadWorker(Worker):
-    """The worker thread: the MPI worker's command loop on the shared replica, whose kernel
-    threads are the workers."""
-
-    def __init__(self, plan, comm, num_workers: int):
-        super().__init__(plan, comm, rank=1)
-        m = self.model
-        m.threads = num_workers                      # kernel thread w = worker w
-        comm.thread_windows = m.thread_windows
-        shares = assign_windows(num_workers, self.tc.batch_size)
-        self.order = np.array([j for share in shares for j in share], np.int64)  # [B]
-        self.partition = [len(share) for share in shares]
-        self.shares = shares
-        # Clip and AdamW run on the kernel's default parts (min(threads, CPUs)); their results
-        # do not depend on the thread count.
-        self.opt_threads = m.work_parts
-        self.full_segments = optim.decay_segments(m.param_shapes[n] for n in m.param_names)
-        self.grad_shard = None                       # the base class's; unused here
-        if self.trace is not None:                   # one trace file per worker thread
-            self.trace.close()
-            trace_dir = os.environ["MPITRAIN_TRACE_WINDOWS"]
-            self.trace = _Traces(open(os.path.join(trace_dir, f"worker_{w}.jsonl"), "a",
-                                      buffering=1) for w in range(num_workers))
-
-    def _train_step(self, command) -> None:
-        m, tc = self.model, self.tc
-        ids = command.windows[self.order]            # global window ids, worker by worker
-        if self.trace is not None:
-            for w, share in enumerate(self.shares):
-                self.trace[w].write(json.dumps({"step": command.step,
-                                                "windows": command.windows[share].tolist()})
-                                    + "\n")
-        x, y = schedule.gather_windows(self.tokens, ids, tc.seq_len)   # int32 [B, T]
-        loss = m.forward_backward(x, y, grad_scale=self.scale, partition=self.partition)
-        if tc.clip > 0:   # as torch.nn.utils.clip_grad_norm_; a non-finite norm leaves grads
-            norm = optim.clip_grad_norm(m.grad_buffer, tc.clip, threads=self.opt_threads)
-        else:
-            norm = optim.grad_norm(m.grad_buffer, threads=self.opt_threads)
-        self.comm.report(Report(STEP, command.step, loss, norm))
-        optim.adamw_step(m.param_buffer, m.grad_buffer, m.m_buffer, m.v_buffer, lr=command.lr,
-                         step=command.step, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps,
-                         weight_decay=tc.weight_decay, segments=self.full_segments,
-                         threads=self.opt_threads)
-
-
-
-class _Traces(list):
-    """The per-worker-thread trace files (test hook), closed together by Worker.run."""
-
-    def close(self) -> None:
-        for f in self:
-            f.close()
-
-
-def _install_signals(on_first) -> None:
-    seen = []
-
-    def handler(signum, frame):
-        seen.append(signum)
-        if len(seen) == 1:
-            on_first(signum)
-            return
-        print(f"mpitrain: second signal ({signal.Signals(signum).name}): stopping at once",
-              file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, handler)
+def _abort(what: str, status: int) -> None:
+    """A second signal: end the process at once."""
+    print(f"mpitrain: {what}: stopping at once", file=sys.stderr, flush=True)
+    os._exit(status)
 
 
 def run_threads(options: dict, threads: int) -> int:
-    """options: see plan.make_plan (threads_per_rank 1). Returns the exit status."""
+    """options: see plan.make_plan. Returns the exit status."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # our kernel threads, not BLAS's
-    from mpitrain.trainer.node_zero import NodeZero
+    from mpitrain.trainer.node_zero import NodeZero, run_node_zero
     from mpitrain.trainer.plan import make_plan
-    from mpitrain.trainer.runner import run_node_zero
+    from mpitrain.trainer.thread_worker import ThreadWorker
     from mpitrain.trainer.threads import ThreadWorkerLink, WorkerThreadError
 
     workers = threads - 1
-    plan, checkpoint, dataset = make_plan(options, workers)   # UserError: nothing written yet
+    plan, checkpoint, dataset = make_plan(options)   # UserError: nothing written yet
     tc = plan.train_config
     link = ThreadWorkerLink(workers, tc.batch_size)
     host, pid = socket.gethostname(), os.getpid()
@@ -131,7 +48,7 @@ def run_threads(options: dict, threads: int) -> int:
         node_zero = NodeZero(plan, link, ranks, dataset, checkpoint, header_extra=extra)
         del checkpoint
         link.start(lambda comm: ThreadWorker(plan, comm, workers).run())
-        run_node_zero(node_zero, _install_signals)
+        run_node_zero(node_zero, _abort)
     except BaseException as e:
         # As MPI mode's abort path: say which thread failed and end the process at once (an
         # orderly interpreter exit was measured to hang in h5py's finaliser after a worker

@@ -8,11 +8,11 @@ something over, so Node Zero wakes when there is news (or after its housekeeping
 never on a fixed poll that would preempt the kernel threads; the worker thread blocks outright,
 since it has nothing else to do.
 
-The workers are one shared replica driven by one Python thread (thread_runner.ThreadWorker),
+The workers are one shared replica driven by one Python thread (thread_worker.ThreadWorker),
 whose kernel runs one thread per worker. So on the worker side there is exactly one
-"worker" in the sense of comm.MPIWorkerComm (index 0, the lead): the reductions among workers
-are no-ops here, because the kernel's step already sums every worker's windows into the one
-gradient arena, in a fixed order.
+"worker" in the sense of worker.Worker's command loop (index 0, the lead): its sum over the
+workers is a no-op here, because the kernel's step already sums every worker's windows into the
+one gradient arena, in a fixed order.
 
 State crossing the threads is copied (np.copyto) by whoever receives it, at the moment it asks
 for it: the worker's arenas go into Node Zero's own Model (its samples and checkpoints), and on
@@ -159,14 +159,14 @@ class ThreadWorkerLink(WorkerLink):
 
 
 class ThreadWorkerComm:
-    """The worker thread's side: the one lead worker of a one-worker group (see the module
-    docstring); `thread_windows` (set by the worker) gives the kernel's per-thread windows."""
+    """The worker thread's side, what worker.Worker's command loop needs: the one lead worker
+    of a one-worker group (see the module docstring); `thread_windows` (set by the worker)
+    gives the kernel's per-thread windows."""
 
     index = 0
     num_workers = 1
     is_lead = True
     writes_parameters = True
-    node_workers = 1
 
     def __init__(self, link: ThreadWorkerLink):
         self.link = link
@@ -192,20 +192,9 @@ class ThreadWorkerComm:
     def next_command(self):
         return self._get(self.link.commands)
 
-    # One replica: the kernel has already summed every worker's gradient into it.
+    # One worker in the group: a sum over the workers is its own value, and the replica's
+    # parameters are written by this thread alone.
     def allreduce_sum(self, array: np.ndarray) -> None:
-        pass
-
-    def reduce_scatter_sum(self, array: np.ndarray, shard: np.ndarray, counts: list) -> None:
-        np.copyto(shard, array)
-
-    def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
-        pass
-
-    def share_arenas(self, count: int):
-        return None, None      # the one replica's own arenas
-
-    def publish_parameters(self, array: np.ndarray, counts: list, displs: list) -> None:
         pass
 
     def parameters_ready(self) -> None:

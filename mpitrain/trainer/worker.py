@@ -1,34 +1,28 @@
-"""A worker: its groups' windows of every step in the C kernel, the gradient sum among the
-workers, clipping by the global norm, AdamW.
+"""The workers' command loop, the same in MPI and thread mode: STEP, EVAL, SAVE and STOP as
+Node Zero issues them (node_zero.py has the protocol), and the evaluation.
 
-The step invariant (docs/DESIGN.md): each worker's forward_backward runs with grad_scale = 1 / (the
-global batch's target tokens), so its gradient is its share of the *sum* of token gradients
-already divided by the global count; summed over the workers it is the gradient of the global
-mean loss, whatever the number of workers. A worker whose groups are empty in a step
-contributes zeros.
+A mode's worker subclasses `Worker` and supplies the training step (`_train_step`) and whatever
+its SAVE needs first (`_before_save`): mpi_worker.MPIWorker (one process per worker, the
+optimizer state sharded among them) and thread_worker.ThreadWorker (one replica whose kernel
+threads are the workers).
 
-The optimizer state is sharded (as ZeRO stage 1): the parameter arena is cut into one
-contiguous slice per worker; a reduce-scatter leaves each worker the summed gradient of its
-slice, the global norm comes from the slices' sums of squares, each worker clips and applies
-AdamW to its slice only, and an in-place all-gather gives every worker all parameters again
-(when the workers of a node share their arenas, the reduce-scatter reads the others' gradients
-in place and a barrier replaces the all-gather: comm.py). The
-communication equals one all-reduce; the AdamW work (and memory traffic) is divided by the
-number of workers instead of repeated on each. Each worker's Adam moments are current only on its
-own slice; before a checkpoint they are all-gathered too. The result is a fixed function of the
-gradients for a given world size (bitwise reproducible, so a resume continues bit for bit).
+The step invariant (docs/DESIGN.md): every forward_backward runs with grad_scale = 1 / (the
+global batch's target tokens), so a worker's gradient is its share of the *sum* of token
+gradients already divided by the global count; summed over the workers it is the gradient of
+the global mean loss, whatever the number of workers.
 
-Works with any transport offering MPIWorkerComm's methods.
+The transport (`comm`) is what the loop needs of it: `index`, `num_workers`, `is_lead`,
+`writes_parameters`, next_command, report, send_state, receive_state, parameters_ready,
+allreduce_sum, send_counters and finish (comm.MPIWorkerComm, threads.ThreadWorkerComm).
 """
 import json
-import os
 
 import numpy as np
 
-from mpitrain import optim, schedule
+from mpitrain import schedule
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import EVAL, SAVE, STEP, STOP, Report
-from mpitrain.trainer.node_zero import injected_fault, peak_rss_kib
+from mpitrain.trainer.process import injected_fault, peak_rss_kib
 
 # Windows per kernel call: a worker with more (few workers, large batches) runs several calls
 # accumulating gradients, so its activations stay those of 8 windows (a seed-preset worker at
@@ -36,34 +30,17 @@ from mpitrain.trainer.node_zero import injected_fault, peak_rss_kib
 MICRO_WINDOWS = 8
 
 
-def tail_windows(shares, index: int, node_workers: int, cpus: int, threads: int) -> int:
-    """How many of worker `index`'s windows (its last ones) it computes on all `cpus` instead of
-    its `threads`: on a node with more workers than CPUs, the worker holding more windows than
-    any other computes its extra ones after the others have finished theirs and gone to sleep,
-    on one CPU of several otherwise idle. At -n 12 on 2 cores (shares 3,3,3,3,3,3,5,3,2,2,2)
-    that is worker 6's last 2 windows. 0 when no CPU would be idle."""
-    if node_workers <= cpus or cpus <= threads:
-        return 0
-    others = max((len(s) for w, s in enumerate(shares) if w != index), default=0)
-    return max(0, len(shares[index]) - others)
-
-
-def call_ranges(windows: int, tail: int) -> list:
-    """The [a, b) ranges of a worker's windows that each kernel call computes: at most
-    MICRO_WINDOWS each, the last `tail` windows in calls of their own."""
-    head = windows - tail
-    return [(a, min(a + MICRO_WINDOWS, head)) for a in range(0, head, MICRO_WINDOWS)] + \
-        [(a, min(a + MICRO_WINDOWS, windows)) for a in range(head, windows, MICRO_WINDOWS)]
-
-
 class Worker:
-    def __init__(self, plan, comm, rank: int):
+    """rank: this worker's name in MPITRAIN_FAULT; arenas: (parameters, gradients) float32
+    arenas for the model, or (None, None) for its own."""
+
+    def __init__(self, plan, comm, rank: int, arenas=(None, None)):
         from mpitrain.dataset import Dataset
-        from mpitrain.model import Model, parameter_count
+        from mpitrain.model import Model
 
         self.plan, self.comm, self.rank = plan, comm, rank
         tc = self.tc = plan.train_config
-        params, grads = comm.share_arenas(parameter_count(plan.model_config))
+        params, grads = arenas
         self.model = Model(plan.model_config, seed=tc.seed, threads=plan.threads_per_rank,
                            param_arena=params, grad_arena=grads,
                            initialize=comm.writes_parameters)
@@ -71,37 +48,14 @@ class Worker:
         # The whole training stream stays in memory: any window can fall to this worker.
         self.tokens = np.ascontiguousarray(ds.split_tokens("train"))
         # j in [0, batch_size): the positions in each step's batch that belong to our groups.
-        shares = assign_windows(comm.num_workers, tc.batch_size)
-        self.share = np.array(shares[comm.index], np.int64)
-        cpus = len(os.sched_getaffinity(0))
-        self.tail = tail_windows(shares, comm.index, comm.node_workers, cpus,
-                                 plan.threads_per_rank)
-        if self.tail:   # the extra kernel threads sleep until the tail's calls
-            self.model.threads = cpus
-            self.model.work_parts = plan.threads_per_rank
-        self.calls = call_ranges(len(self.share), self.tail)
+        self.share = np.array(assign_windows(comm.num_workers, tc.batch_size)[comm.index],
+                              np.int64)
         eval_share = assign_windows(comm.num_workers, len(plan.eval_ids))[comm.index]
         self.eval_x, self.eval_y = schedule.gather_windows(
             ds.split_tokens("val"), plan.eval_ids[eval_share], tc.seq_len)
         self.scale = 1.0 / (tc.batch_size * tc.seq_len)
-        # This worker's slice of the arenas: [lo, hi); counts/displs of every worker's slice.
-        n, k = self.model.num_params, comm.num_workers
-        self.counts = [n // k + (1 if w < n % k else 0) for w in range(k)]
-        self.displs = [sum(self.counts[:w]) for w in range(k)]
-        self.lo = self.displs[comm.index]
-        self.hi = self.lo + self.counts[comm.index]
-        # One worker: its slice is the whole arena, and the gradient buffer itself (136 MB
-        # less for the seed model at -n 2).
-        self.grad_shard = (self.model.grad_buffer if k == 1
-                           else np.empty(self.hi - self.lo, np.float32))
-        self.segments = _slice_segments(optim.decay_segments(
-            self.model.param_shapes[name] for name in self.model.param_names), self.lo, self.hi)
         self._sums = np.zeros(2, np.float64)
-        trace_dir = os.environ.get("MPITRAIN_TRACE_WINDOWS")
-        self.trace = None
-        if trace_dir:  # test hook: record the windows this worker trains each step
-            self.trace = open(os.path.join(trace_dir, f"worker_{comm.index}.jsonl"), "a",
-                              buffering=1)
+        self.traces = {}   # test hook: {worker index: trace file} (process.trace_files)
 
     def run(self) -> None:
         m = self.model
@@ -120,51 +74,28 @@ class Worker:
             elif command.kind == EVAL:
                 self._evaluate(command.step)
             elif command.kind == SAVE:
-                for moment in (m.m_buffer, m.v_buffer):  # each worker holds its slice only
-                    self.comm.allgather_in_place(moment, self.counts, self.displs)
+                self._before_save()
                 if self.comm.is_lead:
                     self.comm.report(Report(SAVE, command.step))
                     self.comm.send_state([m.param_buffer, m.m_buffer, m.v_buffer])
             elif command.kind == STOP:
                 break
         self.comm.send_counters((*m.counters(), peak_rss_kib()))
-        if self.trace is not None:
-            self.trace.close()
+        for f in self.traces.values():
+            f.close()
         self.comm.finish()
 
     def _train_step(self, command) -> None:
-        m, tc = self.model, self.tc
-        ids = command.windows[self.share]                 # global window ids, [B_w]
-        if self.trace is not None:
-            self.trace.write(json.dumps({"step": command.step, "windows": ids.tolist()}) + "\n")
-        if ids.size:
-            x, y = schedule.gather_windows(self.tokens, ids, tc.seq_len)   # int32 [B_w, T]
-            loss_sum = 0.0
-            for a, b in self.calls:                       # gradients accumulate, in order
-                if self.tail:
-                    m.work_parts = 0 if b > len(ids) - self.tail else self.plan.threads_per_rank
-                xa, ya = x[a:b], y[a:b]
-                mean = m.forward_backward(xa, ya, grad_scale=self.scale, accumulate=a > 0)
-                loss_sum += mean * xa.size
-            self._sums[0] = loss_sum                      # sum of this worker's token losses
-        else:
-            m.grad_buffer[...] = 0.0
-            self._sums[0] = 0.0
-        lo, hi = self.lo, self.hi
-        self.comm.reduce_scatter_sum(m.grad_buffer, self.grad_shard, self.counts)
-        self._sums[1] = optim.grad_norm(self.grad_shard, threads=m.threads) ** 2
-        self.comm.allreduce_sum(self._sums)   # [sum of token losses, squared gradient norm]
-        norm = float(np.sqrt(self._sums[1]))
-        if self.comm.is_lead:
-            self.comm.report(Report(STEP, command.step, self._sums[0] * self.scale, norm))
-        coefficient = tc.clip / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-        if tc.clip > 0 and np.isfinite(norm) and coefficient < 1.0:
-            self.grad_shard *= np.float32(coefficient)
-        optim.adamw_step(m.param_buffer[lo:hi], self.grad_shard, m.m_buffer[lo:hi],
-                         m.v_buffer[lo:hi], lr=command.lr, step=command.step, beta1=tc.beta1,
-                         beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
-                         segments=self.segments, threads=m.threads)
-        self.comm.publish_parameters(m.param_buffer, self.counts, self.displs)
+        """Train the windows of command (a STEP); the lead reports (loss, gradient norm)."""
+        raise NotImplementedError
+
+    def _before_save(self) -> None:
+        """Make the parameters and both Adam moments whole on the lead worker."""
+
+    def _trace(self, worker: int, step: int, ids: np.ndarray) -> None:
+        f = self.traces.get(worker)
+        if f is not None:
+            f.write(json.dumps({"step": step, "windows": ids.tolist()}) + "\n")
 
     def _evaluate(self, step: int) -> None:
         n = len(self.eval_x)
@@ -178,16 +109,3 @@ class Worker:
         if self.comm.is_lead:
             self.comm.report(Report(EVAL, step, self._sums[0] / self._sums[1]))
             self.comm.send_state([self.model.param_buffer])
-
-
-def _slice_segments(segments, lo: int, hi: int):
-    """The weight-decay segments of arena range [lo, hi), rebased to start at 0."""
-    bounds, decay = [0], []
-    for k in range(len(segments.decay)):
-        a, b = max(int(segments.bounds[k]), lo), min(int(segments.bounds[k + 1]), hi)
-        if a < b:
-            bounds.append(b - lo)
-            decay.append(int(segments.decay[k]))
-    if not decay:  # an empty slice (more workers than parameters)
-        return optim.Segments([0, 0], [0])
-    return optim.Segments(bounds, decay)

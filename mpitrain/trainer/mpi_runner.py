@@ -4,8 +4,9 @@
   2. rank 0 alone makes the plan (prepares the default corpus if needed, opens the dataset and
      the checkpoint); the others sleep in a non-blocking broadcast. A UserError found here is
      sent to every rank: rank 0 prints its one line and every rank exits 2.
-  3. the workers split off their own communicator with the icosahedral graph topology
-  4. rank 0 runs Node Zero, the others Worker, until Node Zero releases them
+  3. the workers split off their own communicator (with the icosahedral graph topology
+     attached: docs/TOPOLOGY.md says what it is for)
+  4. rank 0 runs Node Zero, the others MPIWorker, until Node Zero releases them
 
 Abort path: `python -m mpitrain` under mpirun would otherwise leave the other ranks waiting
 forever when one rank raises (measured). Any exception after step 2's agreement, on
@@ -19,12 +20,11 @@ gathered 308 such files, 1.3 GB of memory, from two days of fault tests). Once e
 attached, the name is not needed -- the memory lives until its last process unmaps it -- so the
 ranks remove it at step 1 (rank 0) and after step 2 (all, for other nodes).
 
-Signals: MPICH's mpirun forwards the first Ctrl-C (SIGINT) and SIGTERM to every rank and kills
-everything on a second Ctrl-C (measured). Node Zero turns the first into "save and stop"; the
-workers ignore the first (Node Zero will stop them) and abort on a second.
+Signals (signals.py): Node Zero turns the first Ctrl-C or SIGTERM into "save and stop"; the
+workers ignore the first (Node Zero will stop them); a second, on any rank, ends every rank
+with MPI_Abort.
 """
 import os
-import signal
 import socket
 import sys
 import time
@@ -33,7 +33,7 @@ import traceback
 from mpitrain.errors import UserError
 
 
-ABORT_GRACE = 0.3  # s between our last words and MPI_Abort (see _abort)
+ABORT_GRACE = 0.3  # s between our last words and MPI_Abort (see _end)
 
 
 def _unlink_mpich_files() -> None:
@@ -52,44 +52,25 @@ def _unlink_mpich_files() -> None:
                 pass
 
 
-def _abort(world, rank: int, exc: BaseException) -> None:
-    """Traceback and one line naming the rank, then end every rank. The pause lets mpirun
-    forward this stderr first: without it the launcher lost the last line in 1 of 15 aborts
-    (measured), as it tears the job down."""
-    text = "" if isinstance(exc, KeyboardInterrupt) else traceback.format_exc()
-    sys.stderr.write(f"{text}mpitrain: rank {rank}: {type(exc).__name__}: {exc}\n")
+def _end(world, rank: int, what: str, status: int, details: str = "") -> None:
+    """Our last words -- `details`, then one line naming the rank -- and end every rank with
+    `status`. The pause lets mpirun forward this stderr first: without it the launcher lost the
+    last line in 1 of 15 aborts (measured), as it tears the job down."""
+    sys.stderr.write(f"{details}mpitrain: rank {rank}: {what}\n")
     sys.stderr.flush()
     time.sleep(ABORT_GRACE)
-    world.Abort(1)
+    world.Abort(status)
 
 
-def _install_signals(world, rank: int, on_first) -> None:
-    seen = []
-
-    def handler(signum, frame):
-        seen.append(signum)
-        if len(seen) == 1:
-            if on_first is not None:
-                on_first(signum)
-            return
-        print(f"mpitrain: rank {rank}: second signal ({signal.Signals(signum).name}): "
-              f"aborting", file=sys.stderr, flush=True)
-        time.sleep(ABORT_GRACE)
-        world.Abort(128 + signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, handler)
+def _abort(world, rank: int, exc: BaseException) -> None:
+    """An exception on this rank: its traceback and the error, then end every rank."""
+    text = "" if isinstance(exc, KeyboardInterrupt) else traceback.format_exc()
+    _end(world, rank, f"{type(exc).__name__}: {exc}", 1, text)
 
 
-def run_node_zero(node_zero, install_signals) -> dict:
-    """Node Zero's run, the same in MPI and thread mode: install_signals(on_first) routes the
-    first Ctrl-C/SIGTERM to "save and stop". Returns the statistics."""
-    install_signals(node_zero.request_stop)
-    stats = node_zero.run()
-    if node_zero.stop_signal is not None:  # said even with --quiet
-        print(f"mpitrain: stopped by signal {node_zero.stop_signal} after step "
-              f"{node_zero.done}; continue with --resume auto", flush=True)
-    return stats
+def _signal_abort(world, rank: int):
+    """signals.install_signals's abort for this rank: a second signal ends every rank."""
+    return lambda what, status: _end(world, rank, f"{what}: aborting", status)
 
 
 def run_mpi(options: dict) -> int:
@@ -109,7 +90,7 @@ def run_mpi(options: dict) -> int:
         if rank == 0:   # every rank is through MPI_Init: the start-up file may go
             _unlink_mpich_files()
             try:
-                plan, checkpoint, dataset = make_plan(options, size - 1)
+                plan, checkpoint, dataset = make_plan(options)
             except UserError as e:
                 error = str(e)
         plan, error = bcast_object(world, (plan, error))
@@ -123,18 +104,19 @@ def run_mpi(options: dict) -> int:
         tc = plan.train_config
         comm = make_worker_comm(world, tc.batch_size, graph_edges(size - 1))
         if rank == 0:
-            from mpitrain.trainer.node_zero import NodeZero
+            from mpitrain.trainer.node_zero import NodeZero, run_node_zero
 
             node_zero = NodeZero(plan, MPIWorkerLink(world, tc.batch_size), ranks, dataset,
                                  checkpoint, header_extra=placement_table(size - 1,
                                                                            tc.batch_size))
             del checkpoint
-            run_node_zero(node_zero, lambda on_first: _install_signals(world, rank, on_first))
+            run_node_zero(node_zero, _signal_abort(world, rank))
         else:
-            from mpitrain.trainer.worker import Worker
+            from mpitrain.trainer.mpi_worker import MPIWorker
+            from mpitrain.trainer.signals import install_signals
 
-            _install_signals(world, rank, None)
-            Worker(plan, comm, rank).run()
+            install_signals(None, _signal_abort(world, rank))
+            MPIWorker(plan, comm, rank).run()
     except BaseException as e:
         _abort(world, rank, e)
     return 0

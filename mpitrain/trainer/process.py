@@ -1,0 +1,31 @@
+"""What a trainer process measures about itself, and the test hooks its environment may set;
+used by Node Zero and the workers alike.
+
+  MPITRAIN_FAULT=RANK:STEP        that rank raises at that step (tests/test_abort.py)
+  MPITRAIN_TRACE_WINDOWS=DIR      each worker appends the windows it trains every step to
+                                  DIR/worker_W.jsonl (tests of the placement)
+"""
+import os
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def injected_fault(rank: int, step: int) -> bool:
+    """Test hook: MPITRAIN_FAULT=RANK:STEP makes that rank raise at that step."""
+    spec = os.environ.get("MPITRAIN_FAULT", "")
+    return spec == f"{rank}:{step}"
+
+
+def trace_files(workers) -> dict:
+    """Test hook: {worker index: its open, line-buffered trace file} under
+    MPITRAIN_TRACE_WINDOWS, or {} when that is not set."""
+    trace_dir = os.environ.get("MPITRAIN_TRACE_WINDOWS")
+    if not trace_dir:
+        return {}
+    return {w: open(os.path.join(trace_dir, f"worker_{w}.jsonl"), "a", buffering=1)
+            for w in workers}

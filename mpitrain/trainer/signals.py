@@ -1,0 +1,36 @@
+"""The trainer's signals, the same in MPI and thread mode.
+
+The first SIGINT or SIGTERM asks Node Zero to save a checkpoint and stop (a worker ignores it:
+Node Zero will stop it); a second one, on any process, ends the run at once with exit status
+128 + the signal's number. MPICH's mpirun forwards the first Ctrl-C and SIGTERM to every rank
+and kills everything on a second Ctrl-C (measured).
+
+A mode supplies only how it ends at once: `abort(what, status)` says `what` in its own words
+and ends with `status` (MPI mode: MPI_Abort of every rank; thread mode: os._exit).
+"""
+import signal
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)   # the signals that stop a run
+
+
+def exit_status(signum: int) -> int:
+    """The exit status of a run ended at once by signal `signum` (the shell's convention)."""
+    return 128 + signum
+
+
+def install_signals(on_first, abort) -> None:
+    """Route SIGNALS: the first to on_first(signum) (None: ignore it), every later one to
+    abort("second signal (NAME)", exit_status(signum)), which must not return. Runs on the
+    main thread, so the handlers only set flags or end the process."""
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        if len(seen) == 1:
+            if on_first is not None:
+                on_first(signum)
+            return
+        abort(f"second signal ({signal.Signals(signum).name})", exit_status(signum))
+
+    for s in SIGNALS:
+        signal.signal(s, handler)

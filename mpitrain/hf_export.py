@@ -299,8 +299,10 @@ def export_hf(src, out) -> Path:
     tokenizer = build_tokenizer(ck.tokenizer)
     eod = ck.tokenizer.eod_id
     jsons = {"config.json": config,
+             # max_length: GPT-2's learned positions end there (generating past them fails)
              "generation_config.json": {"bos_token_id": eod, "eos_token_id": eod,
-                                        "pad_token_id": eod, "do_sample": False},
+                                        "pad_token_id": eod, "do_sample": False,
+                                        "max_length": ck.model_config.max_seq_len},
              **tokenizer_files(ck.tokenizer, ck.model_config)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -101,8 +101,24 @@ def gpt2_config(model_config, eod_id) -> dict:
     return cfg
 
 
-def gpt2_tensors(params) -> dict:
-    """name -> float32 C-contiguous array as GPT2LMHeadModel's state_dict holds it."""
+def gpt2_names(config) -> list:
+    """The tensors GPT2LMHeadModel of `config` loads (tie_word_embeddings false)."""
+    block = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+             "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+             "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
+    return (["transformer.wte.weight", "transformer.wpe.weight"]
+            + [f"transformer.h.{i}.{n}" for i in range(config.n_layers) for n in block]
+            + ["transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"])
+
+
+def gpt2_tensors(params, config) -> dict:
+    """name -> float32 C-contiguous array as GPT2LMHeadModel's state_dict holds it; UserError
+    when the parameters are not exactly the ones GPT-2 loads (transformers would only warn)."""
+    want = gpt2_names(config)
+    if sorted(params) != sorted(want):
+        odd = sorted(set(params) ^ set(want))
+        raise UserError(f"the parameters differ from GPT-2's ({', '.join(odd[:5])}); "
+                        "export --format h5 instead")
     out = {}
     for name, arr in params.items():
         arr = np.asarray(arr, dtype=np.float32)
@@ -296,6 +312,7 @@ def export_hf(src, out) -> Path:
         raise UserError(f"{src}: the weights contain NaN or Inf (first in {bad[0]}); the run "
                         "that wrote them diverged")
     config = gpt2_config(ck.model_config, ck.tokenizer.eod_id)
+    tensors = gpt2_tensors(ck.params, ck.model_config)
     tokenizer = build_tokenizer(ck.tokenizer)
     eod = ck.tokenizer.eod_id
     jsons = {"config.json": config,
@@ -306,7 +323,7 @@ def export_hf(src, out) -> Path:
              **tokenizer_files(ck.tokenizer, ck.model_config)}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(gpt2_tensors(ck.params), str(tmp / "model.safetensors"),
+        save_file(tensors, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
         for name, data in jsons.items():

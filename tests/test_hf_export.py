@@ -178,6 +178,13 @@ def test_tokenizer_matches_on_arbitrary_unicode(scaled, text):
     assert hf.encode(text) == TOK.encode(text).tolist()
 
 
+@settings(max_examples=200, deadline=None)
+@given(ids=st.lists(st.integers(0, TOK.vocab_size - 1), max_size=30))
+def test_decode_matches_on_any_ids(scaled, ids):
+    """Byte ids that do not form UTF-8 become U+FFFD the same way on both sides."""
+    assert _hf_tokenizer(scaled[1]).decode(ids) == TOK.decode(ids)
+
+
 # ---- the pre-token expression in Oniguruma ------------------------------------------------------
 
 @functools.lru_cache(maxsize=2)
@@ -365,3 +372,9 @@ def test_options_gpt2_cannot_represent_are_refused_by_name(monkeypatch):
     assert hf_export.refused_options(Future(position="rotary")) == []
     # every field of today's ModelConfig is carried by a GPT-2 key or refused when changed
     assert {f.name for f in fields(ModelConfig)} <= set(hf_export.GPT2_KEYS)
+    # parameters GPT-2 would not load (it only warns) are refused too
+    params = {n: np.zeros(s, np.float32) for n, s in Model(CONFIG).param_shapes.items()}
+    assert list(hf_export.gpt2_tensors(params, CONFIG)) == list(params)
+    params["lm_head.bias"] = np.zeros(CONFIG.vocab_size, np.float32)
+    with pytest.raises(UserError, match="differ from GPT-2's .lm_head.bias"):
+        hf_export.gpt2_tensors(params, CONFIG)

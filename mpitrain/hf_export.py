@@ -48,9 +48,11 @@ INSTALL_HINT = ("the Hugging Face export needs the optional packages safetensors
 # ModelConfig fields and the GPT-2 configuration keys that carry them.
 GPT2_KEYS = {"vocab_size": "vocab_size", "max_seq_len": "n_positions", "d_model": "n_embd",
              "n_layers": "n_layer", "n_heads": "n_head", "d_ff": "n_inner"}
-# Any other ModelConfig field must hold its default (which means today's architecture, the
-# one GPT-2 code computes) or a value listed here; otherwise the export is refused by name.
-# A later option that GPT-2 can represent is one line, e.g. "position": ("learned",).
+# Any other ModelConfig field must hold its default (a new field's default means today's
+# architecture, which GPT-2's code computes) or a value listed here; otherwise the export is
+# refused by name. So a future `position` field is refused at "rotary" with no line here, and
+# a non-default value GPT-2 can represent is one line, e.g. "position": ("learned",) for a field
+# whose default were another.
 GPT2_ACCEPTS = {}
 
 # The architecture (docs/FORMATS.md): GELU in its tanh form, LayerNorm eps 1e-5, no dropout,

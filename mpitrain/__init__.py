@@ -3,7 +3,8 @@
 Public API (imported lazily so `import mpitrain` stays cheap):
   Tokenizer             mpitrain.tokenizer
   ModelConfig           mpitrain.config
-  Model                 mpitrain.model
+  Model                 mpitrain.model      (Model.from_checkpoint(path, threads=...))
+  Generator, Sampler    mpitrain.generate   (Generator.from_file(path, threads=...))
 """
 
 __version__ = "0.1.0"
@@ -12,6 +13,8 @@ _LAZY = {
     "Tokenizer": "mpitrain.tokenizer",
     "ModelConfig": "mpitrain.config",
     "Model": "mpitrain.model",
+    "Generator": "mpitrain.generate",
+    "Sampler": "mpitrain.generate",
 }
 
 

@@ -105,6 +105,22 @@ class Model:
         self.adam_v = self._views(self.v_buffer)
         self._segments = optim.decay_segments(shape for _, _, shape in self._table)
 
+    @classmethod
+    def from_checkpoint(cls, path, threads=1):
+        """The model of a checkpoint or weights-only export, verified (UserError, one line,
+        for a missing, damaged or foreign file). The file's other contents (configurations,
+        step, losses, tokenizer) are its `checkpoint` attribute (mpitrain.checkpoint.Checkpoint,
+        without the parameters, which live in the model)."""
+        from mpitrain.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(path, load_optimizer=False)
+        model = cls(ck.model_config, threads=threads, initialize=False)
+        for name in model.param_names:
+            model.params[name][...] = ck.params[name]
+        ck.params = None
+        model.checkpoint = ck
+        return model
+
     @property
     def param_buffer(self):
         """All parameters, 1-D float32 (arena order = param_names order)."""

@@ -8,4 +8,4 @@ exits with status 2 (no traceback). Anything else is a bug and keeps its traceba
 class UserError(Exception):
     """A mistake in the user's input: bad option, missing or damaged file, data that does not fit."""
 
-    exit_code = 2
+    from mpitrain.exits import USAGE as exit_code

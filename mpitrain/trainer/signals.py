@@ -10,12 +10,14 @@ and ends with `status` (MPI mode: MPI_Abort of every rank; thread mode: os._exit
 """
 import signal
 
+from mpitrain import exits
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)   # the signals that stop a run
 
 
 def exit_status(signum: int) -> int:
-    """The exit status of a run ended at once by signal `signum` (the shell's convention)."""
-    return 128 + signum
+    """The exit status of a run ended by signal `signum` (mpitrain/exits.py)."""
+    return exits.signalled(signum)
 
 
 def install_signals(on_first, abort) -> None:

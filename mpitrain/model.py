@@ -94,8 +94,8 @@ class Model:
         self._arenas = tuple(_aligned_zeros(n) if a is None else _check_arena(a, n)
                              for a in (param_arena, grad_arena))
         handle = ffi.new("mt_model **")
-        check(lib.mt_model_new(self._cfg, *(as_ptr(a) for a in self._arenas), threads,
-                                     handle), "Model")
+        check(lib.mt_model_new(self._cfg, *(as_ptr(a) for a in self._arenas), threads, handle),
+              "Model")
         self._handle = ffi.gc(handle[0], lib.mt_model_free)
         if initialize:
             check(lib.mt_model_init(self._handle, int(seed) & (2 ** 64 - 1)), "init")

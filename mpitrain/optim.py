@@ -99,9 +99,9 @@ def update(model, *, lr, step, norm, max_norm=0.0, beta1=0.9, beta2=0.999, eps=1
     """One optimizer step on arena range [lo, hi) (default all) of the model's parameters and
     optimizer state, from `grads` (that range's gradients; default the model's own).
 
-    With max_norm > 0 (0 or less: no clipping) and a finite `norm` (the global gradient norm, before clipping) whose
-    coefficient max_norm / (norm + 1e-6) is below 1, the gradients are first scaled by it in
-    place. step is the 1-based optimizer step (bias correction)."""
+    norm is the global gradient norm before clipping. With max_norm > 0 (0 or less: no
+    clipping), a finite norm and a coefficient max_norm / (norm + 1e-6) below 1, the gradients
+    are first scaled by it in place. step is the 1-based optimizer step (bias correction)."""
     n = model.num_params
     hi = n if hi is None else hi
     if not 0 <= lo <= hi <= n:

@@ -79,6 +79,21 @@ def test_round_trip_bit_exact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
 
 
+def test_groups_follow_the_optimizer_declaration():
+    """One group per declared state tensor, in the declaration's order, in the file, inspect and
+    docs/FORMATS.md."""
+    import pathlib
+
+    from mpitrain import inspect_checkpoint
+
+    assert list(ckpt.TENSOR_GROUPS.values()) == ["params"] + [f"optimizer/{s}"
+                                                             for s in optim.ADAMW.state]
+    assert inspect_checkpoint.GROUPS == tuple(ckpt.TENSOR_GROUPS.values())
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "FORMATS.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `/optimizer/<state>/"))
+    assert "`ADAMW.state`" in row and all(f"`{s}`" in row for s in optim.ADAMW.state)
+
+
 def test_same_inputs_give_identical_bytes(tmp_path, monkeypatch):
     # track_times=False: no HDF5 object timestamps, so only created_by (fixed here) could differ.
     monkeypatch.setattr(ckpt, "created_by", lambda: {"program": "mpitrain", "time_utc": "fixed"})

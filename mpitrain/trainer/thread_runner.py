@@ -1,7 +1,7 @@
 """Thread mode: Node Zero and the workers as threads of one process (no MPI).
 
 `--threads N` counts every thread: Node Zero on the main Python thread, and N-1 workers, which
-are the N-1 kernel threads of one shared replica (one Model: params, grads, Adam m and v)
+are the N-1 kernel threads of one shared replica (one Model: params, grads, optimizer state)
 driven by one Python worker thread (kernel thread 0 is that Python thread, 1..N-2 the kernel's
 pool). Node Zero's code (node_zero.py) and the worker's command loop (worker.py) are the MPI
 mode's own; only the transport (threads.py) and the training step differ:

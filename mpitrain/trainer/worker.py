@@ -14,8 +14,8 @@ AdamW to its slice only, and an in-place all-gather gives every worker all param
 (when the workers of a node share their arenas, the reduce-scatter reads the others' gradients
 in place and a barrier replaces the all-gather: comm.py). The
 communication equals one all-reduce; the AdamW work (and memory traffic) is divided by the
-number of workers instead of repeated on each. Each worker's Adam moments are current only on its
-own slice; before a checkpoint they are all-gathered too. The result is a fixed function of the
+number of workers instead of repeated on each. Each worker's optimizer state is current only on
+its own slice; before a checkpoint it is all-gathered too. The result is a fixed function of the
 gradients for a given world size (bitwise reproducible, so a resume continues bit for bit).
 
 Works with any transport offering MPIWorkerComm's methods.

@@ -1,6 +1,7 @@
 /* The model object: parameter table (GPT-2 state_dict names and order, linear weights
- * [out,in]), views into the caller's two arenas (parameters, gradients), GPT-2 initialisation from a seed,
- * activation buffers that grow on demand, and the API calls that run a step on the pool. */
+ * [out,in]), views into the caller's two arenas (parameters, gradients), GPT-2 initialisation
+ * from a seed, activation buffers that grow on demand, and the API calls that run a step on the
+ * pool. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

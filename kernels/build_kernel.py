@@ -1,7 +1,11 @@
-"""cffi build of the mpitrain C kernel (mpitrain._kernel).
+"""cffi builds of the mpitrain C kernel: two extension modules from the same kernels/*.c files.
 
-The public C API is declared in kernels/mpitrain_kernel.h; every kernels/*.c file is compiled
-into one extension module. Matrix products link against scipy-openblas32 (symbols prefixed
+  mpitrain._kernel          the package's API, declared in kernels/mpitrain_kernel.h
+  mpitrain._kernel_testing  the single layers, for tests only (kernels/mt_testing.h; wrapped by
+                            mpitrain/ops.py)
+
+Each module compiles every kernels/*.c file (the testing one is self-contained: loading it needs
+nothing from the other). Matrix products link against scipy-openblas32 (symbols prefixed
 ``scipy_``). At run time mpitrain/_native.py loads that library first, so the module resolves
 it both from a regular install (rpath below) and from an editable one.
 
@@ -16,7 +20,6 @@ import cffi
 import scipy_openblas32
 
 HERE = pathlib.Path(__file__).resolve().parent
-HEADER = HERE / "mpitrain_kernel.h"
 
 
 def _cdef_text(header: pathlib.Path) -> str:
@@ -28,25 +31,32 @@ def _sources():
     return sorted(str(p.relative_to(HERE.parent)) for p in HERE.glob("*.c"))
 
 
-ffibuilder = cffi.FFI()
-ffibuilder.cdef(_cdef_text(HEADER))
-
 _cflags = ["-O3", "-std=gnu11", "-fno-math-errno", "-fno-trapping-math", "-pthread",
            "-Wall", "-Wno-unused-function"]
 _cflags += shlex.split(os.environ.get("MPITRAIN_CFLAGS", ""))
 
-ffibuilder.set_source(
-    "mpitrain._kernel",
-    '#include "mpitrain_kernel.h"\n',
-    sources=_sources(),
-    include_dirs=[str(HERE), scipy_openblas32.get_include_dir()],
-    library_dirs=[scipy_openblas32.get_lib_dir()],
-    libraries=["scipy_openblas", "m"],
-    define_macros=[("BLAS_SYMBOL_PREFIX", "scipy_")],
-    extra_compile_args=_cflags,
-    # A regular install puts scipy_openblas32 beside mpitrain in site-packages.
-    extra_link_args=["-pthread", "-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib"],
-)
+
+def _builder(module: str, header: str) -> cffi.FFI:
+    ffi = cffi.FFI()
+    ffi.cdef(_cdef_text(HERE / header))
+    ffi.set_source(
+        module,
+        f'#include "{header}"\n',
+        sources=_sources(),
+        include_dirs=[str(HERE), scipy_openblas32.get_include_dir()],
+        library_dirs=[scipy_openblas32.get_lib_dir()],
+        libraries=["scipy_openblas", "m"],
+        define_macros=[("BLAS_SYMBOL_PREFIX", "scipy_")],
+        extra_compile_args=_cflags,
+        # A regular install puts scipy_openblas32 beside mpitrain in site-packages.
+        extra_link_args=["-pthread", "-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib"],
+    )
+    return ffi
+
+
+ffibuilder = _builder("mpitrain._kernel", "mpitrain_kernel.h")
+testing_ffibuilder = _builder("mpitrain._kernel_testing", "mt_testing.h")
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
+    testing_ffibuilder.compile(verbose=True)

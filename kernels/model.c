@@ -1,6 +1,7 @@
 /* The model object: parameter table (GPT-2 state_dict names and order, linear weights
- * [out,in]), views into the caller's four arenas, GPT-2 initialisation from a seed,
- * activation buffers that grow on demand, and the API calls that run a step on the pool. */
+ * [out,in]), views into the caller's two arenas (parameters, gradients), GPT-2 initialisation
+ * from a seed, activation buffers that grow on demand, and the API calls that run a step on the
+ * pool. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,14 +22,20 @@ static int config_ok(const mt_config *c) {
            c->n_heads > 0 && c->d_ff > 0 && c->d_model % c->n_heads == 0;
 }
 
-int mt_num_tensors(const mt_config *cfg) { return 5 + BLOCK_TENSORS * cfg->n_layers; }
+static int num_tensors(const mt_config *cfg) { return 5 + BLOCK_TENSORS * cfg->n_layers; }
+
+int mt_num_tensors(const mt_config *cfg, int *out) {
+    if (!config_ok(cfg)) return MT_EINVAL;
+    *out = num_tensors(cfg);
+    return MT_OK;
+}
 
 /* Name and shape of tensor i; returns its element count (0 if i is out of range). */
 static size_t tensor_at(const mt_config *c, int i, char *name, int cap, int *ndim, int *shape) {
     int C = c->d_model, L = c->n_layers;
     char buf[96];
     int d = 2, s0 = 0, s1 = 0;
-    if (i < 0 || i >= mt_num_tensors(c)) return 0;
+    if (i < 0 || i >= num_tensors(c)) return 0;
     if (i == 0) { snprintf(buf, sizeof buf, "transformer.wte.weight"); s0 = c->vocab_size; s1 = C; }
     else if (i == 1) { snprintf(buf, sizeof buf, "transformer.wpe.weight"); s0 = c->max_seq_len; s1 = C; }
     else if (i < 2 + BLOCK_TENSORS * L) {
@@ -48,16 +55,21 @@ static size_t tensor_at(const mt_config *c, int i, char *name, int cap, int *ndi
     return d == 2 ? (size_t)s0 * s1 : (size_t)s0;
 }
 
-size_t mt_num_params(const mt_config *cfg) {
-    if (!config_ok(cfg)) return 0;
+static size_t num_params(const mt_config *cfg) {
     size_t n = 0;
-    for (int i = 0; i < mt_num_tensors(cfg); i++) n += tensor_at(cfg, i, NULL, 0, NULL, NULL);
+    for (int i = 0; i < num_tensors(cfg); i++) n += tensor_at(cfg, i, NULL, 0, NULL, NULL);
     return n;
+}
+
+int mt_num_params(const mt_config *cfg, size_t *out) {
+    if (!config_ok(cfg)) return MT_EINVAL;
+    *out = num_params(cfg);
+    return MT_OK;
 }
 
 int mt_tensor_info(const mt_config *cfg, int i, char *name, int name_cap, size_t *offset,
                    int *ndim, int *shape) {
-    if (!config_ok(cfg) || i < 0 || i >= mt_num_tensors(cfg)) return MT_EINVAL;
+    if (!config_ok(cfg) || i < 0 || i >= num_tensors(cfg)) return MT_EINVAL;
     size_t off = 0;
     for (int j = 0; j < i; j++) off += tensor_at(cfg, j, NULL, 0, NULL, NULL);
     tensor_at(cfg, i, name, name_cap, ndim, shape);
@@ -68,7 +80,7 @@ int mt_tensor_info(const mt_config *cfg, int i, char *name, int name_cap, size_t
 /* Points the views at an arena laid out as the table says. */
 static void make_views(const mt_config *c, float *base, mt_views *v) {
     size_t off = 0;
-    for (int i = 0; i < mt_num_tensors(c); i++) {
+    for (int i = 0; i < num_tensors(c); i++) {
         float *p = base + off;
         off += tensor_at(c, i, NULL, 0, NULL, NULL);
         if (i == 0) v->wte = p;
@@ -107,14 +119,14 @@ static double normal_next(normal_rng *r) {
     return rad * cos(th);
 }
 
-void mt_model_init(mt_model *model, uint64_t seed) {
+int mt_model_init(mt_model *model, uint64_t seed) {
     const mt_config *c = &model->cfg;
     normal_rng rng = {seed, 0, 0.0};
     char name[96];
     int ndim, shape[2];
     size_t off = 0;
     double proj_std = 0.02 / sqrt(2.0 * c->n_layers);
-    for (int i = 0; i < mt_num_tensors(c); i++) {
+    for (int i = 0; i < num_tensors(c); i++) {
         size_t n = tensor_at(c, i, name, sizeof name, &ndim, shape);
         float *p = model->params + off;
         off += n;
@@ -129,6 +141,7 @@ void mt_model_init(mt_model *model, uint64_t seed) {
             for (size_t j = 0; j < n; j++) p[j] = val;
         }
     }
+    return MT_OK;
 }
 
 /* ---- activation buffers ----------------------------------------------------------------- */
@@ -238,7 +251,10 @@ int mt_model_set_threads(mt_model *m, int threads) {
     return rc;
 }
 
-int mt_model_threads(const mt_model *m) { return pool_size(m->pool); }
+int mt_model_threads(const mt_model *m, int *out) {
+    *out = pool_size(m->pool);
+    return MT_OK;
+}
 
 /* Compute-bound phases gain nothing from more parts than CPUs: extra parts only repeat GEMM
  * packing and add context switches. Threads beyond the parts sleep through the step. */
@@ -257,27 +273,31 @@ int mt_model_set_parts(mt_model *m, int parts) {
     return MT_OK;
 }
 
-int mt_model_parts(const mt_model *m) { return m->parts; }
+int mt_model_parts(const mt_model *m, int *out) {
+    *out = m->parts;
+    return MT_OK;
+}
 
-mt_model *mt_model_new(const mt_config *cfg, float *params, float *grads, float *mom,
-                       float *vel, int threads) {
-    if (!config_ok(cfg) || !params || !grads || !mom || !vel) return NULL;
+int mt_model_new(const mt_config *cfg, float *params, float *grads, int threads,
+                 mt_model **out) {
+    if (!config_ok(cfg) || !params || !grads || threads < 1 || threads > 1024) return MT_EINVAL;
     /* Our threads are the parallelism: OpenBLAS must not start its own inside them. */
     scipy_openblas_set_num_threads(1);
     mt_model *m = calloc(1, sizeof *m);
-    if (!m) return NULL;
+    if (!m) return MT_ENOMEM;
     m->cfg = *cfg;
-    m->nparams = mt_num_params(cfg);
-    m->params = params; m->grads = grads; m->m = mom; m->v = vel;
+    m->nparams = num_params(cfg);
+    m->params = params; m->grads = grads;
     m->P.h = calloc((size_t)cfg->n_layers, sizeof(mt_block));
     m->G.h = calloc((size_t)cfg->n_layers, sizeof(mt_block));
     if (!m->P.h || !m->G.h || set_threads(m, threads) != MT_OK) {
         mt_model_free(m);
-        return NULL;
+        return MT_ENOMEM;
     }
     make_views(cfg, params, &m->P);
     make_views(cfg, grads, &m->G);
-    return m;
+    *out = m;
+    return MT_OK;
 }
 
 void mt_model_free(mt_model *m) {
@@ -293,21 +313,29 @@ void mt_model_free(mt_model *m) {
     free(m);
 }
 
-void mt_counters(const mt_model *m, uint64_t *train_calls, uint64_t *windows) {
+int mt_counters(const mt_model *m, uint64_t *train_calls, uint64_t *windows) {
     if (train_calls) *train_calls = m->train_calls;
     if (windows) *windows = m->windows;
+    return MT_OK;
 }
 
-int mt_timer_count(void) { return TK_COUNT; }
+int mt_timer_count(int *out) {
+    *out = TK_COUNT;
+    return MT_OK;
+}
 
-const char *mt_timer_name(int kind) {
+int mt_timer_name(int kind, const char **out) {
     static const char *names[TK_COUNT] = {"embedding", "layernorm", "matmul", "attention",
                                           "gelu", "output+loss", "sync", "other"};
-    return kind >= 0 && kind < TK_COUNT ? names[kind] : "";
+    if (kind < 0 || kind >= TK_COUNT) return MT_EINVAL;
+    *out = names[kind];
+    return MT_OK;
 }
 
-double mt_timer_seconds(const mt_model *m, int kind) {
-    return kind >= 0 && kind < TK_COUNT ? m->timers[kind] : 0.0;
+int mt_timer_seconds(const mt_model *m, int kind, double *out) {
+    if (kind < 0 || kind >= TK_COUNT) return MT_EINVAL;
+    *out = m->timers[kind];
+    return MT_OK;
 }
 
 static int ids_ok(const int32_t *ids, size_t n, int V) {
@@ -375,7 +403,7 @@ int mt_thread_windows(const mt_model *m, uint64_t *out, int n) {
     int threads = pool_size(m->pool);
     if (!out || n < threads) return MT_EINVAL;
     for (int t = 0; t < threads; t++) out[t] = m->thread_windows[t];
-    return threads;
+    return MT_OK;
 }
 
 /* Forward-only calls run in groups of whole sequences through the 1-slot buffers. */

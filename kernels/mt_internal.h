@@ -9,6 +9,7 @@
 #include <time.h>
 #include <cblas.h>
 #include "mpitrain_kernel.h"
+#include "mt_testing.h"
 
 /* Hot element-wise loops are compiled for AVX-512 and AVX2 as well as the baseline and the
  * best one is picked at load time (GCC function multiversioning); results on one machine are
@@ -169,7 +170,7 @@ enum { TK_EMBEDDING, TK_LAYERNORM, TK_MATMUL, TK_ATTENTION, TK_GELU, TK_OUTPUT, 
 struct mt_model {
     mt_config cfg;
     size_t nparams;
-    float *params, *grads, *m, *v; /* caller-owned arenas */
+    float *params, *grads;         /* caller-owned arenas */
     mt_views P, G;
     mt_pool *pool;
     int parts_req;                 /* requested work parts, 0 = automatic */

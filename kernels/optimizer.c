@@ -1,23 +1,23 @@
-/* The optimizer: AdamW exactly as torch.optim.AdamW (single-tensor path), the global gradient
- * norm and clipping as torch.nn.utils.clip_grad_norm_, over the flat float32 arenas.
+/* The optimizer: the global gradient norm and clipping as torch.nn.utils.clip_grad_norm_, AdamW
+ * exactly as torch.optim.AdamW (single-tensor path), over flat float32 arrays, on the model's
+ * thread pool (threads.c).
  *
- * Threading: every function comes as a "part" (the work of one of nparts contiguous ranges, for a
- * caller's own thread pool) and as a "flat" entry point that runs the parts on nthreads threads.
- * Each part writes only its own range, so AdamW and scaling are bitwise independent of the
- * thread count. The norm is a sum of squares in double over fixed blocks of OPT_BLOCK floats:
- * a part fills the partial sums of its blocks, and the partials are added in block order by one
- * thread. The block grid does not depend on the thread count, so neither does the norm.
+ * Threading: a call runs one pool task on the model's work parts; part t takes the t-th of
+ * nparts contiguous ranges and writes only that range, so clipping and AdamW are bitwise
+ * independent of the part count. The norm is a sum of squares in double over fixed blocks of
+ * OPT_BLOCK floats: each part fills the partial sums of its blocks, and the caller adds the
+ * partials in block order. The block grid does not depend on the parts, so neither does the
+ * norm.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
-#include "mpitrain_kernel.h"
+#include "mt_internal.h"
 
 /* Floats per partial sum of the norm: small enough to split 33.8M parameters over many threads,
  * large enough that the partial array (n / OPT_BLOCK doubles) is negligible. */
 #define OPT_BLOCK 8192
-/* Threads a flat entry point will start at most (more are refused by the Python wrapper). */
-#define OPT_MAX_THREADS 256
+/* Floats clipped then updated at a time: the clipped gradients are read back from L1. */
+#define OPT_CHUNK 2048
 
 /* [*lo, *hi) = the part-th of nparts contiguous, nearly equal ranges of [0, n). */
 static void split_range(int64_t n, int part, int nparts, int64_t *lo, int64_t *hi) {
@@ -25,7 +25,65 @@ static void split_range(int64_t n, int part, int nparts, int64_t *lo, int64_t *h
     *hi = n * (part + 1) / nparts;
 }
 
-/* ---- AdamW ---------------------------------------------------------------------------------- */
+/* ---- gradient norm ---------------------------------------------------------------------------- */
+
+static int64_t norm_blocks(int64_t n) { return n <= 0 ? 0 : (n + OPT_BLOCK - 1) / OPT_BLOCK; }
+
+/* Sum of squares of x[0..n) in double, in a fixed order: 8 interleaved lanes (so the compiler
+ * can keep several sums in flight), then the lanes in order. Each square is exact in double. */
+static double sumsq_block(const float *x, int64_t n) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) {
+            double d = (double)x[i + l];
+            acc[l] += d * d;
+        }
+    for (int l = 0; i < n; i++, l++) {
+        double d = (double)x[i];
+        acc[l] += d * d;
+    }
+    double s = 0.0;
+    for (int l = 0; l < 8; l++) s += acc[l];
+    return s;
+}
+
+typedef struct {
+    double *partials;
+    const float *grad;
+    int64_t n;
+} sumsq_job;
+
+static void sumsq_task(void *ctx, int tid, int nt) {
+    sumsq_job *j = ctx;
+    int64_t b0, b1;
+    split_range(norm_blocks(j->n), tid, nt, &b0, &b1);
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t lo = b * OPT_BLOCK, hi = lo + OPT_BLOCK < j->n ? lo + OPT_BLOCK : j->n;
+        j->partials[b] = sumsq_block(j->grad + lo, hi - lo);
+    }
+}
+
+int mt_grad_norm(mt_model *model, const float *grad, int64_t n, double *out) {
+    if (!model || (!grad && n > 0) || n < 0 || !out) return MT_EINVAL;
+    int64_t nb = norm_blocks(n);
+    double *partials = nb ? malloc((size_t)nb * sizeof(double)) : NULL;
+    if (nb && !partials) return MT_ENOMEM;
+    if (mt_model_enter(model) != MT_OK) {
+        free(partials);
+        return MT_EBUSY;
+    }
+    sumsq_job j = {partials, grad, n};
+    if (nb) pool_run_parts(model->pool, sumsq_task, &j, model->parts);
+    mt_model_leave(model);
+    double s = 0.0;
+    for (int64_t b = 0; b < nb; b++) s += partials[b];
+    free(partials);
+    *out = sqrt(s);
+    return MT_OK;
+}
+
+/* ---- clip + AdamW ----------------------------------------------------------------------------- */
 
 /* Scalars of one AdamW step, rounded to float where PyTorch rounds them (a Python float meets a
  * float32 tensor). */
@@ -38,16 +96,15 @@ typedef struct {
     float eps;
 } adamw_scalars;
 
-static adamw_scalars adamw_prepare(double lr, double beta1, double beta2, double eps,
-                                   double weight_decay, int64_t step) {
+static adamw_scalars adamw_prepare(const mt_adamw *h) {
     adamw_scalars s;
-    s.decay_factor = (float)(1.0 - lr * weight_decay);
-    s.one_minus_b1 = (float)(1.0 - beta1);
-    s.beta2 = (float)beta2;
-    s.one_minus_b2 = (float)(1.0 - beta2);
-    s.neg_step_size = (float)(-(lr / (1.0 - pow(beta1, (double)step))));
-    s.bc2_sqrt = (float)sqrt(1.0 - pow(beta2, (double)step));
-    s.eps = (float)eps;
+    s.decay_factor = (float)(1.0 - h->lr * h->weight_decay);
+    s.one_minus_b1 = (float)(1.0 - h->beta1);
+    s.beta2 = (float)h->beta2;
+    s.one_minus_b2 = (float)(1.0 - h->beta2);
+    s.neg_step_size = (float)(-(h->lr / (1.0 - pow(h->beta1, (double)h->step))));
+    s.bc2_sqrt = (float)sqrt(1.0 - pow(h->beta2, (double)h->step));
+    s.eps = (float)h->eps;
     return s;
 }
 
@@ -73,203 +130,75 @@ static void adamw_slice(float *restrict p, const float *restrict g, float *restr
     }
 }
 
-/* The segments are [seg_bounds[k], seg_bounds[k+1]) for k < nseg, covering [0, n); decay flag
- * seg_decay[k] says whether segment k takes weight decay (PyTorch practice: tensors of 2+ dims). */
-static void adamw_range(float *param, const float *grad, float *m, float *v, int64_t lo,
-                        int64_t hi, const int64_t *seg_bounds, const unsigned char *seg_decay,
-                        int nseg, const adamw_scalars *s) {
+typedef struct {
+    float *param, *grad, *m, *v;
+    int64_t n;
+    const int64_t *seg_bounds;
+    const unsigned char *seg_decay;
+    int nseg;
+    adamw_scalars s;
+    int clip;         /* scale the gradients by clip_factor first */
+    float clip_factor;
+} optim_job;
+
+/* Clip then update [lo, hi), OPT_CHUNK floats at a time, segment by segment. */
+static void optim_range(const optim_job *j, int64_t lo, int64_t hi) {
     if (lo >= hi) return;
     /* First segment containing lo: the last k with seg_bounds[k] <= lo (binary search). */
-    int a = 0, b = nseg - 1;
+    int a = 0, b = j->nseg - 1;
     while (a < b) {
         int mid = (a + b + 1) / 2;
-        if (seg_bounds[mid] <= lo) a = mid; else b = mid - 1;
+        if (j->seg_bounds[mid] <= lo) a = mid; else b = mid - 1;
     }
-    for (int k = a; k < nseg && seg_bounds[k] < hi; k++) {
-        int64_t s0 = seg_bounds[k] > lo ? seg_bounds[k] : lo;
-        int64_t s1 = seg_bounds[k + 1] < hi ? seg_bounds[k + 1] : hi;
-        if (s1 > s0)
-            adamw_slice(param + s0, grad + s0, m + s0, v + s0, s1 - s0, s, seg_decay[k] != 0);
+    for (int k = a; k < j->nseg && j->seg_bounds[k] < hi; k++) {
+        int64_t s0 = j->seg_bounds[k] > lo ? j->seg_bounds[k] : lo;
+        int64_t s1 = j->seg_bounds[k + 1] < hi ? j->seg_bounds[k + 1] : hi;
+        for (int64_t c0 = s0; c0 < s1; c0 += OPT_CHUNK) {
+            int64_t len = s1 - c0 < OPT_CHUNK ? s1 - c0 : OPT_CHUNK;
+            if (j->clip)
+                for (int64_t i = c0; i < c0 + len; i++) j->grad[i] *= j->clip_factor;
+            adamw_slice(j->param + c0, j->grad + c0, j->m + c0, j->v + c0, len, &j->s,
+                        j->seg_decay[k] != 0);
+        }
     }
 }
 
-static int adamw_args_ok(int64_t n, const int64_t *seg_bounds, int nseg, int64_t step) {
-    if (n < 0 || nseg < 1 || step < 1) return 0;
+static void optim_task(void *ctx, int tid, int nt) {
+    const optim_job *j = ctx;
+    int64_t lo, hi;
+    split_range(j->n, tid, nt, &lo, &hi);
+    optim_range(j, lo, hi);
+}
+
+static int segments_ok(int64_t n, const int64_t *seg_bounds, const unsigned char *seg_decay,
+                       int nseg) {
+    if (n < 0 || nseg < 1 || !seg_bounds || !seg_decay) return 0;
     if (seg_bounds[0] != 0 || seg_bounds[nseg] != n) return 0;
     for (int k = 0; k < nseg; k++)
         if (seg_bounds[k + 1] < seg_bounds[k]) return 0;
     return 1;
 }
 
-int adamw_part(float *param, const float *grad, float *m, float *v, int64_t n,
-               const int64_t *seg_bounds, const unsigned char *seg_decay, int nseg,
-               double lr, double beta1, double beta2, double eps, double weight_decay,
-               int64_t step, int part, int nparts) {
-    if (!adamw_args_ok(n, seg_bounds, nseg, step) || nparts < 1 || part < 0 || part >= nparts)
-        return -1;
-    adamw_scalars s = adamw_prepare(lr, beta1, beta2, eps, weight_decay, step);
-    int64_t lo, hi;
-    split_range(n, part, nparts, &lo, &hi);
-    adamw_range(param, grad, m, v, lo, hi, seg_bounds, seg_decay, nseg, &s);
-    return 0;
+static int hyper_ok(const mt_adamw *h) {
+    return h && h->step >= 1 && h->lr >= 0 && h->beta1 >= 0 && h->beta1 < 1 &&
+           h->beta2 >= 0 && h->beta2 < 1 && h->eps >= 0 && h->weight_decay >= 0;
 }
 
-/* ---- gradient norm and scaling --------------------------------------------------------------- */
-
-int64_t optim_norm_blocks(int64_t n) {
-    return n <= 0 ? 0 : (n + OPT_BLOCK - 1) / OPT_BLOCK;
-}
-
-/* Sum of squares of x[0..n) in double, in a fixed order: 8 interleaved lanes (so the compiler
- * can keep several sums in flight), then the lanes in order. Each square is exact in double. */
-static double sumsq_block(const float *x, int64_t n) {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) {
-            double d = (double)x[i + l];
-            acc[l] += d * d;
-        }
-    for (int l = 0; i < n; i++, l++) {
-        double d = (double)x[i];
-        acc[l] += d * d;
-    }
-    double s = 0.0;
-    for (int l = 0; l < 8; l++) s += acc[l];
-    return s;
-}
-
-void grad_sumsq_part(double *partials, const float *grad, int64_t n, int part, int nparts) {
-    int64_t b0, b1;
-    split_range(optim_norm_blocks(n), part, nparts, &b0, &b1);
-    for (int64_t b = b0; b < b1; b++) {
-        int64_t lo = b * OPT_BLOCK, hi = lo + OPT_BLOCK < n ? lo + OPT_BLOCK : n;
-        partials[b] = sumsq_block(grad + lo, hi - lo);
-    }
-}
-
-double optim_sum_partials(const double *partials, int64_t nblocks) {
-    double s = 0.0;
-    for (int64_t b = 0; b < nblocks; b++) s += partials[b];
-    return s;
-}
-
-void scale_part(float *x, int64_t n, float factor, int part, int nparts) {
-    int64_t lo, hi;
-    split_range(n, part, nparts, &lo, &hi);
-    for (int64_t i = lo; i < hi; i++) x[i] *= factor;
-}
-
-double clip_coefficient(double norm, double max_norm) {
-    /* torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to at most 1.
-     * A NaN norm gives a NaN coefficient; the callers then leave the gradients untouched. */
-    return max_norm / (norm + 1e-6);
-}
-
-/* ---- running parts on threads ----------------------------------------------------------------- */
-
-typedef struct {
-    void (*fn)(void *ctx, int part, int nparts);
-    void *ctx;
-    int part, nparts;
-} opt_task;
-
-static void *opt_trampoline(void *arg) {
-    opt_task *t = arg;
-    t->fn(t->ctx, t->part, t->nparts);
-    return NULL;
-}
-
-/* Runs fn(ctx, part, n) for part = 0..n-1, part 0 on the calling thread. A thread that cannot be
- * started has its part run here instead: each part's result does not depend on who runs it. */
-static void run_parts(int n, void (*fn)(void *, int, int), void *ctx) {
-    if (n < 1) n = 1;
-    if (n > OPT_MAX_THREADS) n = OPT_MAX_THREADS;
-    pthread_t th[OPT_MAX_THREADS];
-    opt_task tasks[OPT_MAX_THREADS];
-    int started[OPT_MAX_THREADS];
-    for (int k = 1; k < n; k++) {
-        tasks[k] = (opt_task){fn, ctx, k, n};
-        started[k] = pthread_create(&th[k], NULL, opt_trampoline, &tasks[k]) == 0;
-    }
-    fn(ctx, 0, n);
-    for (int k = 1; k < n; k++) {
-        if (started[k]) pthread_join(th[k], NULL);
-        else fn(ctx, k, n);
-    }
-}
-
-typedef struct {
-    float *param, *m, *v;
-    const float *grad;
-    int64_t n;
-    const int64_t *seg_bounds;
-    const unsigned char *seg_decay;
-    int nseg;
-    adamw_scalars s;
-} adamw_job;
-
-static void adamw_job_part(void *ctx, int part, int nparts) {
-    adamw_job *j = ctx;
-    int64_t lo, hi;
-    split_range(j->n, part, nparts, &lo, &hi);
-    adamw_range(j->param, j->grad, j->m, j->v, lo, hi, j->seg_bounds, j->seg_decay, j->nseg, &j->s);
-}
-
-int adamw_step_flat(float *param, const float *grad, float *m, float *v, int64_t n,
-                    const int64_t *seg_bounds, const unsigned char *seg_decay, int nseg,
-                    double lr, double beta1, double beta2, double eps, double weight_decay,
-                    int64_t step, int nthreads) {
-    if (!adamw_args_ok(n, seg_bounds, nseg, step)) return -1;
-    adamw_job j = {param, m, v, grad, n, seg_bounds, seg_decay, nseg,
-                   adamw_prepare(lr, beta1, beta2, eps, weight_decay, step)};
-    run_parts(nthreads, adamw_job_part, &j);
-    return 0;
-}
-
-typedef struct {
-    double *partials;
-    const float *grad;
-    int64_t n;
-} sumsq_job;
-
-static void sumsq_job_part(void *ctx, int part, int nparts) {
-    sumsq_job *j = ctx;
-    grad_sumsq_part(j->partials, j->grad, j->n, part, nparts);
-}
-
-double grad_norm_flat(const float *grad, int64_t n, int nthreads) {
-    int64_t nb = optim_norm_blocks(n);
-    if (nb == 0) return 0.0;
-    double *partials = malloc((size_t)nb * sizeof(double));
-    if (!partials) return -1.0;
-    sumsq_job j = {partials, grad, n};
-    run_parts(nthreads, sumsq_job_part, &j);
-    double norm = sqrt(optim_sum_partials(partials, nb));
-    free(partials);
-    return norm;
-}
-
-typedef struct {
-    float *x;
-    int64_t n;
-    float factor;
-} scale_job;
-
-static void scale_job_part(void *ctx, int part, int nparts) {
-    scale_job *j = ctx;
-    scale_part(j->x, j->n, j->factor, part, nparts);
-}
-
-void scale_flat(float *x, int64_t n, float factor, int nthreads) {
-    scale_job j = {x, n, factor};
-    run_parts(nthreads, scale_job_part, &j);
-}
-
-double clip_grad_norm_flat(float *grad, int64_t n, double max_norm, int nthreads) {
-    double norm = grad_norm_flat(grad, n, nthreads);
-    if (norm < 0.0) return norm;
-    double coef = clip_coefficient(norm, max_norm);
-    if (coef < 1.0) scale_flat(grad, n, (float)coef, nthreads);
-    return norm;
+int mt_optim_step(mt_model *model, float *param, float *grad, float *const *state, int nstate,
+                  int64_t n, const int64_t *seg_bounds, const unsigned char *seg_decay,
+                  int nseg, const mt_adamw *hyper, double norm, double max_norm) {
+    if (!model || !state || nstate != MT_ADAMW_STATES || !hyper_ok(hyper) ||
+        !segments_ok(n, seg_bounds, seg_decay, nseg))
+        return MT_EINVAL;
+    if (n > 0 && (!param || !grad || !state[0] || !state[1])) return MT_EINVAL;
+    /* torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied when below 1. A
+     * non-finite norm leaves the gradients as they are, for the caller to report. */
+    double coef = max_norm / (norm + 1e-6);
+    optim_job j = {param, grad, state[0], state[1], n, seg_bounds, seg_decay, nseg,
+                   adamw_prepare(hyper), max_norm > 0 && isfinite(norm) && coef < 1.0,
+                   (float)coef};
+    if (mt_model_enter(model) != MT_OK) return MT_EBUSY;
+    if (n > 0) pool_run_parts(model->pool, optim_task, &j, model->parts);
+    mt_model_leave(model);
+    return MT_OK;
 }

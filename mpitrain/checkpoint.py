@@ -7,8 +7,8 @@ Layout (docs/FORMATS.md, "Checkpoint"):
                rng_state (JSON), train_loss and val_loss (absent when unknown), created_by (JSON),
                extra (JSON), checksum ("crc32"), meta_crc32 (CRC32 of the other root attributes)
   /params/<name>         float32, the parameter's shape (GPT-2 state_dict names)
-  /optimizer/m/<name>    float32, Adam first moment      (checkpoints only)
-  /optimizer/v/<name>    float32, Adam second moment     (checkpoints only)
+  /optimizer/<state>/<name>  float32, one group per state tensor the optimizer declares
+                         (mpitrain.optim.ADAMW.state: m, v)          (checkpoints only)
   /vocab                 the tokenizer (Tokenizer.to_hdf5)
 Every dataset carries a `crc32` attribute: zlib.crc32 of its C-order bytes.
 
@@ -32,6 +32,7 @@ import numpy as np
 
 from mpitrain.config import ModelConfig, TrainConfig
 from mpitrain.errors import UserError
+from mpitrain.optim import ADAMW
 from mpitrain.hdf5_damage import DamagedFile, first_line, is_damage, open_ours, reading
 from mpitrain.schedule import DataPosition
 from mpitrain.h5attrs import plain as _plain
@@ -40,14 +41,17 @@ from mpitrain.h5attrs import shown_name
 CHECKPOINT_FORMAT = "mpitrain-checkpoint"
 WEIGHTS_FORMAT = "mpitrain-weights"
 FORMAT_VERSION = 1
-_TENSOR_GROUPS = {"params": "params", "m": "optimizer/m", "v": "optimizer/v"}
+# Where each kind of tensor lives: the parameters, then one group per optimizer state tensor.
+OPTIMIZER_GROUPS = {state: f"optimizer/{state}" for state in ADAMW.state}
+TENSOR_GROUPS = {"params": "params", **OPTIMIZER_GROUPS}
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_step_(\d+)\.h5$")
 
 
 @dataclass
 class Checkpoint:
-    """What load_checkpoint read (and verified). m and v are None for a weights-only file or
-    when load_checkpoint was asked not to load the optimizer."""
+    """What load_checkpoint read (and verified). optimizer_state (state name -> param name ->
+    array, the states mpitrain.optim.ADAMW declares) is None for a weights-only file or when
+    load_checkpoint was asked not to load the optimizer."""
 
     path: str
     format: str
@@ -55,8 +59,7 @@ class Checkpoint:
     train_config: TrainConfig
     param_names: list
     params: dict
-    m: dict = None
-    v: dict = None
+    optimizer_state: dict = None
     step: int = 0
     epoch: int = 0
     data_position: DataPosition = DataPosition()
@@ -167,16 +170,21 @@ def _set_attrs(f, attrs):
     f.attrs["meta_crc32"] = np.uint32(_meta_crc(dict(f.attrs)))
 
 
-def save_checkpoint(path, *, model_config, train_config, params, m, v, step, epoch,
+def save_checkpoint(path, *, model_config, train_config, params, optimizer_state, step, epoch,
                     data_position, rng_state, train_loss, val_loss, tokenizer, extra=None):
     """Write a training checkpoint atomically (see the module docstring for the layout).
 
-    params, m, v: dicts name -> float32 array, in the model's param_names order (any array
-    views work, e.g. into a flat buffer received over MPI). rng_state and extra must be
+    params: dict name -> float32 array, in the model's param_names order (any array views
+    work, e.g. into a flat buffer received over MPI); optimizer_state: dict state -> such a
+    dict, one per state tensor of mpitrain.optim.ADAMW. rng_state and extra must be
     JSON-serialisable. tokenizer: anything with to_hdf5(h5py_group).
     """
     names = list(params)
-    for label, d in (("m", m), ("v", v)):
+    if set(optimizer_state) != set(ADAMW.state):
+        raise ValueError(f"optimizer state {sorted(optimizer_state)}: the optimizer keeps "
+                         f"{list(ADAMW.state)}")
+    for label in ADAMW.state:
+        d = optimizer_state[label]
         if list(d) != names:
             raise ValueError(f"optimizer {label} names differ from the parameter names")
         for n in names:
@@ -188,8 +196,9 @@ def save_checkpoint(path, *, model_config, train_config, params, m, v, step, epo
 
     def fill(f):
         _set_attrs(f, attrs)
-        for key, tensors in (("params", params), ("m", m), ("v", v)):
-            g = f.require_group(_TENSOR_GROUPS[key])
+        for key, tensors in (("params", params),
+                             *((state, optimizer_state[state]) for state in ADAMW.state)):
+            g = f.require_group(TENSOR_GROUPS[key])
             for n in names:
                 _write_tensor(g, n, tensors[n])
         tokenizer.to_hdf5(f.create_group("vocab"))
@@ -213,7 +222,7 @@ def _json_attr(attrs, key, problems):
 def _read_tensors(f, key, names, shapes, into, problems, read=True):
     """Check group `key` holds exactly `names` with `shapes` (float32), verify each tensor's
     checksum, and return name -> array (read into `into[name]` when given, without a copy)."""
-    where = _TENSOR_GROUPS[key]
+    where = TENSOR_GROUPS[key]
     if where not in f:
         problems.append(f"group /{where} is missing")
         return None
@@ -330,11 +339,13 @@ def _check_file(f, path, into, load_optimizer, want_tokenizer):
                     train_config=train_config, param_names=names, params=None)
     ck.params = _read_tensors(f, "params", names, shapes, into.get("params"), problems)
     if fmt == CHECKPOINT_FORMAT:
-        # Without load_optimizer the moments' names and shapes are checked, not read.
-        ck.m = _read_tensors(f, "m", names, shapes, into.get("m"), problems, load_optimizer)
-        ck.v = _read_tensors(f, "v", names, shapes, into.get("v"), problems, load_optimizer)
+        # Without load_optimizer the state's names and shapes are checked, not read.
+        state_into = into.get("optimizer") or {}
+        ck.optimizer_state = {
+            s: _read_tensors(f, s, names, shapes, state_into.get(s), problems, load_optimizer)
+            for s in ADAMW.state}
         if not load_optimizer:
-            ck.m = ck.v = None
+            ck.optimizer_state = None
     for key in ("step", "epoch", "data_epoch", "data_index"):
         if key not in attrs:
             problems.append(f"root attribute {key!r} is missing")
@@ -384,16 +395,17 @@ def verify(path, want_tokenizer=True) -> list:
     return problems
 
 
-def load_checkpoint(path, *, params_into=None, m_into=None, v_into=None,
+def load_checkpoint(path, *, params_into=None, optimizer_into=None,
                     load_optimizer=True) -> Checkpoint:
     """Read and verify a checkpoint or weights-only export.
 
-    *_into: optional dicts name -> float32 array (e.g. Model.params and views of the moment
-    arenas): tensors are read straight into them, no copy, and their shapes are checked
-    against the file. load_optimizer=False skips reading the Adam moments (inference).
-    Raises UserError naming the file and the first problem.
+    params_into: optional dict name -> float32 array (e.g. Model.params), optimizer_into:
+    optional dict state -> such a dict (e.g. Model.optimizer_state): tensors are read straight
+    into them, no copy, and their shapes are checked against the file. load_optimizer=False
+    skips reading the optimizer state (inference). Raises UserError naming the file and the
+    first problem.
     """
-    into = {"params": params_into, "m": m_into, "v": v_into}
+    into = {"params": params_into, "optimizer": optimizer_into}
     ck, problems = _check(path, into, load_optimizer)
     if problems:
         more = f" (and {len(problems) - 1} more; see mpitrain inspect --verify)" \

@@ -14,7 +14,7 @@ probability reaches top-p, drawn with a generator seeded by `seed`.
 """
 import numpy as np
 
-from mpitrain._native import as_ptr, kernel
+from mpitrain._native import as_ptr, check, kernel
 from mpitrain.checkpoint import load_checkpoint
 from mpitrain.errors import UserError
 from mpitrain.model import Model
@@ -138,10 +138,7 @@ class Generator:
         ids = ids.astype(np.int32)
         rc = self._lib.mt_gen_feed(self._handle, as_ptr(ids, "int32_t *"), ids.size,
                                    as_ptr(self._logits))
-        if rc == self._lib.MT_EBUSY:
-            raise RuntimeError("the model is busy in another thread (one call at a time)")
-        if rc != 0:
-            raise ValueError(f"the kernel refused the ids (code {rc})")
+        check(rc, "feed")
         return self._logits
 
     def generate(self, prompt_ids, max_new_tokens, sampler, stop_ids=()):

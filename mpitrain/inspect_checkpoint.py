@@ -20,7 +20,7 @@ import re
 import h5py
 import numpy as np
 
-from mpitrain.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, verify
+from mpitrain.checkpoint import CHECKPOINT_FORMAT, TENSOR_GROUPS, WEIGHTS_FORMAT, verify
 from mpitrain.errors import UserError
 from mpitrain.inspect_dataset import FORMAT as DATASET_FORMAT
 from mpitrain.inspect_dataset import verify as verify_dataset
@@ -31,7 +31,7 @@ from mpitrain.h5attrs import plain as _plain
 from mpitrain.h5attrs import shown_name
 
 FORMATS = (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)
-GROUPS = ("params", "optimizer/m", "optimizer/v")
+GROUPS = tuple(TENSOR_GROUPS.values())   # params, then the optimizer's state groups
 
 
 def _json(attrs, key):
@@ -163,8 +163,8 @@ def _finite_line(tensors):
 
 
 def nonfinite(path):
-    """One problem per tensor of /params, /optimizer/m, /optimizer/v holding NaN or Inf, naming
-    it and the counts. Tensors that cannot be read are skipped (verify reports those)."""
+    """One problem per tensor of /params and /optimizer/<state> holding NaN or Inf, naming it
+    and the counts. Tensors that cannot be read are skipped (verify reports those)."""
     problems = []
     with open_ours(path) as f:
         for where in GROUPS:

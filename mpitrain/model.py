@@ -1,25 +1,27 @@
-"""The GPT model over the C kernel: four flat float32 arenas and one C call per step.
+"""The GPT model over the C kernel: flat float32 arenas and one C call per step.
 
-    from mpitrain import ModelConfig, Model
+    from mpitrain import ModelConfig, Model, optim
     model = Model(ModelConfig.preset("tiny"), seed=0, threads=2)
     loss = model.forward_backward(inputs, targets)   # int [B,T] each; fills model.grads
-    norm = model.clip_grad_norm(1.0)
-    model.adamw_step(lr=1e-3, step=1)
+    norm = optim.grad_norm(model)
+    optim.update(model, lr=1e-3, step=1, norm=norm, max_norm=1.0)   # clip + AdamW
 
-Memory: `param_buffer`, `grad_buffer`, `m_buffer`, `v_buffer` are 1-D float32 NumPy arrays
-owned here (the parameters may instead live in an arena the caller passes, e.g. memory the MPI
-workers of one node share); the C model holds pointers into them, and `params` / `grads` (and `adam_m` /
-`adam_v`) are named views into them (GPT-2 state_dict names, linear weights [out, in]) -- no
-copies, so MPI reductions and HDF5 reads/writes work on the same memory the kernel uses.
-Every array is checked (dtype, shape, contiguity, id range) before a pointer reaches C.
+Memory: `param_buffer`, `grad_buffer` and one arena per optimizer state tensor
+(`optimizer_buffers`, named by mpitrain.optim.ADAMW.state) are 1-D float32 NumPy arrays owned
+here (the parameters and gradients may instead live in arenas the caller passes, e.g. memory the
+MPI workers of one node share); the C model holds pointers into the first two, and `params` /
+`grads` / `optimizer_state[state]` are named views into them (GPT-2 state_dict names, linear
+weights [out, in]) -- no copies, so MPI reductions and HDF5 reads/writes work on the same memory
+the kernel uses. Every array is checked (dtype, shape, contiguity, id range) before a pointer
+reaches C.
 """
 import numpy as np
 
 from mpitrain import optim
-from mpitrain._native import as_ptr, kernel
+from mpitrain._native import as_ptr, check, kernel
 from mpitrain.config import ModelConfig
 
-MAX_THREADS = 256   # the optimizer's limit (mpitrain.optim.MAX_THREADS)
+MAX_THREADS = 256   # kernel threads a Model accepts
 ALIGN_BYTES = 64    # arenas start on a cache line
 
 
@@ -38,7 +40,9 @@ def _aligned_zeros(n):
 def parameter_count(config) -> int:
     """The number of float32 parameters of a model of `config` (its arenas' length)."""
     ffi, lib = kernel()
-    return int(lib.mt_num_params(ffi.new("mt_config *", _c_config(config))))
+    out = ffi.new("size_t *")
+    check(lib.mt_num_params(ffi.new("mt_config *", _c_config(config)), out), "parameter_count")
+    return int(out[0])
 
 
 def _c_config(config) -> dict:
@@ -81,29 +85,29 @@ class Model:
         self._ffi, self._lib = ffi, lib
         self.config = config
         self._cfg = ffi.new("mt_config *", _c_config(config))
-        self.num_params = int(lib.mt_num_params(self._cfg))
-        if self.num_params <= 0:
-            raise ValueError(f"invalid model configuration: {config}")
+        self.num_params = parameter_count(config)
         self._table = self._read_table()
-        # The C model keeps pointers into these four arrays: they live exactly as long as this
-        # object (a caller's arenas must outlive it too) and are exposed read-only as
-        # attributes (write into them, never rebind them).
+        # The C model keeps pointers into the parameter and gradient arrays: they live exactly
+        # as long as this object (a caller's arenas must outlive it too) and are exposed
+        # read-only as attributes (write into them, never rebind them).
         n = self.num_params
         self._arenas = tuple(_aligned_zeros(n) if a is None else _check_arena(a, n)
-                             for a in (param_arena, grad_arena, None, None))
-        handle = lib.mt_model_new(self._cfg, *(as_ptr(a) for a in self._arenas), threads)
-        if handle == ffi.NULL:
-            raise MemoryError("the kernel could not allocate the model")
-        self._handle = ffi.gc(handle, lib.mt_model_free)
+                             for a in (param_arena, grad_arena))
+        handle = ffi.new("mt_model **")
+        check(lib.mt_model_new(self._cfg, *(as_ptr(a) for a in self._arenas), threads, handle),
+              "Model")
+        self._handle = ffi.gc(handle[0], lib.mt_model_free)
         if initialize:
-            lib.mt_model_init(self._handle, int(seed) & (2 ** 64 - 1))
+            check(lib.mt_model_init(self._handle, int(seed) & (2 ** 64 - 1)), "init")
         self.param_names = [name for name, _, _ in self._table]
         self.param_shapes = {name: shape for name, _, shape in self._table}
         self.params = self._views(self.param_buffer)
         self.grads = self._views(self.grad_buffer)
-        self.adam_m = self._views(self.m_buffer)
-        self.adam_v = self._views(self.v_buffer)
-        self._segments = optim.decay_segments(shape for _, _, shape in self._table)
+        # One arena per state tensor the optimizer declares (state name -> 1-D float32), and
+        # its named views; the optimizer step takes slices of them (mpitrain.optim.update).
+        self.optimizer_buffers = {s: _aligned_zeros(n) for s in optim.ADAMW.state}
+        self.optimizer_state = {s: self._views(a) for s, a in self.optimizer_buffers.items()}
+        self.decay_segments = optim.decay_segments(shape for _, _, shape in self._table)
 
     @classmethod
     def from_checkpoint(cls, path, threads=1):
@@ -132,14 +136,10 @@ class Model:
         return self._arenas[1]
 
     @property
-    def m_buffer(self):
-        """AdamW first moments, 1-D float32, same layout as param_buffer."""
-        return self._arenas[2]
-
-    @property
-    def v_buffer(self):
-        """AdamW second moments, 1-D float32, same layout as param_buffer."""
-        return self._arenas[3]
+    def optimizer_arenas(self):
+        """The optimizer state arenas in the declaration's order (mpitrain.optim.ADAMW.state),
+        each 1-D float32 laid out as param_buffer."""
+        return [self.optimizer_buffers[s] for s in optim.ADAMW.state]
 
     def _read_table(self):
         ffi, lib = self._ffi, self._lib
@@ -147,10 +147,12 @@ class Model:
         offset = ffi.new("size_t *")
         ndim = ffi.new("int *")
         shape = ffi.new("int[2]")
+        count = ffi.new("int *")
+        check(lib.mt_num_tensors(self._cfg, count), "tensor table")
         table = []
-        for i in range(lib.mt_num_tensors(self._cfg)):
-            if lib.mt_tensor_info(self._cfg, i, name, 128, offset, ndim, shape) != 0:
-                raise RuntimeError(f"kernel tensor table: entry {i} unreadable")
+        for i in range(count[0]):
+            check(lib.mt_tensor_info(self._cfg, i, name, 128, offset, ndim, shape),
+                        f"tensor table entry {i}")
             table.append((ffi.string(name).decode(), int(offset[0]),
                           tuple(int(shape[k]) for k in range(ndim[0]))))
         return table
@@ -163,23 +165,19 @@ class Model:
 
     @property
     def threads(self):
-        return int(self._lib.mt_model_threads(self._handle))
+        return self._int(self._lib.mt_model_threads, "threads")
 
     @threads.setter
     def threads(self, value):
         value = _check_threads(value)
-        rc = self._lib.mt_model_set_threads(self._handle, value)
-        if rc == -3:
-            self._check(rc, "threads")
-        if rc != 0:
-            raise MemoryError(f"the kernel could not start {value} threads")
+        check(self._lib.mt_model_set_threads(self._handle, value), f"{value} threads")
 
     @property
     def work_parts(self):
         """Parts each step's work is split into: by default min(threads, CPUs available), since
         more parts than CPUs only add overhead (the extra threads sleep at the barriers).
         Setting a number (1..threads) forces that split; 0 restores the default."""
-        return int(self._lib.mt_model_parts(self._handle))
+        return self._int(self._lib.mt_model_parts, "work_parts")
 
     @work_parts.setter
     def work_parts(self, value):
@@ -187,19 +185,20 @@ class Model:
                 or not 0 <= value <= self.threads:
             raise ValueError(f"work_parts must be an integer in [0, threads={self.threads}], "
                              f"got {value!r}")
-        self._check(self._lib.mt_model_set_parts(self._handle, int(value)), "work_parts")
+        check(self._lib.mt_model_set_parts(self._handle, int(value)), "work_parts")
 
     def counters(self):
         """(training calls, windows) processed by forward_backward in this process."""
         calls = self._ffi.new("uint64_t *")
         windows = self._ffi.new("uint64_t *")
-        self._lib.mt_counters(self._handle, calls, windows)
+        check(self._lib.mt_counters(self._handle, calls, windows), "counters")
         return int(calls[0]), int(windows[0])
 
     def thread_windows(self):
         """Per kernel thread: training windows whose row-local work it did (list, threads)."""
-        out = self._ffi.new("uint64_t[]", self.threads)
-        n = self._lib.mt_thread_windows(self._handle, out, self.threads)
+        n = self.threads
+        out = self._ffi.new("uint64_t[]", n)
+        check(self._lib.mt_thread_windows(self._handle, out, n), "thread_windows")
         return [int(out[t]) for t in range(n)]
 
     def timers(self):
@@ -207,8 +206,14 @@ class Model:
         sync, other) spent by the kernel's thread 0 since creation; "sync" is its waiting at
         barriers. For profiling (scripts/bench_kernel.py)."""
         lib, ffi = self._lib, self._ffi
-        return {ffi.string(lib.mt_timer_name(k)).decode(): float(lib.mt_timer_seconds(self._handle, k))
-                for k in range(lib.mt_timer_count())}
+        count, name, seconds = ffi.new("int *"), ffi.new("const char **"), ffi.new("double *")
+        check(lib.mt_timer_count(count), "timers")
+        out = {}
+        for k in range(count[0]):
+            check(lib.mt_timer_name(k, name), "timers")
+            check(lib.mt_timer_seconds(self._handle, k, seconds), "timers")
+            out[ffi.string(name[0]).decode()] = float(seconds[0])
+        return out
 
     # ---- input checks -----------------------------------------------------------------------
 
@@ -236,14 +241,10 @@ class Model:
             raise ValueError(f"targets shape {targets.shape} differs from inputs {inputs.shape}")
         return inputs, targets
 
-    def _check(self, rc, what):
-        if rc == -3:
-            raise RuntimeError(f"{what}: another call on this model is running (a Model is "
-                               f"not shared between Python threads; use its own threads)")
-        if rc == -2:
-            raise MemoryError(f"{what}: the kernel ran out of memory")
-        if rc != 0:
-            raise ValueError(f"{what}: the kernel refused its arguments (code {rc})")
+    def _int(self, getter, what):
+        out = self._ffi.new("int *")
+        check(getter(self._handle, out), what)
+        return int(out[0])
 
     # ---- compute ----------------------------------------------------------------------------
 
@@ -255,7 +256,7 @@ class Model:
         logits = np.empty((B, V) if last_only else (B, T, V), np.float32)
         rc = self._lib.mt_forward_logits(self._handle, as_ptr(inputs, "int32_t *"), B, T,
                                          1 if last_only else 0, as_ptr(logits))
-        self._check(rc, "forward")
+        check(rc, "forward")
         return logits
 
     def forward_backward(self, inputs, targets, grad_scale=None, accumulate=False,
@@ -282,12 +283,12 @@ class Model:
             rc = self._lib.mt_forward_backward_parts(
                 self._handle, as_ptr(inputs, "int32_t *"), as_ptr(targets, "int32_t *"), B, T,
                 scale, 1 if accumulate else 0, as_ptr(offsets, "int32_t *"), counts.size, loss)
-            self._check(rc, "forward_backward")
+            check(rc, "forward_backward")
             return float(loss[0])
         rc = self._lib.mt_forward_backward(self._handle, as_ptr(inputs, "int32_t *"),
                                            as_ptr(targets, "int32_t *"), B, T, scale,
                                            1 if accumulate else 0, loss)
-        self._check(rc, "forward_backward")
+        check(rc, "forward_backward")
         return float(loss[0])
 
     def loss(self, inputs, targets):
@@ -297,24 +298,5 @@ class Model:
         loss = self._ffi.new("double *")
         rc = self._lib.mt_loss(self._handle, as_ptr(inputs, "int32_t *"),
                                as_ptr(targets, "int32_t *"), B, T, loss)
-        self._check(rc, "loss")
+        check(rc, "loss")
         return float(loss[0])
-
-    # ---- optimizer (kernels/optimizer.c) ----------------------------------------------------
-
-    def grad_norm(self):
-        """Global L2 norm of all gradients (squares summed in double, fixed order)."""
-        return float(optim.grad_norm(self.grad_buffer, threads=self.threads))
-
-    def clip_grad_norm(self, max_norm):
-        """Scale grads so their norm is at most max_norm (as torch's clip_grad_norm_);
-        returns the norm before clipping."""
-        return float(optim.clip_grad_norm(self.grad_buffer, max_norm, threads=self.threads))
-
-    def adamw_step(self, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
-        """One AdamW update (PyTorch semantics; decay on tensors of 2+ dims). step is the
-        1-based optimizer step used for bias correction."""
-        optim.adamw_step(self.param_buffer, self.grad_buffer, self.m_buffer, self.v_buffer,
-                         lr=lr, step=step, beta1=beta1, beta2=beta2, eps=eps,
-                         weight_decay=weight_decay, segments=self._segments,
-                         threads=self.threads)

@@ -1,12 +1,19 @@
-"""Checked Python wrappers around single kernel operations.
+"""Checked Python wrappers around single kernel operations, for tests.
 
 The training step calls C once per micro-batch; these wrappers exist so each operation can be
-tested on its own against a NumPy reference. Every wrapper checks dtype, shape and contiguity
-before a pointer reaches C.
+tested on its own against a NumPy reference. They call the test-only module
+mpitrain._kernel_testing (kernels/mt_testing.h), not the package's kernel API. Every wrapper
+checks dtype, shape and contiguity before a pointer reaches C.
 """
 import numpy as np
 
-from mpitrain._native import as_ptr, kernel
+from mpitrain._native import check, testing_kernel as kernel
+
+
+def as_ptr(array, ctype="float *"):
+    """A C pointer (of the testing module) into a NumPy array's memory, no copy."""
+    ffi, _ = kernel()
+    return ffi.cast(ctype, ffi.from_buffer(array, require_writable=False))
 
 
 def check_array(a, name, shape=None, dtype=np.float32):
@@ -166,8 +173,8 @@ def attention_forward(qkv, n_heads):
     out = np.empty((B, T, C), np.float32)
     lse = np.empty((B, n_heads, T), np.float32)
     _, lib = kernel()
-    if lib.attention_forward(as_ptr(out), as_ptr(lse), as_ptr(qkv), B, T, C, n_heads) != 0:
-        raise MemoryError("attention_forward: out of memory")
+    check(lib.attention_forward(as_ptr(out), as_ptr(lse), as_ptr(qkv), B, T, C, n_heads),
+          "attention_forward")
     return out, lse
 
 
@@ -180,9 +187,8 @@ def attention_backward(dout, qkv, lse, n_heads):
     check_array(lse, "lse", (B, n_heads, T))
     dqkv = np.zeros_like(qkv)
     _, lib = kernel()
-    if lib.attention_backward(as_ptr(dqkv), as_ptr(dout), as_ptr(qkv), as_ptr(lse),
-                              B, T, C, n_heads) != 0:
-        raise MemoryError("attention_backward: out of memory")
+    check(lib.attention_backward(as_ptr(dqkv), as_ptr(dout), as_ptr(qkv), as_ptr(lse),
+                                 B, T, C, n_heads), "attention_backward")
     return dqkv
 
 

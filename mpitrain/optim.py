@@ -1,17 +1,34 @@
-"""Checked Python wrappers of the kernel's optimizer (kernels/optimizer.c) on flat float32 arrays.
+"""The optimizer: its declaration, and its step on a model's arenas (kernels/optimizer.c).
 
-AdamW follows torch.optim.AdamW (bias correction, decoupled weight decay lr * wd * p), the norm
-and clipping follow torch.nn.utils.clip_grad_norm_. The arrays are whole arenas (or any 1-D
-float32 arrays of one length); which ranges take weight decay is given by `segments`, built with
-`decay_segments` from the tensor shapes in arena order (decay on tensors of 2+ dimensions).
-Results are bitwise independent of `threads`.
+ADAMW declares the state tensors AdamW keeps beside each parameter, in the kernel's order. What
+holds, moves or stores optimizer state follows that declaration instead of naming the tensors:
+the model allocates one arena per state tensor (Model.optimizer_buffers), the workers send and
+receive each of them (SAVE, resume), a checkpoint stores each as /optimizer/<state>/<param>
+(mpitrain/checkpoint.py), and inspect and docs/FORMATS.md list those groups.
+
+update(model, ...) is the one optimizer step: clipping by a given global gradient norm, as
+torch.nn.utils.clip_grad_norm_, then AdamW as torch.optim.AdamW (bias correction, decoupled
+weight decay lr * wd * p on tensors of 2+ dimensions), in one kernel call on the model's thread
+pool. The norm is an argument because under MPI it is the norm of every worker's share:
+grad_norm(model, grads) of each share, combined by the caller. Results are bitwise
+independent of the model's threads and work parts.
 """
+from dataclasses import dataclass
+
 import numpy as np
 
-from mpitrain._native import as_ptr, kernel
-from mpitrain.ops import check_array
+from mpitrain._native import as_ptr, check
 
-MAX_THREADS = 256  # OPT_MAX_THREADS in kernels/optimizer.c
+
+@dataclass(frozen=True)
+class Optimizer:
+    name: str
+    state: tuple      # names of the per-parameter state tensors, in the kernel's order
+    describe: dict    # state name -> what it holds (inspect, docs)
+
+
+ADAMW = Optimizer(name="adamw", state=("m", "v"),
+                  describe={"m": "Adam first moment", "v": "Adam second moment"})
 
 
 class Segments:
@@ -29,10 +46,17 @@ class Segments:
     def size(self) -> int:
         return int(self.bounds[-1])
 
-    @classmethod
-    def whole(cls, n, decay=True):
-        """One segment over all n floats."""
-        return cls([0, n], [1 if decay else 0])
+    def slice(self, lo: int, hi: int) -> "Segments":
+        """The segments of arena range [lo, hi), rebased to start at 0."""
+        bounds, decay = [0], []
+        for k in range(len(self.decay)):
+            a, b = max(int(self.bounds[k]), lo), min(int(self.bounds[k + 1]), hi)
+            if a < b:
+                bounds.append(b - lo)
+                decay.append(int(self.decay[k]))
+        if not decay:  # an empty range (more workers than parameters)
+            return Segments([0, 0], [0])
+        return Segments(bounds, decay)
 
 
 def decay_segments(shapes):
@@ -45,71 +69,55 @@ def decay_segments(shapes):
     return Segments(bounds, decay)
 
 
-def _threads(threads):
-    if not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
-        raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
-    return int(threads)
+def _flat_grads(grads, n, writeable):
+    if not (isinstance(grads, np.ndarray) and grads.dtype == np.float32 and grads.ndim == 1
+            and grads.size == n and grads.flags.c_contiguous):
+        raise ValueError(f"grads must be a contiguous 1-D float32 array of {n} floats")
+    if writeable and not grads.flags.writeable:
+        raise ValueError("grads must be writeable (clipping scales them in place)")
+    return grads
 
 
-def _flat(a, name, n=None):
-    check_array(a, name)
-    if a.ndim != 1 or (n is not None and a.shape[0] != n):
-        raise ValueError(f"{name}: expected a 1-D array of {n if n is not None else 'N'} floats, "
-                         f"got shape {a.shape}")
-    return a
+def grad_norm(model, grads=None) -> float:
+    """Euclidean norm of `grads` (1-D float32; default the model's gradient arena), squares
+    summed in double in a fixed order, on the model's thread pool."""
+    grads = model.grad_buffer if grads is None else _flat_grads(grads, np.size(grads), False)
+    ffi, lib = model._ffi, model._lib
+    out = ffi.new("double *")
+    check(lib.mt_grad_norm(model._handle, as_ptr(grads), grads.size, out), "grad_norm")
+    return float(out[0])
 
 
-def adamw_step(params, grads, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8,
-               weight_decay=0.01, segments=None, threads=1):
-    """One AdamW update in place of params, m, v (1-D float32, one length n) from grads.
+def train_settings(tc) -> dict:
+    """update's keyword arguments from a TrainConfig (clip: 0 or less disables clipping)."""
+    return dict(max_norm=tc.clip, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps,
+                weight_decay=tc.weight_decay)
 
-    step is the 1-based optimizer step (bias correction); segments says which ranges decay
-    (default: all of them, as torch.optim.AdamW does for one parameter group)."""
-    n = _flat(params, "params").shape[0]
-    _flat(grads, "grads", n)
-    _flat(m, "m", n)
-    _flat(v, "v", n)
-    for a, name in ((m, "m"), (v, "v"), (params, "params")):
-        if not a.flags.writeable:
-            raise ValueError(f"{name}: array must be writeable")
-    if not isinstance(step, (int, np.integer)) or step < 1:
+
+def update(model, *, lr, step, norm, max_norm=0.0, beta1=0.9, beta2=0.999, eps=1e-8,
+           weight_decay=0.01, lo=0, hi=None, grads=None) -> None:
+    """One optimizer step on arena range [lo, hi) (default all) of the model's parameters and
+    optimizer state, from `grads` (that range's gradients; default the model's own).
+
+    norm is the global gradient norm before clipping. With max_norm > 0 (0 or less: no
+    clipping), a finite norm and a coefficient max_norm / (norm + 1e-6) below 1, the gradients
+    are first scaled by it in place. step is the 1-based optimizer step (bias correction)."""
+    n = model.num_params
+    hi = n if hi is None else hi
+    if not 0 <= lo <= hi <= n:
+        raise ValueError(f"arena range [{lo}, {hi}) is not within [0, {n})")
+    grads = model.grad_buffer[lo:hi] if grads is None else _flat_grads(grads, hi - lo, True)
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise ValueError(f"step must be an integer >= 1 (1-based), got {step!r}")
-    if not (lr >= 0 and 0 <= beta1 < 1 and 0 <= beta2 < 1 and eps >= 0 and weight_decay >= 0):
-        raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas=({beta1}, {beta2}), "
-                         f"eps={eps}, weight_decay={weight_decay}")
-    seg = Segments.whole(n) if segments is None else segments
-    if seg.size != n:
-        raise ValueError(f"segments cover {seg.size} floats, the arrays hold {n}")
-    _, lib = kernel()
-    rc = lib.adamw_step_flat(as_ptr(params), as_ptr(grads), as_ptr(m), as_ptr(v), n,
-                             as_ptr(seg.bounds, "int64_t *"), as_ptr(seg.decay, "unsigned char *"),
-                             len(seg.decay), float(lr), float(beta1), float(beta2), float(eps),
-                             float(weight_decay), int(step), _threads(threads))
-    if rc != 0:
-        raise ValueError("adamw_step_flat refused its arguments")
-
-
-def grad_norm(grads, threads=1):
-    """Euclidean norm of a flat float32 array: squares summed in double in a fixed order."""
-    n = _flat(grads, "grads").shape[0]
-    _, lib = kernel()
-    norm = lib.grad_norm_flat(as_ptr(grads), n, _threads(threads))
-    if norm < 0:
-        raise MemoryError("grad_norm_flat: out of memory for the partial sums")
-    return norm
-
-
-def clip_grad_norm(grads, max_norm, threads=1):
-    """Scale grads in place by max_norm / (norm + 1e-6) when that is below 1 (as
-    torch.nn.utils.clip_grad_norm_); returns the norm before clipping. A non-finite norm leaves
-    the gradients unchanged and is returned for the caller to act on."""
-    n = _flat(grads, "grads").shape[0]
-    if not grads.flags.writeable:
-        raise ValueError("grads: array must be writeable")
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be positive, got {max_norm!r}")
-    _, lib = kernel()
-    norm = lib.clip_grad_norm_flat(as_ptr(grads), n, float(max_norm), _threads(threads))
-    if norm < 0:
-        raise MemoryError("clip_grad_norm_flat: out of memory for the partial sums")
-    return norm
+    ffi, lib = model._ffi, model._lib
+    segments = model.decay_segments if (lo, hi) == (0, n) else model.decay_segments.slice(lo, hi)
+    state = [model.optimizer_buffers[s][lo:hi] for s in ADAMW.state]
+    pointers = ffi.new("float *[]", [as_ptr(a) for a in state])
+    hyper = ffi.new("mt_adamw *", dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                       weight_decay=weight_decay, step=int(step)))
+    status = lib.mt_optim_step(
+        model._handle, as_ptr(model.param_buffer[lo:hi]), as_ptr(grads), pointers, len(state),
+        hi - lo, as_ptr(segments.bounds, "int64_t *"), as_ptr(segments.decay, "unsigned char *"),
+        len(segments.decay), hyper, float(norm), float(max_norm))
+    check(status, f"optimizer step {step} (lr {lr}, betas ({beta1}, {beta2}), eps {eps}, "
+                  f"weight_decay {weight_decay})")

@@ -162,14 +162,14 @@ def run_ours(cfg, a):
 
 def _run_model(cfg, a):
     try:
-        from mpitrain import Model
+        from mpitrain import Model, optim
     except ImportError as e:  # before the model lands: the peak alone is still useful
         return {"error": f"mpitrain.Model unavailable ({e})"}
     res = {}
     model = Model(cfg, seed=0, threads=a.threads)
     x, y = (t.astype(np.int32) for t in random_batch(cfg, a.batch, a.seq))
     timers = getattr(model, "timers", None)
-    parts = {"forward_backward": 0.0, "clip": 0.0, "adamw": 0.0}
+    parts = {"forward_backward": 0.0, "grad_norm": 0.0, "clip+adamw": 0.0}
     losses = []
     for step in range(1, a.warmup + a.steps + 1):
         if step == a.warmup + 1:
@@ -178,14 +178,14 @@ def _run_model(cfg, a):
         t0 = time.perf_counter()
         losses.append(model.forward_backward(x, y))
         t1 = time.perf_counter()
-        model.clip_grad_norm(CLIP)
+        norm = optim.grad_norm(model)
         t2 = time.perf_counter()
-        model.adamw_step(LR, step)
+        optim.update(model, lr=LR, step=step, norm=norm, max_norm=CLIP)
         t3 = time.perf_counter()
         if step > a.warmup:
             parts["forward_backward"] += t1 - t0
-            parts["clip"] += t2 - t1
-            parts["adamw"] += t3 - t2
+            parts["grad_norm"] += t2 - t1
+            parts["clip+adamw"] += t3 - t2
     res["seconds"] = time.perf_counter() - start
     res["parts"] = {k: v / a.steps for k, v in parts.items()}
     if kinds0 is not None:

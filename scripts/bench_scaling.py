@@ -81,7 +81,7 @@ def step_seconds(steps_, tokens_per_step, first=2):
 KERNEL = r"""
 import sys, time, json, numpy as np
 sys.path.insert(0, {repo!r})
-from mpitrain import Model, ModelConfig
+from mpitrain import Model, ModelConfig, optim
 from mpitrain.config import PRESETS
 cfg = ModelConfig(**{{**PRESETS[{preset!r}]["model"], "vocab_size": {vocab}}})
 B, T, threads, steps = {batch}, {seq}, {threads}, {steps}
@@ -92,8 +92,7 @@ for s in range(1, steps + 2):
     w = rng.integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
     t0 = time.perf_counter()
     m.forward_backward(w[:, :-1], w[:, 1:])
-    m.clip_grad_norm(1.0)
-    m.adamw_step(1e-4, s)
+    optim.update(m, lr=1e-4, step=s, norm=optim.grad_norm(m), max_norm=1.0)
     times.append(time.perf_counter() - t0)
 import resource
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -4,7 +4,7 @@
 #   1. kernels/tests/driver.c under ThreadSanitizer: the threaded training step and the threaded
 #      optimizer on 4 and on 12 threads (no suppressions; built with MT_NO_TARGET_CLONES).
 #   2. the same driver under AddressSanitizer + UndefinedBehaviorSanitizer, leaks checked.
-#   3. the kernel built through cffi with
+#   3. both cffi modules (mpitrain._kernel and the test-only mpitrain._kernel_testing) built with
 #      MPITRAIN_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer ..." and the Python
 #      tests that call the kernel (tests/test_*.py naming ops, optim, Model or _native; not the
 #      torch comparisons, not the mpirun runs) run against it with libasan preloaded.
@@ -68,7 +68,7 @@ find "$PYDIR" \( -name '__pycache__' -o -name '_kernel*.so' -o -name '_kernel*.c
     cd "$PYDIR"
     MPITRAIN_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all -g" \
     LDFLAGS="-fsanitize=address,undefined" \
-        "$PY" -c 'import sys; sys.path.insert(0, "kernels"); import build_kernel; build_kernel.ffibuilder.compile(tmpdir=".")' \
+        "$PY" -c 'import sys; sys.path.insert(0, "kernels"); import build_kernel as b; b.ffibuilder.compile(tmpdir="."); b.testing_ffibuilder.compile(tmpdir=".")' \
         >"$BUILD/cffi_build.log" 2>&1 || { cat "$BUILD/cffi_build.log"; exit 1; }
 )
 mapfile -t TESTS < <(cd "$PYDIR" && grep -lE \
@@ -86,12 +86,15 @@ echo "tests: ${TESTS[*]}"
     export UBSAN_OPTIONS="print_stacktrace=1"
     "$PY" - "$PYDIR" <<'EOF'
 import sys
-from mpitrain._native import kernel
+from mpitrain._native import kernel, testing_kernel
 kernel()  # loads libscipy_openblas first, as the package does
+testing_kernel()
 import mpitrain._kernel as k
-if not k.__file__.startswith(sys.argv[1]):
-    sys.exit(f"sanitize: imported {k.__file__}, not the sanitizer build")
-print("kernel module:", k.__file__)
+import mpitrain._kernel_testing as kt
+for mod in (k, kt):
+    if not mod.__file__.startswith(sys.argv[1]):
+        sys.exit(f"sanitize: imported {mod.__file__}, not the sanitizer build")
+    print("kernel module:", mod.__file__)
 EOF
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${TESTS[@]}"
 )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mpitrain import checkpoint as ckpt
+from mpitrain import optim
 from mpitrain.config import ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 from mpitrain.schedule import DataPosition
@@ -34,9 +35,11 @@ def _tensors(seed):
     return out
 
 
-def _save(path, step=7, **kw):
-    params, m, v = _tensors(1), _tensors(2), _tensors(3)
-    args = dict(model_config=MODEL, train_config=TRAIN, params=params, m=m, v=v, step=step,
+def _save(path, step=7, m=None, v=None, **kw):
+    """Writes a checkpoint of random tensors; returns (params, m, v): AdamW's two states."""
+    params, m, v = kw.pop("params", _tensors(1)), m or _tensors(2), v or _tensors(3)
+    args = dict(model_config=MODEL, train_config=TRAIN, params=params,
+                optimizer_state={"m": m, "v": v}, step=step,
                 epoch=1, data_position=DataPosition(1, 4),
                 rng_state={"bit_generator": "PCG64", "state": {"state": 2 ** 100 + 3}},
                 train_loss=3.25, val_loss=None, tokenizer=TOK, extra={"world": 3})
@@ -58,8 +61,9 @@ def test_round_trip_bit_exact(tmp_path):
     ck = ckpt.load_checkpoint(path)
     assert ck.format == "mpitrain-checkpoint"
     _same_bits(ck.params, params)
-    _same_bits(ck.m, m)
-    _same_bits(ck.v, v)
+    assert list(ck.optimizer_state) == list(optim.ADAMW.state) == ["m", "v"]
+    _same_bits(ck.optimizer_state["m"], m)
+    _same_bits(ck.optimizer_state["v"], v)
     assert ck.model_config == MODEL and ck.train_config == TRAIN
     assert (ck.step, ck.epoch, ck.data_position) == (7, 1, DataPosition(1, 4))
     assert ck.rng_state == {"bit_generator": "PCG64", "state": {"state": 2 ** 100 + 3}}
@@ -73,6 +77,21 @@ def test_round_trip_bit_exact(tmp_path):
         assert f.attrs["format"] == "mpitrain-checkpoint" and f.attrs["format_version"] == 1
         assert f["optimizer/v/lm_head.weight"].shape == (MODEL.vocab_size, MODEL.d_model)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_groups_follow_the_optimizer_declaration():
+    """One group per declared state tensor, in the declaration's order, in the file, inspect and
+    docs/FORMATS.md."""
+    import pathlib
+
+    from mpitrain import inspect_checkpoint
+
+    assert list(ckpt.TENSOR_GROUPS.values()) == ["params"] + [f"optimizer/{s}"
+                                                             for s in optim.ADAMW.state]
+    assert inspect_checkpoint.GROUPS == tuple(ckpt.TENSOR_GROUPS.values())
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "FORMATS.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `/optimizer/<state>/"))
+    assert "`ADAMW.state`" in row and all(f"`{s}`" in row for s in optim.ADAMW.state)
 
 
 def test_same_inputs_give_identical_bytes(tmp_path, monkeypatch):
@@ -93,7 +112,7 @@ def test_load_into_existing_arrays_without_copy(tmp_path):
         views[n] = arena[off:off + a.size].reshape(a.shape)
         off += a.size
     ck = ckpt.load_checkpoint(path, params_into=views, load_optimizer=False)
-    assert ck.m is None and ck.v is None
+    assert ck.optimizer_state is None
     assert all(ck.params[n] is views[n] for n in views)
     assert arena.tobytes() == b"".join(a.tobytes() for a in params.values())
     wrong = dict(views)
@@ -244,7 +263,7 @@ def test_export_weights(tmp_path):
     params, _, _ = _save(src)
     out = ckpt.export_weights(src, tmp_path / "model.h5")
     ck = ckpt.load_checkpoint(out)
-    assert ck.format == "mpitrain-weights" and ck.m is None and ck.v is None
+    assert ck.format == "mpitrain-weights" and ck.optimizer_state is None
     _same_bits(ck.params, params)
     assert ck.model_config == MODEL and ck.step == 7 and ck.train_loss == 3.25
     assert ck.created_by["source"]["path"] == str(src)

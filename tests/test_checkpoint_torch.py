@@ -44,7 +44,8 @@ def test_torch_run_saved_and_resumed_continues_bit_for_bit(tmp_path):
     m, v = _moments(net, opt)
     path = tmp_path / "checkpoint_step_3.h5"
     ckpt.save_checkpoint(path, model_config=CFG, train_config=TrainConfig.preset("tiny"),
-                         params=net.numpy_state(), m=m, v=v, step=3, epoch=0,
+                         params=net.numpy_state(), optimizer_state={"m": m, "v": v},
+                         step=3, epoch=0,
                          data_position=DataPosition(0, 9), rng_state=None, train_loss=None,
                          val_loss=None, tokenizer=TOK)
     straight = [train_step(net, opt, *_batch(s)) for s in (4, 5)]

@@ -12,7 +12,7 @@ def test_export_command(tmp_path, capsys):
     assert cli.main(["export", str(src), "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     ck = load_checkpoint(out)
-    assert ck.format == "mpitrain-weights" and ck.m is None
+    assert ck.format == "mpitrain-weights" and ck.optimizer_state is None
     _same_bits(ck.params, params)
     with h5py.File(out, "r") as f:
         assert sorted(f) == ["params", "vocab"]

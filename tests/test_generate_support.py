@@ -35,8 +35,8 @@ def scaled_model(config=CONFIG, seed=1, scale=12.0, threads=1) -> Model:
 def save_model(path, model: Model, tokenizer=TOKENIZER, step=3):
     zeros = {n: np.zeros_like(model.params[n]) for n in model.param_names}
     save_checkpoint(path, model_config=model.config, train_config=TrainConfig.preset("tiny"),
-                    params={n: model.params[n] for n in model.param_names}, m=zeros, v=zeros,
-                    step=step, epoch=0, data_position=DataPosition(0, 0),
+                    params={n: model.params[n] for n in model.param_names},
+                    optimizer_state={"m": zeros, "v": zeros}, step=step, epoch=0, data_position=DataPosition(0, 0),
                     rng_state={"seed": 0}, train_loss=5.0, val_loss=5.5, tokenizer=tokenizer)
     return str(path)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import reference_gpt as ref
-from mpitrain import Model, ModelConfig
+from mpitrain import Model, ModelConfig, optim
 
 TINY = ModelConfig(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
@@ -67,8 +67,10 @@ def test_seed_preset_size():
 
 def test_views_are_zero_copy_into_the_arenas():
     model = Model(TINY)
-    for views, buf in ((model.params, model.param_buffer), (model.grads, model.grad_buffer),
-                       (model.adam_m, model.m_buffer), (model.adam_v, model.v_buffer)):
+    pairs = [(model.params, model.param_buffer), (model.grads, model.grad_buffer)]
+    pairs += [(model.optimizer_state[s], model.optimizer_buffers[s]) for s in optim.ADAMW.state]
+    assert model.optimizer_arenas == [model.optimizer_buffers[s] for s in optim.ADAMW.state]
+    for views, buf in pairs:
         assert buf.dtype == np.float32 and buf.ndim == 1 and buf.flags.c_contiguous
         for v in views.values():
             assert np.shares_memory(v, buf)

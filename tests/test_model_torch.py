@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpitrain import Model, ModelConfig
+from mpitrain import Model, ModelConfig, optim
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
@@ -70,8 +70,8 @@ def test_ten_training_steps_match_torch():
     for step in range(1, 11):
         inputs, targets = batch(100 + step)
         loss = model.forward_backward(inputs, targets)
-        norm = model.clip_grad_norm(1.0)
-        model.adamw_step(lr=3e-3, step=step, weight_decay=0.01)
+        norm = optim.grad_norm(model)
+        optim.update(model, lr=3e-3, step=step, norm=norm, max_norm=1.0, weight_decay=0.01)
         loss_t, norm_t = train_step(net, opt, torch.from_numpy(inputs).long(),
                                     torch.from_numpy(targets).long(), clip=1.0)
         assert loss == pytest.approx(loss_t, rel=1e-4), step

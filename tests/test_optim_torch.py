@@ -1,7 +1,7 @@
 """The kernel's AdamW and clipping against torch.optim.AdamW and torch.nn.utils.clip_grad_norm_.
 
-Skips when torch is absent. The parameters are the usual two groups (decay on tensors of 2+
-dimensions, none on vectors), laid out back to back in one flat arena as the model does.
+Skips when torch is absent. The parameters are a small model's tensors in its arena, in the
+usual two groups (decay on tensors of 2+ dimensions, none on vectors).
 Tolerances: our update follows PyTorch's float32 operation order, but PyTorch's vector kernels
 fuse the moment updates (fma) and take a vector sqrt that is not always correctly rounded, so
 moments differ by up to 2 float32 ulps of their terms (m: gradients ~1e-2, atol 2e-9; v: terms
@@ -13,21 +13,29 @@ and ours double: rtol 1e-6 on the norm and the clipped gradients.
 import numpy as np
 import pytest
 
-from mpitrain import optim
+from mpitrain import Model, ModelConfig, optim
 
 torch = pytest.importorskip("torch")
 
-SHAPES = [(64, 32), (32,), (32,), (96, 32), (96,), (5, 2, 3), (200, 32)]
+CFG = ModelConfig(vocab_size=101, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
 
-def torch_params(flat):
-    """Torch parameters that start as copies of the slices of flat (shapes SHAPES)."""
-    out, off = [], 0
-    for s in SHAPES:
-        k = int(np.prod(s))
-        out.append(torch.nn.Parameter(torch.from_numpy(flat[off:off + k].reshape(s).copy())))
+def torch_params(model, arena):
+    """Torch parameters that start as copies of the model's tensors in `arena`."""
+    off, out = 0, []
+    for name in model.param_names:
+        shape = model.param_shapes[name]
+        k = int(np.prod(shape))
+        out.append(torch.nn.Parameter(torch.from_numpy(arena[off:off + k].reshape(shape).copy())))
         off += k
     return out
+
+
+def set_grads(tp, g):
+    off = 0
+    for t in tp:
+        t.grad = torch.from_numpy(g[off:off + t.numel()].reshape(t.shape).copy())
+        off += t.numel()
 
 
 def flatten(tensors):
@@ -36,29 +44,25 @@ def flatten(tensors):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ten_adamw_steps_match_torch(threads):
-    seg = optim.decay_segments(SHAPES)
-    n = seg.size
+    model = Model(CFG, threads=threads)
     rng = np.random.default_rng(11)
-    p = rng.normal(0, 0.5, n).astype(np.float32)
-    m = np.zeros(n, np.float32)
-    v = np.zeros(n, np.float32)
-    tp = torch_params(p)
+    model.param_buffer[...] = rng.normal(0, 0.5, model.num_params)
+    tp = torch_params(model, model.param_buffer)
     groups = [{"params": [t for t in tp if t.dim() >= 2], "weight_decay": 0.05},
               {"params": [t for t in tp if t.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
     for step in range(1, 11):
-        g = rng.normal(0, 1e-2, n).astype(np.float32)
+        g = rng.normal(0, 1e-2, model.num_params).astype(np.float32)
         lr = 2e-3 * min(1.0, step / 4)  # a warmup: lr changes between steps
         for group in opt.param_groups:
             group["lr"] = lr
-        off = 0
-        for t in tp:
-            t.grad = torch.from_numpy(g[off:off + t.numel()].reshape(t.shape).copy())
-            off += t.numel()
+        set_grads(tp, g)
         opt.step()
-        optim.adamw_step(p, g, m, v, lr=lr, step=step, beta1=0.9, beta2=0.95, eps=1e-8,
-                         weight_decay=0.05, segments=seg, threads=threads)
-        np.testing.assert_allclose(p, flatten(tp), rtol=1e-6, atol=1e-8)
+        model.grad_buffer[...] = g
+        optim.update(model, lr=lr, step=step, norm=0.0, beta1=0.9, beta2=0.95, eps=1e-8,
+                     weight_decay=0.05)
+        np.testing.assert_allclose(model.param_buffer, flatten(tp), rtol=1e-6, atol=1e-8)
+    m, v = (model.optimizer_buffers[s] for s in ("m", "v"))
     np.testing.assert_allclose(m, flatten(opt.state[t]["exp_avg"] for t in tp),
                                rtol=1e-6, atol=2e-9)
     np.testing.assert_allclose(v, flatten(opt.state[t]["exp_avg_sq"] for t in tp),
@@ -67,18 +71,17 @@ def test_ten_adamw_steps_match_torch(threads):
 
 @pytest.mark.parametrize("scale,max_norm", [(1.0, 1.0), (1e-3, 1.0), (0.3, 2.5)])
 def test_clip_matches_torch(scale, max_norm):
-    n = sum(int(np.prod(s)) for s in SHAPES)
+    model = Model(CFG, threads=2)
     rng = np.random.default_rng(12)
-    g = (rng.normal(0, 1, n) * scale).astype(np.float32)
-    tp = torch_params(np.zeros(n, np.float32))
-    off = 0
-    for t in tp:
-        t.grad = torch.from_numpy(g[off:off + t.numel()].reshape(t.shape).copy())
-        off += t.numel()
+    g = (rng.normal(0, 1, model.num_params) * scale).astype(np.float32)
+    tp = torch_params(model, np.zeros(model.num_params, np.float32))
+    set_grads(tp, g)
     expected = float(torch.nn.utils.clip_grad_norm_(tp, max_norm))
-    norm = optim.clip_grad_norm(g, max_norm, threads=2)
+    model.grad_buffer[...] = g
+    norm = optim.grad_norm(model)
+    optim.update(model, lr=0.0, step=1, norm=norm, max_norm=max_norm)  # lr 0: clipping only
     assert norm == pytest.approx(expected, rel=1e-6)
-    np.testing.assert_allclose(g, flatten(t.grad for t in tp), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(model.grad_buffer, flatten(t.grad for t in tp), rtol=1e-6, atol=0)
 
 
 def test_ten_training_steps_of_the_model_match_torch():
@@ -91,12 +94,10 @@ def test_ten_training_steps_of_the_model_match_torch():
     import pathlib
     import sys
 
-    from mpitrain import Model, ModelConfig
-
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
     from torch_gpt import TorchGPT, train_step
 
-    cfg = ModelConfig(vocab_size=101, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    cfg = CFG
     model = Model(cfg, seed=5, threads=2)
     net = TorchGPT(cfg).load_numpy(model.params)
     opt = net.adamw(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
@@ -105,8 +106,9 @@ def test_ten_training_steps_of_the_model_match_torch():
     ours, theirs = [], []
     for step in range(1, 11):
         ours.append(model.forward_backward(x.astype(np.int32), y.astype(np.int32)))
-        norm = model.clip_grad_norm(0.5)  # small enough that every step clips
-        model.adamw_step(3e-3, step, weight_decay=0.1)
+        norm = optim.grad_norm(model)
+        optim.update(model, lr=3e-3, step=step, norm=norm, max_norm=0.5,  # every step clips
+                     weight_decay=0.1)
         loss, t_norm = train_step(net, opt, torch.from_numpy(x), torch.from_numpy(y), clip=0.5)
         theirs.append(loss)
         assert norm == pytest.approx(t_norm, rel=3e-6)

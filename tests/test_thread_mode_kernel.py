@@ -31,8 +31,7 @@ def _train(model, batches, partition=None, order=None):
         if order is not None:
             x, y = x[order], y[order]
         losses.append(model.forward_backward(x, y, partition=partition))
-        optim.clip_grad_norm(model.grad_buffer, 1.0, threads=2)
-        model.adamw_step(lr=3e-3, step=step)
+        optim.update(model, lr=3e-3, step=step, norm=optim.grad_norm(model), max_norm=1.0)
     return np.array(losses)
 
 

@@ -9,7 +9,7 @@ Each thread writes only what it owns and every sum runs in a fixed order, so
 import numpy as np
 import pytest
 
-from mpitrain import Model, ModelConfig
+from mpitrain import Model, ModelConfig, optim
 
 CFG = ModelConfig(vocab_size=300, max_seq_len=32, d_model=48, n_layers=2, n_heads=4, d_ff=96)
 
@@ -95,8 +95,7 @@ def test_optimizer_through_the_model_is_thread_independent():
         model = Model(CFG, seed=8, threads=threads)
         for step in range(1, 4):
             model.forward_backward(inputs, targets)
-            model.clip_grad_norm(0.5)
-            model.adamw_step(lr=1e-3, step=step)
+            optim.update(model, lr=1e-3, step=step, norm=optim.grad_norm(model), max_norm=0.5)
         buffers.append(model.param_buffer.copy())
     np.testing.assert_allclose(buffers[0], buffers[1], rtol=0, atol=1e-6)
 

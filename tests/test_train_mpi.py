@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpitrain import schedule
+from mpitrain import optim, schedule
 from mpitrain.config import PRESETS
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.mpi_worker import call_ranges, tail_windows
@@ -220,9 +220,8 @@ def test_matches_a_single_process_reference(runs, tiny_dataset):
         ids, position = schedule.next_batch(position, tc.batch_size, num_windows, tc.seed)
         x, y = schedule.gather_windows(tokens, ids, tc.seq_len)
         losses[step] = model.forward_backward(x, y)
-        model.clip_grad_norm(tc.clip)
-        model.adamw_step(schedule.lr_at(step, tc.lr, tc.warmup, total), step, beta1=tc.beta1,
-                         beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay)
+        optim.update(model, lr=schedule.lr_at(step, tc.lr, tc.warmup, total), step=step,
+                     norm=optim.grad_norm(model), **optim.train_settings(tc))
     got = step_losses(records)
     assert all(_rel(got[s], losses[s]) < REL for s in losses), (got, losses)
     eval_ids = schedule.eval_window_ids(schedule.window_count(len(val), tc.seq_len),

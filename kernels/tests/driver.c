@@ -4,15 +4,14 @@
  *
  *   driver THREADS     (THREADS >= 2; default 4)
  *
- * 1. optimizer: clip + AdamW on synthetic gradients through the self-threaded "_flat" entry
- *    points and through the "_part" functions run on pthreads here; every result must be bitwise
- *    equal to the single-threaded one.
+ * 1. optimizer: clip + AdamW on synthetic gradients on a model's pool of THREADS threads,
+ *    whole and in shards as MPI workers take them; every result must be bitwise equal to the
+ *    single-threaded one.
  * 2. model: a tiny model trains 3 steps (forward+backward on THREADS kernel threads, clip, AdamW
  *    on THREADS threads), twice; both runs must agree bit for bit, and with a 1-thread run to
  *    float tolerance. Also the forward-only loss and the counters.
  * Exit 0 when all checks pass, 1 otherwise (sanitizer reports abort the run on their own). */
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,107 +43,90 @@ static float *fvec(size_t n) {
 
 /* ---- 1. optimizer ----------------------------------------------------------------------------- */
 
-typedef struct {
-    float *p, *g, *m, *v;
-    int64_t n;
-    const int64_t *bounds;
-    const unsigned char *decay;
-    int nseg;
-    int64_t step;
-    double *partials;
-    int phase;  /* 0: sum of squares, 1: scale by factor, 2: AdamW */
-    float factor;
-    int part, nparts;
-} part_job;
+static const mt_config OPT_CFG = {.vocab_size = 97, .max_seq_len = 16, .d_model = 32,
+                                  .n_layers = 2, .n_heads = 4, .d_ff = 64};
 
-static void *part_main(void *arg) {
-    part_job *j = arg;
-    if (j->phase == 0) grad_sumsq_part(j->partials, j->g, j->n, j->part, j->nparts);
-    else if (j->phase == 1) scale_part(j->g, j->n, j->factor, j->part, j->nparts);
-    else adamw_part(j->p, j->g, j->m, j->v, j->n, j->bounds, j->decay, j->nseg, 1e-2, 0.9, 0.999,
-                    1e-8, 0.1, j->step, j->part, j->nparts);
-    return NULL;
-}
-
-/* Runs one phase of the "_part" API on nparts pthreads (a stand-in for a caller's pool). */
-static void run_phase(part_job proto, int nparts) {
-    pthread_t th[64];
-    part_job jobs[64];
-    for (int k = 0; k < nparts; k++) {
-        jobs[k] = proto;
-        jobs[k].part = k;
-        jobs[k].nparts = nparts;
-        if (pthread_create(&th[k], NULL, part_main, &jobs[k]) != 0) {
-            fprintf(stderr, "driver: pthread_create failed\n");
-            exit(2);
-        }
+/* Three clip + AdamW steps on synthetic gradients over n floats, on a model whose pool has
+ * `threads` threads split into as many parts, the arrays updated in `shards` ranges (as MPI
+ * workers update their slices). Segments of uneven sizes around the norm's block size (8192)
+ * so ranges cut through them. */
+static void optimizer_run(int threads, int shards, float *p, float *m, float *v, double *norms) {
+    static const int64_t bounds[] = {0, 5000, 5003, 20000, 20001, 41000};
+    static const unsigned char decay[] = {1, 0, 1, 0, 1};
+    enum { NSEG = 5 };
+    const int64_t n = bounds[NSEG];
+    size_t np;
+    CHECK(mt_num_params(&OPT_CFG, &np) == MT_OK, "mt_num_params refused a valid config");
+    float *params = fvec(np), *grads = fvec(np), *g = fvec((size_t)n);
+    mt_model *model = NULL;
+    if (mt_model_new(&OPT_CFG, params, grads, threads, &model) != MT_OK ||
+        mt_model_set_parts(model, threads) != MT_OK) {
+        fprintf(stderr, "driver: no model on %d threads\n", threads);
+        exit(2);
     }
-    for (int k = 0; k < nparts; k++) pthread_join(th[k], NULL);
-}
-
-/* Three clip + AdamW steps; mode 0: _flat on `threads`, mode 1: _part on `threads` pthreads. */
-static void optimizer_run(int threads, int mode, float *p, float *m, float *v, int64_t n,
-                          const int64_t *bounds, const unsigned char *decay, int nseg,
-                          double *norms) {
-    float *g = fvec((size_t)n);
+    mt_adamw hyper = {.lr = 1e-2, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8,
+                      .weight_decay = 0.1, .step = 1};
     lcg_state = 777;
     for (int64_t i = 0; i < n; i++) { p[i] = uniform(); m[i] = v[i] = 0.0f; }
     for (int step = 1; step <= 3; step++) {
         for (int64_t i = 0; i < n; i++) g[i] = 0.05f * uniform();
-        if (mode == 0) {
-            norms[step - 1] = clip_grad_norm_flat(g, n, 1.0, threads);
-            CHECK(adamw_step_flat(p, g, m, v, n, bounds, decay, nseg, 1e-2, 0.9, 0.999, 1e-8, 0.1,
-                                  step, threads) == 0, "adamw_step_flat refused valid arguments");
-        } else {
-            int64_t nb = optim_norm_blocks(n);
-            double *partials = calloc((size_t)nb, sizeof(double));
-            part_job j = {p, g, m, v, n, bounds, decay, nseg, step, partials, 0, 1.0f, 0, 1};
-            run_phase(j, threads);
-            double norm = sqrt(optim_sum_partials(partials, nb));
-            double coef = clip_coefficient(norm, 1.0);
-            if (coef < 1.0) {
-                j.phase = 1;
-                j.factor = (float)coef;
-                run_phase(j, threads);
+        CHECK(mt_grad_norm(model, g, n, &norms[step - 1]) == MT_OK, "mt_grad_norm failed");
+        hyper.step = step;
+        for (int k = 0; k < shards; k++) {
+            int64_t lo = n * k / shards, hi = n * (k + 1) / shards;
+            /* this shard's segments, rebased to lo */
+            int64_t sb[NSEG + 1];
+            unsigned char sd[NSEG];
+            int ns = 0;
+            sb[0] = 0;
+            for (int j = 0; j < NSEG; j++) {
+                int64_t a = bounds[j] > lo ? bounds[j] : lo;
+                int64_t b = bounds[j + 1] < hi ? bounds[j + 1] : hi;
+                if (a < b) { sb[ns + 1] = b - lo; sd[ns] = decay[j]; ns++; }
             }
-            j.phase = 2;
-            run_phase(j, threads);
-            norms[step - 1] = norm;
-            free(partials);
+            if (ns == 0) { sb[1] = 0; sd[0] = 0; ns = 1; }
+            float *state[2] = {m + lo, v + lo};
+            CHECK(mt_optim_step(model, p + lo, g + lo, state, 2, hi - lo, sb, sd, ns, &hyper,
+                                norms[step - 1], 1.0) == MT_OK,
+                  "mt_optim_step refused valid arguments");
         }
     }
-    free(g);
+    hyper.step = 0;
+    float *state[2] = {m, v};
+    CHECK(mt_optim_step(model, p, g, state, 2, n, bounds, decay, NSEG, &hyper, 0.0, 0.0) ==
+              MT_EINVAL, "step 0 must be refused");
+    hyper.step = 1;
+    CHECK(mt_optim_step(model, p, g, state, 1, n, bounds, decay, NSEG, &hyper, 0.0, 0.0) ==
+              MT_EINVAL, "one state array must be refused");
+    mt_model_free(model);
+    free(params); free(grads); free(g);
 }
 
 static void test_optimizer(int threads) {
-    /* Segments of uneven sizes around the norm's block size (8192) so ranges cut through them. */
-    const int64_t bounds[] = {0, 5000, 5003, 20000, 20001, 41000};
-    const unsigned char decay[] = {1, 0, 1, 0, 1};
-    const int nseg = 5;
-    const int64_t n = bounds[nseg];
+    const int64_t n = 41000;
     float *p1 = fvec(n), *m1 = fvec(n), *v1 = fvec(n);
     float *p2 = fvec(n), *m2 = fvec(n), *v2 = fvec(n);
     double norms1[3], norms2[3];
-    optimizer_run(1, 0, p1, m1, v1, n, bounds, decay, nseg, norms1);
-    for (int mode = 0; mode < 2; mode++) {
-        optimizer_run(threads, mode, p2, m2, v2, n, bounds, decay, nseg, norms2);
-        CHECK(memcmp(norms1, norms2, sizeof norms1) == 0, "optimizer mode %d: norms differ", mode);
-        CHECK(memcmp(p1, p2, n * sizeof(float)) == 0, "optimizer mode %d: params differ", mode);
+    optimizer_run(1, 1, p1, m1, v1, norms1);
+    for (int shards = 1; shards <= 3; shards += 2) {
+        optimizer_run(threads, shards, p2, m2, v2, norms2);
+        CHECK(memcmp(norms1, norms2, sizeof norms1) == 0, "optimizer (%d shards): norms differ",
+              shards);
+        CHECK(memcmp(p1, p2, n * sizeof(float)) == 0, "optimizer (%d shards): params differ",
+              shards);
         CHECK(memcmp(m1, m2, n * sizeof(float)) == 0 && memcmp(v1, v2, n * sizeof(float)) == 0,
-              "optimizer mode %d: moments differ", mode);
+              "optimizer (%d shards): moments differ", shards);
     }
     CHECK(norms1[0] > 1.0, "the first step should have been clipped (norm %g)", norms1[0]);
-    CHECK(adamw_step_flat(p1, p1, m1, v1, n, bounds, decay, nseg, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0,
-                          threads) == -1, "step 0 must be refused");
     free(p1); free(m1); free(v1); free(p2); free(m2); free(v2);
-    printf("driver: optimizer on %d threads: bitwise equal to 1 thread (flat and part APIs)\n",
+    printf("driver: optimizer on %d threads (whole and in 3 shards): bitwise equal to 1 thread\n",
            threads);
 }
 
 /* ---- 2. the model's threaded step ---------------------------------------------------------- */
 
 typedef struct {
-    float *p, *g, *m, *v;
+    float *p, *g, *m, *v;     /* parameters, gradients, AdamW's two moments */
     float *g_first;  /* gradients of step 1 (same parameters in every run) */
     double losses[3];
     double eval_loss;
@@ -154,8 +136,9 @@ typedef struct {
  * thread t, so with more threads than windows some parts are empty. */
 static int model_train(const mt_config *cfg, int threads, int partitioned, model_run *r) {
     enum { B = 6, T = 16 };
-    size_t n = mt_num_params(cfg);
-    int nt = mt_num_tensors(cfg);
+    size_t n;
+    int nt;
+    if (mt_num_params(cfg, &n) != MT_OK || mt_num_tensors(cfg, &nt) != MT_OK) return -1;
     int64_t *bounds = calloc((size_t)nt + 1, sizeof(int64_t));
     unsigned char *decay = calloc((size_t)nt, 1);
     for (int i = 0; i < nt; i++) {
@@ -168,12 +151,15 @@ static int model_train(const mt_config *cfg, int threads, int partitioned, model
     }
     bounds[nt] = (int64_t)n;
     r->p = fvec(n); r->g = fvec(n); r->m = fvec(n); r->v = fvec(n); r->g_first = fvec(n);
-    mt_model *model = mt_model_new(cfg, r->p, r->g, r->m, r->v, threads);
-    if (!model) return -1;
+    mt_model *model = NULL;
+    if (mt_model_new(cfg, r->p, r->g, threads, &model) != MT_OK) return -1;
+    float *state[2] = {r->m, r->v};
+    mt_adamw hyper = {.lr = 3e-3, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8,
+                      .weight_decay = 0.01, .step = 1};
     /* Split the step `threads` ways even on a machine with fewer CPUs (the default would use
      * min(threads, CPUs) parts and let the rest sleep, which hides races from the sanitizer). */
     if (mt_model_set_parts(model, threads) != 0) return -1;
-    mt_model_init(model, 42);
+    if (mt_model_init(model, 42) != MT_OK) return -1;
     int32_t offsets[65];
     for (int t = 0; t <= threads; t++) offsets[t] = (int32_t)(t * B / threads);
     int32_t inputs[B * T], targets[B * T];
@@ -190,9 +176,11 @@ static int model_train(const mt_config *cfg, int threads, int partitioned, model
                  : mt_forward_backward(model, inputs, targets, B, T, 1.0f / (B * T), 0,
                                        &r->losses[step - 1]);
         if (rc == 0 && step == 1) memcpy(r->g_first, r->g, n * sizeof(float));
-        if (rc == 0) clip_grad_norm_flat(r->g, (int64_t)n, 1.0, threads);
-        if (rc == 0) rc = adamw_step_flat(r->p, r->g, r->m, r->v, (int64_t)n, bounds, decay, nt,
-                                          3e-3, 0.9, 0.999, 1e-8, 0.01, step, threads);
+        double norm = 0.0;
+        hyper.step = step;
+        if (rc == 0) rc = mt_grad_norm(model, r->g, (int64_t)n, &norm);
+        if (rc == 0) rc = mt_optim_step(model, r->p, r->g, state, 2, (int64_t)n, bounds, decay,
+                                        nt, &hyper, norm, 1.0);
     }
     if (rc == 0) rc = mt_loss(model, inputs, targets, B, T, &r->eval_loss);
     uint64_t calls = 0, windows = 0;
@@ -224,7 +212,8 @@ static double max_abs_diff(const float *x, const float *y, size_t n) {
 static void test_model(int threads) {
     const mt_config cfg = {.vocab_size = 97, .max_seq_len = 16, .d_model = 32, .n_layers = 2,
                            .n_heads = 4, .d_ff = 64};
-    size_t n = mt_num_params(&cfg);
+    size_t n = 0;
+    CHECK(mt_num_params(&cfg, &n) == MT_OK, "mt_num_params refused a valid config");
     model_run a, b, one, part;
     CHECK(model_train(&cfg, threads, 0, &a) == 0, "model run on %d threads failed", threads);
     CHECK(model_train(&cfg, threads, 0, &b) == 0, "second model run on %d threads failed", threads);

@@ -67,7 +67,7 @@ class WorkerLink:
         raise NotImplementedError
 
     def send_state(self, buffers: list) -> Pending:
-        """Send `buffers` (parameters, m, v) to every worker (resume)."""
+        """Send `buffers` (parameters, then each optimizer state arena) to every worker (resume)."""
         raise NotImplementedError
 
     def gather_counters(self, own: tuple) -> Pending:

@@ -1,9 +1,9 @@
 """What Node Zero and the workers say to each other, independent of how it travels.
 
 Node Zero sends Commands; the lead worker (worker 0, MPI rank 1) answers each STEP, EVAL and
-SAVE with one Report, and after EVAL and SAVE also sends state (parameters; parameters and both
-Adam moments). Commands and reports are fixed-size arrays on the wire so MPI moves them as
-buffers, without pickling:
+SAVE with one Report, and after EVAL and SAVE also sends state (parameters; parameters and
+every optimizer state arena, mpitrain.optim.ADAMW.state). Commands and reports are fixed-size
+arrays on the wire so MPI moves them as buffers, without pickling:
 
   command  int64[HEADER + batch_size]: kind, step, lr as the bits of a float64, window count,
            then the step's global window ids (STEP only; unused slots are -1)

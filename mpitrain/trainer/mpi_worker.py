@@ -72,13 +72,11 @@ class MPIWorker(Worker):
         # less for the seed model at -n 2).
         self.grad_shard = (self.model.grad_buffer if k == 1
                            else np.empty(self.hi - self.lo, np.float32))
-        self.segments = _slice_segments(optim.decay_segments(
-            self.model.param_shapes[name] for name in self.model.param_names), self.lo, self.hi)
         self.traces = trace_files([comm.index])
 
     def _before_save(self) -> None:
-        for moment in (self.model.m_buffer, self.model.v_buffer):  # each holds its slice only
-            self.comm.allgather_in_place(moment, self.counts, self.displs)
+        for arena in self.model.optimizer_arenas:  # each worker holds its slice only
+            self.comm.allgather_in_place(arena, self.counts, self.displs)
 
     def _train_step(self, command) -> None:
         m, tc = self.model, self.tc
@@ -99,29 +97,12 @@ class MPIWorker(Worker):
             self._sums[0] = 0.0
         lo, hi = self.lo, self.hi
         self.comm.reduce_scatter_sum(m.grad_buffer, self.grad_shard, self.counts)
-        self._sums[1] = optim.grad_norm(self.grad_shard, threads=m.threads) ** 2
+        self._sums[1] = optim.grad_norm(m, self.grad_shard) ** 2
         self.comm.allreduce_sum(self._sums)   # [sum of token losses, squared gradient norm]
         norm = float(np.sqrt(self._sums[1]))
         if self.comm.is_lead:
             self.comm.report(Report(STEP, command.step, self._sums[0] * self.scale, norm))
-        coefficient = tc.clip / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-        if tc.clip > 0 and np.isfinite(norm) and coefficient < 1.0:
-            self.grad_shard *= np.float32(coefficient)
-        optim.adamw_step(m.param_buffer[lo:hi], self.grad_shard, m.m_buffer[lo:hi],
-                         m.v_buffer[lo:hi], lr=command.lr, step=command.step, beta1=tc.beta1,
-                         beta2=tc.beta2, eps=tc.eps, weight_decay=tc.weight_decay,
-                         segments=self.segments, threads=m.threads)
+        optim.update(m, lr=command.lr, step=command.step, norm=norm, lo=lo, hi=hi,
+                     grads=self.grad_shard, **optim.train_settings(tc))   # clip + AdamW
         self.comm.publish_parameters(m.param_buffer, self.counts, self.displs)
 
-
-def _slice_segments(segments, lo: int, hi: int):
-    """The weight-decay segments of arena range [lo, hi), rebased to start at 0."""
-    bounds, decay = [0], []
-    for k in range(len(segments.decay)):
-        a, b = max(int(segments.bounds[k]), lo), min(int(segments.bounds[k + 1]), hi)
-        if a < b:
-            bounds.append(b - lo)
-            decay.append(int(segments.decay[k]))
-    if not decay:  # an empty slice (more workers than parameters)
-        return optim.Segments([0, 0], [0])
-    return optim.Segments(bounds, decay)

@@ -11,7 +11,8 @@ Node Zero never computes a training batch. It talks to the workers only through 
   EVAL n   after step n (and before training starts, n = 0): validation loss over the fixed
            windows, spread over the workers; the lead reports it, then sends the parameters,
            from which Node Zero generates the sample.
-  SAVE n   the lead reports, sends parameters and both Adam moments, and trains on; Node Zero
+  SAVE n   the lead reports, sends parameters and every optimizer state arena (the state
+           tensors mpitrain.optim.ADAMW declares), and trains on; Node Zero
            writes the checkpoint in a background thread.
   STOP     the last command: workers send their kernel counters and peak RSS, and wait to be
            released.
@@ -198,11 +199,11 @@ class NodeZero:
     def _on_save(self, r) -> None:
         self._wait_saver()
         m = self.model
-        self._wait(self.link.receive_state([m.param_buffer, m.m_buffer, m.v_buffer]))
+        self._wait(self.link.receive_state([m.param_buffer, *m.optimizer_arenas]))
         position = self.positions[r.step]
         self.saver.start(
             r.step, model_config=self.plan.model_config, train_config=self.tc,
-            params={n: m.params[n] for n in m.param_names}, m=m.adam_m, v=m.adam_v,
+            params={n: m.params[n] for n in m.param_names}, optimizer_state=m.optimizer_state,
             epoch=position.epoch, data_position=position, rng_state={"seed": self.tc.seed},
             train_loss=self.losses.get(r.step), val_loss=self.val_loss,
             tokenizer=self.tokenizer,
@@ -217,10 +218,11 @@ class NodeZero:
         ck, m = self.checkpoint, self.model
         for name in m.param_names:
             m.params[name][...] = ck.params[name]
-            m.adam_m[name][...] = ck.m[name]
-            m.adam_v[name][...] = ck.v[name]
+        for state, views in m.optimizer_state.items():
+            for name in m.param_names:
+                views[name][...] = ck.optimizer_state[state][name]
         self.checkpoint = None  # its arrays can go
-        self._wait(self.link.send_state([m.param_buffer, m.m_buffer, m.v_buffer]))
+        self._wait(self.link.send_state([m.param_buffer, *m.optimizer_arenas]))
         self.log.event("resume", f"resumed from {self.plan.resume_path} at step "
                        f"{self.plan.start_step}", path=self.plan.resume_path,
                        step=self.plan.start_step)

@@ -173,7 +173,7 @@ def make_plan(options: dict):
     elif existing_checkpoints(run_dir):
         raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
                         f"that run, or choose another --run-dir")
-    if checkpoint is not None and checkpoint.m is None:
+    if checkpoint is not None and checkpoint.optimizer_state is None:
         raise UserError(f"{checkpoint.path} is a weights-only export (no optimizer state): "
                         f"resume needs a training checkpoint")
     if checkpoint is not None and hasattr(checkpoint.tokenizer, "pretokens") \

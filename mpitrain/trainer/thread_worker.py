@@ -37,10 +37,6 @@ class ThreadWorker(Worker):
         self.order = np.array([j for share in shares for j in share], np.int64)  # [B]
         self.partition = [len(share) for share in shares]
         self.shares = shares
-        # Clip and AdamW run on the kernel's default parts (min(threads, CPUs)); their results
-        # do not depend on the thread count.
-        self.opt_threads = m.work_parts
-        self.full_segments = optim.decay_segments(m.param_shapes[n] for n in m.param_names)
         self.traces = trace_files(range(num_workers))   # one trace file per worker
 
     def _train_step(self, command) -> None:
@@ -50,12 +46,6 @@ class ThreadWorker(Worker):
             self._trace(w, command.step, command.windows[share])
         x, y = schedule.gather_windows(self.tokens, ids, tc.seq_len)   # int32 [B, T]
         loss = m.forward_backward(x, y, grad_scale=self.scale, partition=self.partition)
-        if tc.clip > 0:   # as torch.nn.utils.clip_grad_norm_; a non-finite norm leaves grads
-            norm = optim.clip_grad_norm(m.grad_buffer, tc.clip, threads=self.opt_threads)
-        else:
-            norm = optim.grad_norm(m.grad_buffer, threads=self.opt_threads)
+        norm = optim.grad_norm(m)   # clip + AdamW run on the kernel's work parts
         self.comm.report(Report(STEP, command.step, loss, norm))
-        optim.adamw_step(m.param_buffer, m.grad_buffer, m.m_buffer, m.v_buffer, lr=command.lr,
-                         step=command.step, beta1=tc.beta1, beta2=tc.beta2, eps=tc.eps,
-                         weight_decay=tc.weight_decay, segments=self.full_segments,
-                         threads=self.opt_threads)
+        optim.update(m, lr=command.lr, step=command.step, norm=norm, **optim.train_settings(tc))

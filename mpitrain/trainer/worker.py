@@ -63,7 +63,7 @@ class Worker:
             # step 0's too; with one shared parameter arena, one worker writes it (the others'
             # copy lands in their gradient buffers, free until the first step)
             params = m.param_buffer if self.comm.writes_parameters else m.grad_buffer
-            self.comm.receive_state([params, m.m_buffer, m.v_buffer])
+            self.comm.receive_state([params, *m.optimizer_arenas])
         self.comm.parameters_ready()
         while True:
             command = self.comm.next_command()
@@ -77,7 +77,7 @@ class Worker:
                 self._before_save()
                 if self.comm.is_lead:
                     self.comm.report(Report(SAVE, command.step))
-                    self.comm.send_state([m.param_buffer, m.m_buffer, m.v_buffer])
+                    self.comm.send_state([m.param_buffer, *m.optimizer_arenas])
             elif command.kind == STOP:
                 break
         self.comm.send_counters((*m.counters(), peak_rss_kib()))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mpitrain import ops
+from tolerances import assert_close
 
 
 def ref_layernorm(x, w, b, eps=1e-5):
@@ -37,9 +38,9 @@ def test_layernorm_forward_matches_numpy(N, C):
     b = rng.normal(0, 0.1, C).astype(np.float32)
     out, mean, rstd = ops.layernorm_forward(x, w, b)
     r_out, r_mean, r_rstd = ref_layernorm(x, w, b)
-    np.testing.assert_allclose(out, r_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(mean, r_mean, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(rstd, r_rstd, rtol=1e-4)
+    assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    assert_close(mean, r_mean, rtol=1e-5, atol=1e-5)
+    assert_close(rstd, r_rstd, rtol=1e-4)
 
 
 @pytest.mark.parametrize("N,C", [(1, 2), (4, 9), (32, 384)])
@@ -52,9 +53,9 @@ def test_layernorm_backward_matches_numpy(N, C):
     _, mean, rstd = ops.layernorm_forward(x, w, b)
     dx, dw, db = ops.layernorm_backward(dout, x, w, mean, rstd)
     r_dx, r_dw, r_db = ref_layernorm_backward(dout, x, w)
-    np.testing.assert_allclose(dx, r_dx, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dw, r_dw, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(db, r_db, rtol=1e-4, atol=1e-4)
+    assert_close(dx, r_dx, rtol=1e-4, atol=1e-4)
+    assert_close(dw, r_dw, rtol=1e-4, atol=1e-4)
+    assert_close(db, r_db, rtol=1e-4, atol=1e-4)
 
 
 def test_wrapper_refuses_wrong_buffers():

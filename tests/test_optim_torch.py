@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mpitrain import optim
+from tolerances import assert_close
 
 torch = pytest.importorskip("torch")
 
@@ -58,11 +59,11 @@ def test_ten_adamw_steps_match_torch(threads):
         opt.step()
         optim.adamw_step(p, g, m, v, lr=lr, step=step, beta1=0.9, beta2=0.95, eps=1e-8,
                          weight_decay=0.05, segments=seg, threads=threads)
-        np.testing.assert_allclose(p, flatten(tp), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(m, flatten(opt.state[t]["exp_avg"] for t in tp),
-                               rtol=1e-6, atol=2e-9)
-    np.testing.assert_allclose(v, flatten(opt.state[t]["exp_avg_sq"] for t in tp),
-                               rtol=1e-6, atol=3e-11)
+        assert_close(p, flatten(tp), rtol=1e-6, atol=1e-8)
+    assert_close(m, flatten(opt.state[t]["exp_avg"] for t in tp),
+                 rtol=1e-6, atol=2e-9)
+    assert_close(v, flatten(opt.state[t]["exp_avg_sq"] for t in tp),
+                 rtol=1e-6, atol=3e-11)
 
 
 @pytest.mark.parametrize("scale,max_norm", [(1.0, 1.0), (1e-3, 1.0), (0.3, 2.5)])
@@ -78,7 +79,7 @@ def test_clip_matches_torch(scale, max_norm):
     expected = float(torch.nn.utils.clip_grad_norm_(tp, max_norm))
     norm = optim.clip_grad_norm(g, max_norm, threads=2)
     assert norm == pytest.approx(expected, rel=1e-6)
-    np.testing.assert_allclose(g, flatten(t.grad for t in tp), rtol=1e-6, atol=0)
+    assert_close(g, flatten(t.grad for t in tp), rtol=1e-6, atol=0)
 
 
 def test_ten_training_steps_of_the_model_match_torch():
@@ -111,7 +112,7 @@ def test_ten_training_steps_of_the_model_match_torch():
         theirs.append(loss)
         assert norm == pytest.approx(t_norm, rel=3e-6)
         assert norm > 0.5
-    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert_close(ours, theirs, rtol=1e-6)
     assert ours[-1] < ours[0] - 0.5
     for name, p in net.numpy_state().items():
-        np.testing.assert_allclose(model.params[name], p, rtol=0, atol=5e-5, err_msg=name)
+        assert_close(model.params[name], p, rtol=0, atol=5e-5, err_msg=name)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mpitrain.config import ModelConfig
+from tolerances import assert_close
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
@@ -105,7 +106,7 @@ def test_forward_matches_numpy_reference():
     with torch.no_grad():
         logits, loss = net(torch.from_numpy(idx), torch.from_numpy(tgt))
     r_logits, r_loss = np_forward(P, TINY, idx, tgt)
-    np.testing.assert_allclose(logits.numpy(), r_logits, rtol=0, atol=2e-5)
+    assert_close(logits.numpy(), r_logits, rtol=0, atol=2e-5)
     assert float(loss) == pytest.approx(r_loss, rel=1e-5)
 
 

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import write_corpus
+from conftest import REPO, write_corpus
 
 # One case's limit: a normal case takes well under a second here (the train cases a few
 # tenths); the margin is for a loaded 2-core machine.
@@ -147,6 +147,8 @@ def sweep(cases, workdir, timeout=20.0):
         json.dump(cases, f)
     results, hangs, start = [], [], 0
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the worker runs this file as a script: mpitrain must be importable without being installed
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     while start < len(cases):
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), cases_path,
                                  str(start)], stdout=subprocess.PIPE, env=env)

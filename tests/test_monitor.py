@@ -218,7 +218,14 @@ def test_follow_picks_up_new_lines(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mpitrain", "monitor", run_dir,
                              "--interval", "0.2"], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        time.sleep(1.5)
+        # wait for the first frame (showing step 2) rather than a fixed time: a start-up slower
+        # than the sleep (a loaded machine) read step 3 first and failed the test
+        first, deadline = [], time.monotonic() + 60
+        while not any("step       2 of 100" in line for line in first):
+            assert time.monotonic() < deadline, first
+            line = proc.stdout.readline()   # the monitor prints a frame every 0.2 s
+            assert line, first              # it ended before showing step 2
+            first.append(line)
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": 3, "loss": 2.5, "tokens_per_s": 1.0,
                                 "time": 1002.0}) + "\n")
@@ -226,6 +233,7 @@ def test_follow_picks_up_new_lines(tmp_path):
             time.sleep(1.0)
             f.write(json.dumps({"event": "end", "time": 1003.0}) + "\n")
         out, _ = proc.communicate(timeout=20)
+        out = "".join(first) + out
     finally:
         proc.kill()
     assert proc.returncode == 0

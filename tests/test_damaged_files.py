@@ -239,6 +239,7 @@ def _cases(files, kind):
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["checkpoint", "weights", "dataset"])
 def test_byte_flips_end_in_exit_0_or_one_line_and_exit_2(files, kind, tmp_path):
     cases = _cases(files, kind)
@@ -355,6 +356,7 @@ def test_an_attribute_of_a_kind_we_never_write_is_damage(files, kind, tmp_path, 
             Dataset.open(path)
 
 
+@pytest.mark.slow
 def test_a_tensor_name_that_does_not_decode(files, tmp_path, capsys):
     """h5py gives a name that is not UTF-8 as bytes; the checks name it instead of failing on
     it (found by the wider sweep: a flipped byte in a link name)."""

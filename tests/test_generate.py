@@ -17,6 +17,8 @@ from mpitrain.generate import Generator, Sampler
 from tolerances import assert_within
 from test_generate_support import CONFIG, TOKENIZER, reference_greedy, save_model, scaled_model
 
+pytestmark = pytest.mark.numerics
+
 T = CONFIG.max_seq_len
 REL = 2e-5
 

@@ -127,6 +127,7 @@ def test_compare_two_checkpoints(tmp_path, capsys):
     assert {r["status"] for r in d["tensors"]["optimizer/m"]} == {"only in A"}
 
 
+@pytest.mark.slow
 def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path):
     # A diverged run saves NaN/Inf with correct CRC32s: only the finiteness check sees them.
     path = tmp_path / "checkpoint_step_7.h5"
@@ -163,6 +164,7 @@ def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path):
     assert "finite       all 18 tensors" in run_cli("inspect", tmp_path / "fine.h5").stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_inspect_through_the_command_line(tmp_path):
     # Everything issue 6 lists for a checkpoint, through the real CLI, text and JSON.
     path = tmp_path / "checkpoint_step_7.h5"

@@ -9,6 +9,8 @@ import pytest
 from mpitrain import ops
 from tolerances import assert_close
 
+pytestmark = pytest.mark.numerics
+
 
 def ref_layernorm(x, w, b, eps=1e-5):
     x = x.astype(np.float64)

@@ -13,6 +13,8 @@ from mpitrain import Model, ModelConfig
 from mpitrain.model import output_chunk_rows_for
 from tolerances import assert_close, assert_scalar
 
+pytestmark = pytest.mark.numerics
+
 TINY = ModelConfig(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
 

@@ -20,6 +20,8 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 from torch_gpt import TorchGPT, train_step  # noqa: E402
 
+pytestmark = pytest.mark.numerics
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     # Tiny models: torch's thread pool only adds contention with the kernel's and other tests'.
@@ -65,6 +67,7 @@ def test_logits_loss_and_every_gradient_match_torch(threads):
                      err_msg=name)
 
 
+@pytest.mark.slow
 def test_ten_training_steps_match_torch():
     model, net = setup()
     opt = net.adamw(lr=3e-3, weight_decay=0.01)
@@ -87,4 +90,8 @@ def test_ten_training_steps_match_torch():
             # which turns it into steps of about +-lr: allow 10 steps of lr there.
             assert_close(ours[C:2 * C], theirs[C:2 * C], rtol=0, atol=10 * 3e-3)
             ours, theirs = np.delete(ours, np.s_[C:2 * C]), np.delete(theirs, np.s_[C:2 * C])
-        assert_close(ours, theirs, rtol=1e-3, atol=1e-4, err_msg=name)
+        # Adam turns rounding-level gradient differences on entries near zero into parameter
+        # differences of a fraction of lr a step: atol lr / 3 = 1e-3 (measured worst 1.3e-4
+        # with our Haswell, Sandybridge and Nehalem kernels, margin ~8 on atol alone and ~25
+        # with the rtol term); a wrong update is off by ~lr on every entry
+        assert_close(ours, theirs, rtol=1e-3, atol=1e-3, err_msg=name)

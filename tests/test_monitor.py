@@ -34,6 +34,7 @@ def _snapshot(run_dir, *extra):
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_finished_run(finished_run):
     records = read_metrics(finished_run)
     losses, vals = step_losses(records), val_losses(records)
@@ -60,11 +61,13 @@ def test_finished_run(finished_run):
     assert s["checkpoints_written"] == s["checkpoints_on_disk"] == 2
 
 
+@pytest.mark.slow
 def test_follow_ends_with_the_run(finished_run):
     proc = run_cli("monitor", finished_run, "--interval", "0.2", timeout=20)
     assert proc.returncode == 0 and proc.stdout.count("status     finished") == 1
 
 
+@pytest.mark.slow
 def test_running_run(tiny_dataset, tmp_path):  # noqa: F811
     run_dir = str(tmp_path / "run")
     proc = start_train(2, "--preset", "tiny", "--dataset", tiny_dataset, "--run-dir", run_dir,
@@ -129,6 +132,7 @@ def _dead_pid():
     return p.pid
 
 
+@pytest.mark.slow
 def test_stalled_and_stopped(tmp_path):
     alive = str(tmp_path / "alive")
     _write_run(alive, _records(range(1, 21)), beat_age=1.0, pid=os.getpid())
@@ -152,6 +156,7 @@ def test_stalled_and_stopped(tmp_path):
     assert "is gone" in s["state_detail"]
 
 
+@pytest.mark.slow
 def test_phase_shows_what_node_zero_is_doing(tmp_path):
     run = str(tmp_path / "evaluating")
     _write_run(run, _records(range(1, 21)), beat_age=1.0, pid=os.getpid(),
@@ -185,6 +190,7 @@ def test_runlog_writes_node_zeros_activity_at_once(tmp_path):
     assert beat() == "finished"
 
 
+@pytest.mark.slow
 def test_partial_line_resume_and_bad_lines(tmp_path):
     run_dir = str(tmp_path / "run")
     records = _records(range(1, 11)) + [{"event": "checkpoint", "step": 10, "path":
@@ -211,6 +217,7 @@ def test_partial_line_resume_and_bad_lines(tmp_path):
     assert "1 unreadable line(s)" in run_cli("monitor", run_dir, "--once").stdout
 
 
+@pytest.mark.slow
 def test_follow_picks_up_new_lines(tmp_path):
     run_dir = str(tmp_path / "run")
     _write_run(run_dir, _records(range(1, 3)), beat_age=0.0, pid=os.getpid())
@@ -250,6 +257,7 @@ def test_sparkline():
     assert sparkline([1.0, float("nan"), 2.0]) == SPARK[0] + SPARK[-1]
 
 
+@pytest.mark.slow
 def test_bad_input(tmp_path):
     assert_user_error(run_cli("monitor", tmp_path / "nope", "--once"), "no such run directory")
     assert_user_error(run_cli("monitor", tmp_path, "--once"), "no metrics.jsonl")

@@ -12,6 +12,8 @@ import reference_gpt as ref
 from mpitrain import ops
 from tolerances import assert_close, assert_within, gamma, matmul_bound, sum_bound
 
+pytestmark = pytest.mark.numerics
+
 
 def rng_for(*key):
     return np.random.default_rng(zlib.crc32(repr(key).encode()))  # stable across runs

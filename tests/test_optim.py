@@ -13,6 +13,8 @@ import pytest
 from mpitrain import optim
 from tolerances import assert_close, assert_scalar, gamma
 
+pytestmark = pytest.mark.numerics
+
 SHAPES = [(40, 24), (24,), (24,), (7, 3, 5), (1,), (33, 17)]  # decay: 2-D and 3-D only
 
 

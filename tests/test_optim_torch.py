@@ -18,6 +18,8 @@ from tolerances import assert_close
 
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.numerics
+
 SHAPES = [(64, 32), (32,), (32,), (96, 32), (96,), (5, 2, 3), (200, 32)]
 
 
@@ -35,6 +37,7 @@ def flatten(tensors):
     return np.concatenate([t.detach().numpy().ravel() for t in tensors])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ten_adamw_steps_match_torch(threads):
     seg = optim.decay_segments(SHAPES)
@@ -82,6 +85,7 @@ def test_clip_matches_torch(scale, max_norm):
     assert_close(g, flatten(t.grad for t in tp), rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_ten_training_steps_of_the_model_match_torch():
     """The whole chain as the trainer runs it (kernel forward+backward, clip, AdamW with decay
     chosen by the model's own tensor table) against TorchGPT + clip_grad_norm_ + AdamW from the

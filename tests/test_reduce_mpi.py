@@ -14,6 +14,8 @@ import pytest
 
 from conftest import mpirun_path
 
+pytestmark = pytest.mark.slow  # MPI multi-rank runs
+
 CODE = textwrap.dedent("""
     import json, sys
     import numpy as np

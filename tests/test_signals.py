@@ -17,6 +17,8 @@ from test_train_support import (BIGGER, read_metrics, run_train, start_train, st
                                 wait_training,
                                 tiny_dataset)  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow  # MPI runs in subprocesses, signalled
+
 LIMIT = 30.0  # s from the signal to the end of the job
 
 

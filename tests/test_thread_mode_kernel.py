@@ -15,6 +15,8 @@ from mpitrain import Model, ModelConfig, optim
 from mpitrain.topology import assign_windows
 from tolerances import assert_close, assert_scalar
 
+pytestmark = pytest.mark.numerics
+
 CFG = ModelConfig(vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 B, T = 24, 16
 
@@ -37,6 +39,7 @@ def _train(model, batches, partition=None, order=None):
     return np.array(losses)
 
 
+@pytest.mark.slow
 def test_stress_12_threads_against_single_thread():
     batches = _batches(3) * 20        # few distinct batches: the loss must fall
     shares = assign_windows(12, B)

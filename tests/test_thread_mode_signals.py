@@ -14,6 +14,8 @@ from test_thread_mode import run_threads, thread_env
 from test_train_support import (BIGGER, read_metrics, step_losses, tiny_dataset,  # noqa: F401
                                 wait_training)
 
+pytestmark = pytest.mark.slow  # training runs in subprocesses, signalled
+
 LIMIT = 30.0  # s from the signal to the end of the process
 
 

@@ -14,6 +14,8 @@ import pytest
 from mpitrain import Model, ModelConfig
 from tolerances import assert_close, assert_scalar
 
+pytestmark = pytest.mark.numerics
+
 CFG = ModelConfig(vocab_size=300, max_seq_len=32, d_model=48, n_layers=2, n_heads=4, d_ff=96)
 
 
@@ -168,6 +170,7 @@ def test_changing_parts_on_one_pool():
         assert_scalar(loss, results[1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_models_release_their_threads():
     import gc
     import os

@@ -29,6 +29,7 @@ def test_seed_model_costs_about_136_mflop_per_token():
     assert bench_kernel.flops_per_token(ModelConfig.preset("seed"), 128) == 136_359_936
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_both_sides(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--threads", "2",

@@ -18,6 +18,8 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 from torch_gpt import TorchGPT, train_step  # noqa: E402
 
+pytestmark = pytest.mark.numerics
+
 TINY = ModelConfig(vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=48)
 
 
@@ -121,6 +123,7 @@ def test_load_numpy_refuses_wrong_state():
         net.load_numpy(state)
 
 
+@pytest.mark.slow
 def test_train_step_lowers_loss_on_a_repeated_batch():
     torch.manual_seed(0)
     net = TorchGPT(TINY)

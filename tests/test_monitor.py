@@ -55,6 +55,7 @@ def test_finished_run(finished_run):
     samples = [r["sample"] for r in records if "sample" in r]
     assert s["sample"] == samples[-1]
     tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and "event" not in r]
+    # a float64 mean of the same ten numbers, perhaps summed in another order (approx's 1e-6)
     assert s["tokens_per_s"] == pytest.approx(sum(tps[-10:]) / len(tps[-10:]))
     # the tiny dataset: windows from train.log; 10 steps of 12 windows stay in epoch 1
     assert s["epoch"] == 1 and s["epochs"] == 100
@@ -138,6 +139,7 @@ def test_stalled_and_stopped(tmp_path):
     _write_run(alive, _records(range(1, 21)), beat_age=1.0, pid=os.getpid())
     s = _snapshot(alive)
     assert s["state"] == "alive" and s["phase"] == "training"
+    # rates from the records' exact times, in float64 (pytest.approx's default rel 1e-6)
     assert s["step"] == 20 and s["steps_per_s"] == pytest.approx(2.0)
     assert s["eta_s"] == pytest.approx(40.0)          # 80 steps at 2 steps/s
     assert s["epoch"] == 20 * 12 // 60 + 1            # num_windows from the start event

@@ -82,6 +82,8 @@ def test_prepare_writes_what_the_definition_says(tmp_path, corpus_dir):
     pre = [t for text in texts for t in re.findall(PATTERN, text)]
     fallback = [t for t in pre if len(t.encode()) > 1 and t not in tok.ids]
     assert a["pretokens"] == len(pre) and a["pretokens_byte_fallback"] == len(fallback)
+    # ratios of integers in float64 (pytest.approx's default rel 1e-6: a different count would
+    # change them by far more)
     assert a["coverage"] == pytest.approx(1 - len(fallback) / len(pre))
     assert a["tokens_per_byte"] == pytest.approx((len(tokens) - 7) / a["bytes"])
     assert a["seq_len"] == 8 and a["vocab_size"] == tok.vocab_size

@@ -194,10 +194,21 @@ static int acts_alloc(mt_acts *a, const mt_config *c, int rows, int training) {
     return MT_OK;
 }
 
+/* Rows of an output-layer chunk for a budget of that many floats of logits. */
+static int chunk_rows_for(size_t budget_floats, int V) {
+    size_t r = (budget_floats / (size_t)V) & ~(size_t)15;
+    return r < 16 ? 16 : (r > (1u << 30) ? (1 << 30) : (int)r);
+}
+
+int mt_output_chunk_rows(size_t budget_floats, int V, int *out) {
+    if (V <= 0) return MT_EINVAL;
+    *out = chunk_rows_for(budget_floats, V);
+    return MT_OK;
+}
+
 static int ensure_chunk(mt_model *m, int N) {
     int V = m->cfg.vocab_size, threads = pool_size(m->pool);
-    int R = (int)(CHUNK_FLOATS / (unsigned)V) & ~15;
-    if (R < 16) R = 16;
+    int R = chunk_rows_for(m->chunk_budget, V);
     if (R > N) R = N;
     if (m->chunk && m->chunk_rows >= R && m->chunk_threads >= threads) return MT_OK;
     if (m->chunk && m->chunk_rows > R) R = m->chunk_rows;
@@ -278,6 +289,26 @@ int mt_model_parts(const mt_model *m, int *out) {
     return MT_OK;
 }
 
+int mt_model_set_chunk_budget(mt_model *m, size_t floats) {
+    if (mt_model_enter(m) != MT_OK) return MT_EBUSY;
+    m->chunk_budget = floats ? floats : CHUNK_FLOATS;
+    free(m->chunk);  /* the next call sizes the chunk afresh from the new budget */
+    m->chunk = NULL;
+    m->chunk_rows = m->chunk_threads = 0;
+    mt_model_leave(m);
+    return MT_OK;
+}
+
+int mt_model_chunk_budget(const mt_model *m, size_t *out) {
+    *out = m->chunk_budget;
+    return MT_OK;
+}
+
+int mt_model_chunk_rows(const mt_model *m, int *out) {
+    *out = m->chunk ? m->chunk_rows : 0;
+    return MT_OK;
+}
+
 int mt_model_new(const mt_config *cfg, float *params, float *grads, int threads,
                  mt_model **out) {
     if (!config_ok(cfg) || !params || !grads || threads < 1 || threads > 1024) return MT_EINVAL;
@@ -287,6 +318,7 @@ int mt_model_new(const mt_config *cfg, float *params, float *grads, int threads,
     if (!m) return MT_ENOMEM;
     m->cfg = *cfg;
     m->nparams = num_params(cfg);
+    m->chunk_budget = CHUNK_FLOATS;
     m->params = params; m->grads = grads;
     m->P.h = calloc((size_t)cfg->n_layers, sizeof(mt_block));
     m->G.h = calloc((size_t)cfg->n_layers, sizeof(mt_block));

@@ -47,6 +47,15 @@ int mt_model_threads(const mt_model *model, int *out);
  * optimizer's do not even depend on the parts. */
 int mt_model_set_parts(mt_model *model, int parts);
 int mt_model_parts(const mt_model *model, int *out);
+/* The output layer runs through chunks of rows (loss.c): mt_output_chunk_rows(budget, V) rows
+ * (a multiple of 16, at least 16) for a budget of that many floats of logits; a call of N rows
+ * uses min(that, N) rows, or more when an earlier call made the chunk larger. The budget is 64 MB
+ * (16M floats) unless set (0 restores it); the rows change the order of dW_lm's sums, so
+ * results depend on it. mt_model_chunk_rows: the rows of the current chunk, 0 before a call. */
+int mt_output_chunk_rows(size_t budget_floats, int vocab_size, int *out);
+int mt_model_set_chunk_budget(mt_model *model, size_t floats);
+int mt_model_chunk_budget(const mt_model *model, size_t *out);
+int mt_model_chunk_rows(const mt_model *model, int *out);
 /* GPT-2 initialisation from a seed: normal(0, 0.02) weights (residual projections scaled by
  * 1/sqrt(2*n_layers)), zero biases, LayerNorm weights one. Deterministic C RNG. */
 int mt_model_init(mt_model *model, uint64_t seed);

@@ -179,6 +179,7 @@ struct mt_model {
     mt_acts train, infer;
     float *chunk;                  /* output-layer chunk: R*(V+C+1+C*threads) floats (loss.c) */
     int chunk_rows, chunk_threads;
+    size_t chunk_budget;           /* floats of logits a chunk may hold (mt_output_chunk_rows) */
     uint64_t train_calls, windows;
     /* Optional partition of a training call (mt_forward_backward_parts): thread t does the
      * row-local work of windows [part_off[t], part_off[t+1]); NULL = even row split. Set only

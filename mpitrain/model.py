@@ -45,6 +45,15 @@ def parameter_count(config) -> int:
     return int(out[0])
 
 
+def output_chunk_rows_for(budget_floats, vocab_size) -> int:
+    """Rows per chunk of the output layer for a budget of that many floats of logits (the
+    kernel's own formula: a multiple of 16, at least 16); a call of N rows uses at most N."""
+    ffi, lib = kernel()
+    out = ffi.new("int *")
+    check(lib.mt_output_chunk_rows(int(budget_floats), int(vocab_size), out), "output_chunk_rows")
+    return int(out[0])
+
+
 def _c_config(config) -> dict:
     return dict(vocab_size=config.vocab_size, max_seq_len=config.max_seq_len,
                 d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
@@ -186,6 +195,32 @@ class Model:
             raise ValueError(f"work_parts must be an integer in [0, threads={self.threads}], "
                              f"got {value!r}")
         check(self._lib.mt_model_set_parts(self._handle, int(value)), "work_parts")
+
+    @property
+    def output_chunk_budget(self):
+        """Floats of logits one chunk of the output layer may hold (kernels/loss.c): the
+        chunk has output_chunk_rows_for(budget, V) rows. 16M (64 MB) by default; setting 0
+        restores that. Smaller budgets are for tests (the multi-chunk path on small models);
+        the rows change the summation order of lm_head's gradient, so results depend on it."""
+        out = self._ffi.new("size_t *")
+        check(self._lib.mt_model_chunk_budget(self._handle, out), "output_chunk_budget")
+        return int(out[0])
+
+    @output_chunk_budget.setter
+    def output_chunk_budget(self, floats):
+        if isinstance(floats, bool) or not isinstance(floats, (int, np.integer)) or floats < 0:
+            raise ValueError(f"output_chunk_budget must be a non-negative integer, got "
+                             f"{floats!r}")
+        check(self._lib.mt_model_set_chunk_budget(self._handle, int(floats)),
+              "output_chunk_budget")
+
+    @property
+    def output_chunk_rows(self):
+        """Rows of the output layer's current chunk (0 before the first training or loss
+        call): a call of N rows runs ceil(N / output_chunk_rows) chunks."""
+        out = self._ffi.new("int *")
+        check(self._lib.mt_model_chunk_rows(self._handle, out), "output_chunk_rows")
+        return int(out[0])
 
     def counters(self):
         """(training calls, windows) processed by forward_backward in this process."""

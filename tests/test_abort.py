@@ -9,6 +9,8 @@ import pytest
 
 from test_train_support import run_train, tiny_args, tiny_dataset  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow  # MPI multi-rank runs
+
 
 @pytest.mark.parametrize("rank", [0, 2])
 def test_exception_on_one_rank_aborts_the_job(tiny_dataset, tmp_path, rank):

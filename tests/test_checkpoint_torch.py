@@ -16,6 +16,8 @@ from mpitrain.config import ModelConfig, TrainConfig  # noqa: E402
 from mpitrain.schedule import DataPosition  # noqa: E402
 from mpitrain.tokenizer import Tokenizer  # noqa: E402
 
+pytestmark = pytest.mark.numerics
+
 TOK = Tokenizer(["ab", "cd"])
 CFG = ModelConfig(vocab_size=TOK.vocab_size, max_seq_len=8, d_model=16, n_layers=2, n_heads=2,
                   d_ff=32)
@@ -34,6 +36,7 @@ def _moments(net, opt):
     return m, v
 
 
+@pytest.mark.slow
 def test_torch_run_saved_and_resumed_continues_bit_for_bit(tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -65,6 +65,7 @@ def _run_in_terminal(args, cwd):
     return out.decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_progress_bars_only_on_a_terminal_without_quiet(tmp_path, corpus_dir):
     shown = _run_in_terminal(["prepare", "--data", corpus_dir, "--out", tmp_path / "a.h5"],
                              tmp_path)

@@ -6,6 +6,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -31,6 +32,7 @@ def _pipe(cmd, reader="head -1"):
     return int(status), stderr, out
 
 
+@pytest.mark.slow
 def test_inspect_into_head_ends_quietly(tmp_path):
     # A tree of 4,000 datasets prints ~210 kB, far beyond a pipe's 64 kB buffer, so the write
     # certainly meets the closed pipe after head has read its line and left.

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import write_corpus
+from conftest import REPO, write_corpus
 
 # One case's limit: a normal case takes well under a second here (the train cases a few
 # tenths); the margin is for a loaded 2-core machine.
@@ -147,6 +147,8 @@ def sweep(cases, workdir, timeout=20.0):
         json.dump(cases, f)
     results, hangs, start = [], [], 0
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the worker runs this file as a script: mpitrain must be importable without being installed
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     while start < len(cases):
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), cases_path,
                                  str(start)], stdout=subprocess.PIPE, env=env)
@@ -237,6 +239,7 @@ def _cases(files, kind):
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["checkpoint", "weights", "dataset"])
 def test_byte_flips_end_in_exit_0_or_one_line_and_exit_2(files, kind, tmp_path):
     cases = _cases(files, kind)
@@ -353,6 +356,7 @@ def test_an_attribute_of_a_kind_we_never_write_is_damage(files, kind, tmp_path, 
             Dataset.open(path)
 
 
+@pytest.mark.slow
 def test_a_tensor_name_that_does_not_decode(files, tmp_path, capsys):
     """h5py gives a name that is not UTF-8 as bytes; the checks name it instead of failing on
     it (found by the wider sweep: a flipped byte in a link name)."""

@@ -94,6 +94,7 @@ def test_refuses_missing_foreign_and_damaged(tmp_path, prepared):
         Dataset.open(truncated)
 
 
+@pytest.mark.slow
 def test_uint32_beyond_65536_ids(tmp_path):
     # more than 65,536 ids: tokens are stored as uint32
     words = " ".join("w" + "".join(chr(97 + int(c)) for c in str(i)) for i in range(66000))

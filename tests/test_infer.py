@@ -17,6 +17,8 @@ from test_generate_support import (CONFIG, TOKENIZER, reference_greedy, save_mod
                                    tiny_run_dir)
 from test_train_support import tiny_dataset  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow  # the command line in subprocesses, a real training run
+
 PROMPT = " the quick brown fox"
 
 
@@ -39,6 +41,7 @@ def _greedy(path, prompt=PROMPT, n=20, *extra):
                    "--max-new-tokens", n, *extra)
 
 
+@pytest.mark.numerics
 def test_greedy_matches_numpy_reference_and_repeats(model_file):
     path, model = model_file
     ref = reference_greedy(model.params, CONFIG, TOKENIZER.encode(PROMPT), 20,

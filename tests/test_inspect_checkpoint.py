@@ -25,6 +25,7 @@ def test_tensor_stats_against_numpy():
     s = ic.tensor_stats(a)
     good = np.array([1.0, -2.0, 4.0])
     assert s["count"] == 6 and s["nan"] == 1 and s["inf"] == 2
+    # float64 statistics of three exact values: equal up to an ulp or two
     assert s["mean"] == pytest.approx(good.mean(), rel=1e-15)
     assert s["std"] == pytest.approx(good.std(), rel=1e-15)
     assert (s["min"], s["max"]) == (-2.0, 4.0)
@@ -45,6 +46,7 @@ def test_summary_of_a_checkpoint(tmp_path, capsys):
     ref = params["lm_head.weight"].astype(np.float64)
     r = rows["lm_head.weight"]
     assert r["shape"] == list(ref.shape) and r["count"] == ref.size
+    # float64 sums of ~1e4 terms in whatever order: relative error <= n * 1.1e-16 ~ 1e-12
     assert r["mean"] == pytest.approx(ref.mean(), rel=1e-12)
     assert r["std"] == pytest.approx(ref.std(), rel=1e-12)
     assert (r["min"], r["max"]) == (ref.min(), ref.max())
@@ -109,6 +111,8 @@ def test_compare_two_checkpoints(tmp_path, capsys):
     rows = {r["name"]: r for r in d["tensors"]["params"]}
     r = rows["lm_head.weight"]
     assert r["status"] == "differ"
+    # the 0.5 was added in float32 to entries ~0.02: rounded to 6e-8 relative of the sum,
+    # i.e. ~1e-7 of 0.5 (rel 1e-6); rms and rel_l2 add float64 sums on top (rel 1e-5)
     assert r["max_abs"] == pytest.approx(0.5, rel=1e-6)
     ref_b = changed["lm_head.weight"].astype(np.float64)
     assert r["rms"] == pytest.approx(np.sqrt(0.25 / ref_b.size), rel=1e-5)
@@ -127,6 +131,7 @@ def test_compare_two_checkpoints(tmp_path, capsys):
     assert {r["status"] for r in d["tensors"]["optimizer/m"]} == {"only in A"}
 
 
+@pytest.mark.slow
 def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path):
     # A diverged run saves NaN/Inf with correct CRC32s: only the finiteness check sees them.
     path = tmp_path / "checkpoint_step_7.h5"
@@ -152,6 +157,7 @@ def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path):
     assert s["summary"]["train_loss"] == "NaN" and s["file_bytes"] == path.stat().st_size
     row = {r["name"]: r for r in s["summary"]["tensors"]["params"]}["lm_head.weight"]
     good = params["lm_head.weight"][np.isfinite(params["lm_head.weight"])].astype(np.float64)
+    # through JSON: float64 printed with repr round-trips; pytest.approx's default 1e-6 suffices
     assert (row["nan"], row["inf"]) == (2, 1) and row["mean"] == pytest.approx(good.mean())
     p = run_cli("inspect", path, "--no-tree")
     assert "finite       2 of 18 tensors hold NaN/Inf: /params/lm_head.weight (2 NaN, 1 Inf)" \
@@ -163,6 +169,7 @@ def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path):
     assert "finite       all 18 tensors" in run_cli("inspect", tmp_path / "fine.h5").stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_inspect_through_the_command_line(tmp_path):
     # Everything inspect promises for a checkpoint, through the real CLI, text and JSON.
     path = tmp_path / "checkpoint_step_7.h5"

@@ -79,6 +79,7 @@ def test_inspect_errors(tmp_path):
     assert_user_error(run_cli("inspect"), "required")
 
 
+@pytest.mark.slow
 def test_damaged_object_header_shows_the_rest_of_the_tree(tmp_path):
     # HDF5 (libver latest) checksums each object header: a flipped byte in /d1's header makes
     # HDF5 fail to open that object (a KeyError/RuntimeError from h5py, not an OSError).

@@ -10,6 +10,8 @@ import pytest
 from conftest import assert_user_error, run_cli, write_corpus
 from test_checkpoint import TOK, _save
 
+pytestmark = pytest.mark.slow  # the command line in subprocesses
+
 SEQ_LEN = 4
 
 

@@ -1,12 +1,18 @@
 """LayerNorm in the C kernel against an independent NumPy (float64) reference.
 
-Tolerances: float32 forward over C<=512 agrees with a float64 reference to ~1e-6 relative;
-we allow atol 1e-5. Backward sums over N rows in float32: atol 1e-4 (rtol 1e-4).
+Tolerances: LayerNorm is our own C code (no BLAS, built without -march, so the same rounding on
+every x86-64 CPU). Forward over C<=512 agrees with float64 to ~1e-6 relative (measured worst:
+1/9 of atol/rtol 1e-5, and of rtol 1e-4 on rstd). Backward: db is a plain float32 sum over the
+N rows, held to its bound gamma_N sum |dout|; dx and dw combine several rounded row sums:
+atol/rtol 1e-4 (measured worst 1/66 of it).
 """
 import numpy as np
 import pytest
 
 from mpitrain import ops
+from tolerances import assert_close, assert_within, sum_bound
+
+pytestmark = pytest.mark.numerics
 
 
 def ref_layernorm(x, w, b, eps=1e-5):
@@ -37,9 +43,9 @@ def test_layernorm_forward_matches_numpy(N, C):
     b = rng.normal(0, 0.1, C).astype(np.float32)
     out, mean, rstd = ops.layernorm_forward(x, w, b)
     r_out, r_mean, r_rstd = ref_layernorm(x, w, b)
-    np.testing.assert_allclose(out, r_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(mean, r_mean, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(rstd, r_rstd, rtol=1e-4)
+    assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    assert_close(mean, r_mean, rtol=1e-5, atol=1e-5)
+    assert_close(rstd, r_rstd, rtol=1e-4)
 
 
 @pytest.mark.parametrize("N,C", [(1, 2), (4, 9), (32, 384)])
@@ -52,9 +58,9 @@ def test_layernorm_backward_matches_numpy(N, C):
     _, mean, rstd = ops.layernorm_forward(x, w, b)
     dx, dw, db = ops.layernorm_backward(dout, x, w, mean, rstd)
     r_dx, r_dw, r_db = ref_layernorm_backward(dout, x, w)
-    np.testing.assert_allclose(dx, r_dx, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dw, r_dw, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(db, r_db, rtol=1e-4, atol=1e-4)
+    assert_close(dx, r_dx, rtol=1e-4, atol=1e-4)
+    assert_close(dw, r_dw, rtol=1e-4, atol=1e-4)
+    assert_within(db, r_db, sum_bound(dout, axis=0), "db")
 
 
 def test_wrapper_refuses_wrong_buffers():

@@ -15,6 +15,8 @@ import pytest
 
 from mpitrain import Model, ModelConfig, optim
 
+pytestmark = pytest.mark.numerics
+
 CFG = ModelConfig(vocab_size=101, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 SHAPES = [(40, 24), (24,), (24,), (7, 3, 5), (1,), (33, 17)]  # decay: 2-D and 3-D only
 

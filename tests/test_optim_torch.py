@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from mpitrain import Model, ModelConfig, optim
+from tolerances import assert_close
 
 torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.numerics
 
 CFG = ModelConfig(vocab_size=101, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
@@ -42,6 +45,7 @@ def flatten(tensors):
     return np.concatenate([t.detach().numpy().ravel() for t in tensors])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ten_adamw_steps_match_torch(threads):
     model = Model(CFG, threads=threads)
@@ -61,12 +65,10 @@ def test_ten_adamw_steps_match_torch(threads):
         model.grad_buffer[...] = g
         optim.update(model, lr=lr, step=step, norm=0.0, beta1=0.9, beta2=0.95, eps=1e-8,
                      weight_decay=0.05)
-        np.testing.assert_allclose(model.param_buffer, flatten(tp), rtol=1e-6, atol=1e-8)
+        assert_close(model.param_buffer, flatten(tp), rtol=1e-6, atol=1e-8)
     m, v = (model.optimizer_buffers[s] for s in ("m", "v"))
-    np.testing.assert_allclose(m, flatten(opt.state[t]["exp_avg"] for t in tp),
-                               rtol=1e-6, atol=2e-9)
-    np.testing.assert_allclose(v, flatten(opt.state[t]["exp_avg_sq"] for t in tp),
-                               rtol=1e-6, atol=3e-11)
+    assert_close(m, flatten(opt.state[t]["exp_avg"] for t in tp), rtol=1e-6, atol=2e-9)
+    assert_close(v, flatten(opt.state[t]["exp_avg_sq"] for t in tp), rtol=1e-6, atol=3e-11)
 
 
 @pytest.mark.parametrize("scale,max_norm", [(1.0, 1.0), (1e-3, 1.0), (0.3, 2.5)])
@@ -81,9 +83,10 @@ def test_clip_matches_torch(scale, max_norm):
     norm = optim.grad_norm(model)
     optim.update(model, lr=0.0, step=1, norm=norm, max_norm=max_norm)  # lr 0: clipping only
     assert norm == pytest.approx(expected, rel=1e-6)
-    np.testing.assert_allclose(model.grad_buffer, flatten(t.grad for t in tp), rtol=1e-6, atol=0)
+    assert_close(model.grad_buffer, flatten(t.grad for t in tp), rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_ten_training_steps_of_the_model_match_torch():
     """The whole chain as the trainer runs it (kernel forward+backward, clip, AdamW with decay
     chosen by the model's own tensor table) against TorchGPT + clip_grad_norm_ + AdamW from the
@@ -113,7 +116,7 @@ def test_ten_training_steps_of_the_model_match_torch():
         theirs.append(loss)
         assert norm == pytest.approx(t_norm, rel=3e-6)
         assert norm > 0.5
-    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert_close(ours, theirs, rtol=1e-6)
     assert ours[-1] < ours[0] - 0.5
     for name, p in net.numpy_state().items():
-        np.testing.assert_allclose(model.params[name], p, rtol=0, atol=5e-5, err_msg=name)
+        assert_close(model.params[name], p, rtol=0, atol=5e-5, err_msg=name)

@@ -19,6 +19,7 @@ def finished_run(tiny_dataset, tmp_path_factory):  # noqa: F811
     return tiny_run_dir(tmp_path_factory.mktemp("plot"), tiny_dataset)
 
 
+@pytest.mark.slow
 def test_writes_png(finished_run, tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image
@@ -36,6 +37,7 @@ def test_writes_png(finished_run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["loss.png"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_curves_are_the_metrics(finished_run):
     from mpitrain.plot import curves
 
@@ -60,6 +62,7 @@ def test_missing_matplotlib(finished_run, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bad_input(tmp_path, finished_run):
     assert_user_error(run_cli("plot", tmp_path / "nope", "--out", tmp_path / "a.png"),
                       "no such run directory")

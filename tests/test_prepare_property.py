@@ -6,12 +6,15 @@ import tempfile
 
 import h5py
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import write_corpus
 from mpitrain.prepare import Options, merge_counts, prepare
 from mpitrain.tokenizer import PATTERN, Tokenizer
+
+pytestmark = pytest.mark.slow  # property-based sweeps over many corpora
 
 # Text from a small alphabet (so pre-tokens repeat and the vocabulary fills), plus any
 # character now and then (emoji, CJK, controls, combining marks, CR/LF).

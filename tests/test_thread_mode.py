@@ -27,6 +27,8 @@ from mpitrain.topology import assign_windows
 from test_train_support import (end_record, read_metrics, run_train, step_losses, tiny_args,
                                 tiny_dataset, val_losses)  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow  # thread-mode runs and MPI runs in subprocesses
+
 REL = 1e-4
 BATCH = PRESETS["tiny"]["train"]["batch_size"]
 

@@ -13,6 +13,9 @@ import pytest
 
 from mpitrain import Model, ModelConfig, optim
 from mpitrain.topology import assign_windows
+from tolerances import assert_close, assert_scalar
+
+pytestmark = pytest.mark.numerics
 
 CFG = ModelConfig(vocab_size=97, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 B, T = 24, 16
@@ -35,6 +38,7 @@ def _train(model, batches, partition=None, order=None):
     return np.array(losses)
 
 
+@pytest.mark.slow
 def test_stress_12_threads_against_single_thread():
     batches = _batches(3) * 20        # few distinct batches: the loss must fall
     shares = assign_windows(12, B)
@@ -48,9 +52,13 @@ def test_stress_12_threads_against_single_thread():
         runs.append((_train(m, batches, partition, order), m.param_buffer.copy(), m))
     (l1, p1, m1), (l2, p2, _) = runs
     assert np.array_equal(l1, l2) and np.array_equal(p1, p2)      # bitwise repeatable
-    np.testing.assert_allclose(l1, ref, rtol=1e-4)
+    # 60 steps of float32 rounding differences (other blocking): losses measured within 1.1e-6
+    # relative (rtol 1e-4: margin 90); parameters within 2.8e-4, AdamW moving rounding-level
+    # gradients near zero by up to lr a step: atol = lr = 3e-3 (margin 10.7; worst cases over
+    # OpenBLAS's Haswell, Sandybridge and Nehalem kernels)
+    assert_close(l1, ref, rtol=1e-4, err_msg="losses")
     assert ref[-1] < ref[0] - 0.5                                 # it learned something
-    np.testing.assert_allclose(p1, ref_model.param_buffer, rtol=0, atol=2e-3)
+    assert_close(p1, ref_model.param_buffer, rtol=0, atol=3e-3, err_msg="params")
     assert m1.thread_windows() == [60 * n for n in partition]
     assert m1.counters() == (60, 60 * B)
 
@@ -63,13 +71,15 @@ def test_any_partition_gives_the_reference_gradient(partition):
     loss_ref = ref.forward_backward(x, y)
     m = Model(CFG, seed=5, threads=len(partition))
     loss = m.forward_backward(x, y, partition=partition)
-    assert abs(loss - loss_ref) <= 1e-6 * abs(loss_ref)
+    # one step's rounding differences: measured within 9e-7 of the largest gradient (atol 1e-5
+    # of it: margin 11) with the Haswell, Sandybridge and Nehalem kernels
+    assert_scalar(loss, loss_ref, rel=1e-6)
     scale = np.abs(ref.grad_buffer).max()
-    np.testing.assert_allclose(m.grad_buffer, ref.grad_buffer, rtol=0, atol=1e-5 * scale)
+    assert_close(m.grad_buffer, ref.grad_buffer, rtol=0, atol=1e-5 * scale)
     assert m.thread_windows() == partition
     # accumulate adds the same gradient again
     m.forward_backward(x, y, partition=partition, accumulate=True)
-    np.testing.assert_allclose(m.grad_buffer, 2 * ref.grad_buffer, rtol=0, atol=2e-5 * scale)
+    assert_close(m.grad_buffer, 2 * ref.grad_buffer, rtol=0, atol=2e-5 * scale)
 
 
 def test_unpartitioned_threads_count_windows_once():

@@ -1,5 +1,7 @@
 """SIGTERM (or Ctrl-C) in thread mode: Node Zero saves a checkpoint of the last issued step and
-the process exits 0 within 30 s; the run resumes from it."""
+the process exits 0 within 30 s; the run resumes from it. A second signal stops the process at
+once with status 128 + the signal and no checkpoint."""
+import os
 import signal
 import subprocess
 import sys
@@ -9,16 +11,18 @@ import pytest
 
 from mpitrain.checkpoint import load_checkpoint
 from test_thread_mode import run_threads, thread_env
-from test_train_support import (read_metrics, step_losses, tiny_dataset,  # noqa: F401
+from test_train_support import (BIGGER, read_metrics, step_losses, tiny_dataset,  # noqa: F401
                                 wait_training)
+
+pytestmark = pytest.mark.slow  # training runs in subprocesses, signalled
 
 LIMIT = 30.0  # s from the signal to the end of the process
 
 
-def _long_run(dataset, run_dir, threads=12):
+def _long_run(dataset, run_dir, threads=12, extra=()):
     args = ["--threads", threads, "--preset", "tiny", "--dataset", dataset, "--run-dir",
             run_dir, "--epochs", 10000, "--eval-every", 100000, "--save-every", 100000,
-            "--quiet"]
+            "--quiet", *extra]
     return subprocess.Popen([sys.executable, "-m", "mpitrain", "train", *map(str, args)],
                             env=thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -51,3 +55,27 @@ def test_signal_saves_and_exits(tiny_dataset, tmp_path, signum):
                        "--stop-at", last + 3, "--resume", "auto", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert max(step_losses(read_metrics(run_dir))) == last + 3
+
+
+def test_second_sigint_stops_at_once_without_a_checkpoint(tiny_dataset, tmp_path):
+    # as in test_signals: a model big enough that the abort beats the final save
+    run_dir = str(tmp_path / "run")
+    proc = _long_run(tiny_dataset, run_dir, threads=4, extra=BIGGER)
+    wait_training(proc, run_dir)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=LIMIT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the process did not end after the second signal")
+    assert time.monotonic() - t0 < 10
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "mpitrain: second signal (SIGINT): stopping at once" in err
+    assert "stopped by signal" not in out
+    records = read_metrics(run_dir)
+    assert any(r.get("event") == "signal" for r in records)
+    assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [0]
+    assert sorted(f for f in os.listdir(run_dir) if f.endswith(".h5")) == ["checkpoint_step_0.h5"]

@@ -3,13 +3,18 @@
 Each thread writes only what it owns and every sum runs in a fixed order, so
  - a repeated call gives bitwise-identical losses and gradients;
  - different thread counts give the same results to float32 tolerance (only the row/column
-   blocking inside OpenBLAS calls changes): we allow rtol 1e-5 on the loss and atol 1e-6
-   relative to each tensor's largest gradient (observed differences are ~1e-8).
+   blocking inside OpenBLAS calls changes): we allow rtol 1e-5 on the loss and atol 1e-5
+   relative to each tensor's largest gradient (measured worst 5.4e-7 of it with OpenBLAS's
+   Haswell, Sandybridge and Nehalem kernels: margin 18; a gradient entry sums terms that
+   cancel, so its error follows the tensor's magnitude, not its own).
 """
 import numpy as np
 import pytest
 
 from mpitrain import Model, ModelConfig, optim
+from tolerances import assert_close, assert_scalar
+
+pytestmark = pytest.mark.numerics
 
 CFG = ModelConfig(vocab_size=300, max_seq_len=32, d_model=48, n_layers=2, n_heads=4, d_ff=96)
 
@@ -48,12 +53,12 @@ def test_thread_counts_agree():
     loss1, grads1, eval1, logits1 = results[1]
     for threads in (2, 12):
         loss, grads, ev, logits = results[threads]
-        assert loss == pytest.approx(loss1, rel=1e-5)
-        assert ev == pytest.approx(eval1, rel=1e-5)
-        np.testing.assert_allclose(logits, logits1, rtol=1e-5, atol=1e-5)
+        assert_scalar(loss, loss1, rel=1e-5)
+        assert_scalar(ev, eval1, rel=1e-5)
+        assert_close(logits, logits1, rtol=1e-5, atol=1e-5)
         for name, g in grads.items():
             scale = float(np.abs(grads1[name]).max()) or 1.0
-            np.testing.assert_allclose(g, grads1[name], rtol=0, atol=1e-6 * scale, err_msg=name)
+            assert_close(g, grads1[name], rtol=0, atol=1e-5 * scale, err_msg=name)
 
 
 def test_more_threads_than_work():
@@ -62,9 +67,11 @@ def test_more_threads_than_work():
     model.work_parts = 12
     ref = Model(CFG, seed=5, threads=1)
     inputs, targets = data(B=1, T=3)
-    assert model.forward_backward(inputs, targets) == pytest.approx(
-        ref.forward_backward(inputs, targets), rel=1e-5)
-    np.testing.assert_allclose(model.grad_buffer, ref.grad_buffer, rtol=1e-4, atol=1e-7)
+    assert_scalar(model.forward_backward(inputs, targets), ref.forward_backward(inputs, targets),
+                  rel=1e-5)
+    for name, g in model.grads.items():   # per tensor, as test_thread_counts_agree
+        scale = float(np.abs(ref.grads[name]).max()) or 1.0
+        assert_close(g, ref.grads[name], rtol=0, atol=1e-5 * scale, err_msg=name)
 
 
 def test_threads_setter_and_many_calls():
@@ -79,7 +86,7 @@ def test_threads_setter_and_many_calls():
         assert model.threads == threads
         for _ in range(25):
             loss = model.forward_backward(inputs, targets)
-            assert loss == pytest.approx(first, rel=1e-5)
+            assert_scalar(loss, first, rel=1e-5)
         if threads == 4:
             assert loss == first
             np.testing.assert_array_equal(model.grad_buffer, grads)
@@ -97,7 +104,11 @@ def test_optimizer_through_the_model_is_thread_independent():
             model.forward_backward(inputs, targets)
             optim.update(model, lr=1e-3, step=step, norm=optim.grad_norm(model), max_norm=0.5)
         buffers.append(model.param_buffer.copy())
-    np.testing.assert_allclose(buffers[0], buffers[1], rtol=0, atol=1e-6)
+    # AdamW turns a gradient into about lr * sign(g) per step, so rounding-level gradient
+    # differences on entries near zero move parameters by up to a fraction of lr: atol 1e-5 =
+    # 1% of one step of lr 1e-3 (measured worst 9.3e-7 with the Haswell, Sandybridge and
+    # Nehalem kernels: margin 10); a thread that skipped its part would be off by ~lr.
+    assert_close(buffers[0], buffers[1], rtol=0, atol=1e-5)
 
 
 def test_default_work_parts_follow_the_cpus():
@@ -155,9 +166,10 @@ def test_changing_parts_on_one_pool():
             results.setdefault(parts, loss)
             assert loss == results[parts]  # bitwise: same parts, same result
     for loss in results.values():
-        assert loss == pytest.approx(results[1], rel=1e-5)
+        assert_scalar(loss, results[1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_models_release_their_threads():
     import gc
     import os

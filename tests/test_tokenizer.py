@@ -26,6 +26,7 @@ def tok():
     return Tokenizer.from_counts(counts_of(SAMPLE), 300)
 
 
+@pytest.mark.slow
 def test_pattern_covers_every_code_point():
     # Every code point (surrogates aside), alone and after a space, is matched whole: findall
     # can then never skip a character. The benchmark regex misses exactly "_".
@@ -104,6 +105,7 @@ def test_encode_uses_vocab_entries_and_byte_fallback(tok):
     assert tok.encode(unseen).tolist() == [tok.byte_offset + b for b in unseen.encode()]
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_round_trip_property(text):

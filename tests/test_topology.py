@@ -13,6 +13,8 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "TOPOLOGY.md"
 
 def test_vertices_form_an_icosahedron():
     # 12 distinct points, all at radius sqrt(1 + phi^2); 30 edges of length 2; 5 per vertex.
+    # (float64 coordinates: a few ulps apart from the exact value; the next distance on an
+    # icosahedron differs by a factor phi, so rel 1e-9 cannot confuse an edge with a non-edge)
     assert len(set(t.VERTICES)) == 12
     for v in t.VERTICES:
         assert math.isclose(math.hypot(*v), math.sqrt(1 + t.PHI ** 2), rel_tol=1e-12)
@@ -77,6 +79,7 @@ def test_owner_rule_holds_for_every_count():
                 assert owners[g] == g
                 continue
             d = {v: math.dist(t.VERTICES[g], t.VERTICES[v]) for v in range(n)}
+            # equidistant owners are allowed: equal distances agree to float64 ulps
             assert math.isclose(d[owners[g]], min(d.values()), rel_tol=1e-9), (n, g)
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from mpitrain import topology as t
 
+pytestmark = pytest.mark.slow  # MPI multi-rank runs
+
 MPIRUN = shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep
                       + os.environ.get("PATH", ""))
 

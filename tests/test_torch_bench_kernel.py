@@ -29,6 +29,7 @@ def test_seed_model_costs_about_136_mflop_per_token():
     assert bench_kernel.flops_per_token(ModelConfig.preset("seed"), 128) == 136_359_936
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_both_sides(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--threads", "2",
@@ -40,7 +41,9 @@ def test_smoke_run_reports_both_sides(tmp_path):
     assert row["ours"]["seconds"] > 0 and row["ours"]["sgemm_gflops"] > 0
     assert row["floor"]["seconds"] > 0
     assert "threads  2: ours" in p.stdout
-    if row["torch"] is not None:  # torch installed: both models start from the same loss scale
+    # torch installed: both models start near ln(vocab) from their own random initialisations,
+    # a few tenths apart at most (a smoke check, not a numerical comparison)
+    if row["torch"] is not None:
         assert row["torch"]["seconds"] > 0
         assert abs(row["torch"]["losses"][0] - row["ours"]["losses"][0]) < 0.5
 

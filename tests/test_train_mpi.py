@@ -26,6 +26,8 @@ from mpitrain.trainer.worker import MICRO_WINDOWS
 from test_train_support import (end_record, read_metrics, run_train, step_losses, tiny_args,
                                 tiny_dataset, val_losses)  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow  # MPI multi-rank runs
+
 BATCH = PRESETS["tiny"]["train"]["batch_size"]
 REL = 1e-4
 

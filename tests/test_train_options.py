@@ -52,6 +52,7 @@ def test_precedence_preset_checkpoint_options():
         resolve_configs("tiny", {}, 300, 64)
 
 
+@pytest.mark.slow
 def test_set_refused_on_the_command_line():
     assert_user_error(run_cli("train", "--set", "lerning_rate=3"), "--set lerning_rate")
     assert_user_error(run_cli("--batch-size", "4", "--set", "batch_size=5"), "both given")
@@ -64,12 +65,14 @@ def test_show_topology_prints_the_placement_table(tmp_path):
     assert not os.listdir(tmp_path)  # nothing written
 
 
+@pytest.mark.slow
 def test_show_topology_under_mpirun(tmp_path):
     proc = run_train(4, "--show-topology", "--batch-size", 32, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == placement_table(3, 32)  # printed once, by rank 0
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_one_line_on_every_rank(tmp_path):
     missing = str(tmp_path / "nope.h5")
     proc = run_train(3, "--dataset", missing, "--run-dir", str(tmp_path / "run"), timeout=60)
@@ -77,6 +80,7 @@ def test_missing_dataset_is_one_line_on_every_rank(tmp_path):
     assert not os.path.exists(tmp_path / "run")  # no partial files
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume(tiny_dataset, tmp_path):
     run_dir = str(tmp_path / "run")
     first = run_train(2, *tiny_args(tiny_dataset, run_dir, "--max-steps", 2))

@@ -12,8 +12,7 @@ Layout (docs/FORMATS.md, "Checkpoint"):
   /vocab                 the tokenizer (Tokenizer.to_hdf5)
 Every dataset carries a `crc32` attribute: zlib.crc32 of its C-order bytes.
 
-A file is written under a temporary name in the target directory, flushed, fsynced, renamed
-over the real name and the directory fsynced, so a crash never leaves a partial file under the
+A file is written atomically (mpitrain/atomic.py): a crash never leaves a partial file under the
 real name (at worst a hidden `.NAME.tmp-PID` that nothing reads).
 """
 import json
@@ -30,6 +29,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mpitrain import atomic
 from mpitrain.config import ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import DamagedFile, first_line, is_damage, open_ours, reading
@@ -93,36 +93,14 @@ def created_by() -> dict:
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
 
 
-def _fsync_path(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_h5(path, fill) -> None:
-    """Create `path` by calling fill(h5file) on a temporary file in the same directory, then
-    flush, fsync, rename over `path` and fsync the directory. On any failure the temporary
-    file is removed and nothing appears under `path` (an older file there stays untouched)."""
+def _write_h5(path, fill) -> None:
+    """Create or replace `path` atomically (mpitrain.atomic) with fill(h5file)'s content."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UserError(f"cannot write {path}: directory {directory} does not exist")
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            fill(f)
-            f.flush()
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_path(directory, directory=True)
+    with atomic.replacing(path, atomic.hdf5(track_order=True)) as f:
+        fill(f)
 
 
 def _write_tensor(group, name, arr):
@@ -195,7 +173,7 @@ def save_checkpoint(path, *, model_config, train_config, params, m, v, step, epo
         tokenizer.to_hdf5(f.create_group("vocab"))
         _checksum_unmarked(f)
 
-    _atomic_h5(path, fill)
+    _write_h5(path, fill)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -442,5 +420,5 @@ def export_weights(src, out) -> Path:
         with reading(src), open_ours(src) as s:
             s.copy(s["vocab"], f, "vocab")  # checksums travel with the datasets
 
-    _atomic_h5(out, fill)
+    _write_h5(out, fill)
     return Path(out)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpitrain import corpus
+from mpitrain import atomic, corpus
 from mpitrain.dataset import FORMAT, FORMAT_VERSION, token_dtype, write_dataset
 from mpitrain.errors import UserError
 from mpitrain.progress import bar
@@ -415,11 +415,10 @@ def _on_sigterm(signum, frame):
 
 
 def _write_atomically(o, tok, content):
-    """Write the vocab.txt and the dataset under temporary names in the output directory,
-    then rename both; on any failure (disk full, SIGTERM, Ctrl-C) remove the temporaries."""
+    """Write the vocab.txt and the dataset together through mpitrain.atomic (both written
+    before either is renamed into place); on any failure (disk full, SIGTERM, Ctrl-C) nothing
+    is left behind."""
     out, vtxt = o.out, vocab_txt_path(o.out)
-    tmps = [os.path.join(os.path.dirname(p) or ".", f".{os.path.basename(p)}.tmp{os.getpid()}")
-            for p in (out, vtxt)]
     if os.path.exists(out) and not o.force:  # appeared while we worked
         raise UserError(f"output exists: {out} (use --force to replace it)")
     # SIGTERM (a job scheduler's kill) unwinds like Ctrl-C so the temporaries are removed;
@@ -429,13 +428,10 @@ def _write_atomically(o, tok, content):
     try:
         if out == DEFAULT_OUT:
             os.makedirs(os.path.dirname(out), exist_ok=True)
-        tok.save_txt(tmps[1])
-        write_dataset(tmps[0], **content)
-        for t in tmps:
-            with open(t, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmps[1], vtxt)
-        os.replace(tmps[0], out)
+        with atomic.replacing_all([(vtxt, atomic.text),
+                                   (out, atomic.hdf5(libver="earliest"))]) as (txt, h5):
+            tok.write_txt(txt)
+            write_dataset(h5, **content)
     except OSError as e:
         raise UserError(f"cannot write {out}: {_os_reason(e)}; nothing was written") from None
     except _Terminated:
@@ -443,6 +439,3 @@ def _write_atomically(o, tok, content):
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-        for t in tmps:
-            if os.path.exists(t):
-                os.unlink(t)

@@ -205,15 +205,22 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- vocab.txt
     def save_txt(self, path):
-        """Header line, then line k+2 holds token id k, escaped (see escape_token)."""
+        """Write the vocab.txt `path` atomically (mpitrain.atomic); see write_txt."""
+        from mpitrain import atomic
+
+        with atomic.replacing(path) as f:
+            self.write_txt(f)
+
+    def write_txt(self, f):
+        """Into the text file `f` (UTF-8, "\\n" line ends): a header line, then line k+2
+        holds token id k, escaped (see escape_token)."""
         header = json.dumps({"format_version": FORMAT_VERSION, "vocab_size": self.vocab_size,
                              "specials": list(self.specials), "pattern": self.pattern},
                             ensure_ascii=True)
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(f"{VOCAB_TXT_MAGIC} {header}\n")
-            for b in self._bytes:
-                f.write(escape_token(b))
-                f.write("\n")
+        f.write(f"{VOCAB_TXT_MAGIC} {header}\n")
+        for b in self._bytes:
+            f.write(escape_token(b))
+            f.write("\n")
 
     @classmethod
     def from_txt(cls, path):

@@ -13,17 +13,11 @@ import socket
 import sys
 import time
 
+from mpitrain import atomic
 from mpitrain.progress import bar
 
 HEARTBEAT_EVERY = 2.0   # s between heartbeat.json refreshes
 PRINT_EVERY = 10.0      # s between plain progress lines when no bar is shown
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -96,13 +90,17 @@ class RunLog:
         if not force and now - self._heartbeat_at < HEARTBEAT_EVERY:
             return
         self._heartbeat_at = now
-        _atomic_write(os.path.join(self.run_dir, "heartbeat.json"), json.dumps({
+        text = json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(),
             "ranks": [{"rank": r, "host": h, "pid": p} for r, (h, p) in enumerate(self.ranks)],
             "step": self.step, "stop_step": self.stop_step, "activity": self.activity,
             "time": now,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        }, indent=1) + "\n")
+        }, indent=1) + "\n"
+        # Not durable: a heartbeat is worthless after a crash of the machine, and fsyncs every
+        # few seconds would put disk latency into Node Zero's loop. Readers still see whole files.
+        with atomic.replacing(os.path.join(self.run_dir, "heartbeat.json"), durable=False) as f:
+            f.write(text)
 
     def set_activity(self, activity: str) -> None:
         """What Node Zero is doing now (training, evaluating after step N, ...); a change is

@@ -18,7 +18,6 @@ real name (at worst a hidden `.NAME.tmp-PID` that nothing reads).
 import json
 import os
 import platform
-import re
 import socket
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mpitrain import atomic
+from mpitrain import atomic, formats
 from mpitrain.config import ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import DamagedFile, first_line, is_damage, open_ours, reading
@@ -37,11 +36,8 @@ from mpitrain.schedule import DataPosition
 from mpitrain.h5attrs import plain as _plain
 from mpitrain.h5attrs import shown_name
 
-CHECKPOINT_FORMAT = "mpitrain-checkpoint"
-WEIGHTS_FORMAT = "mpitrain-weights"
 FORMAT_VERSION = 1
 _TENSOR_GROUPS = {"params": "params", "m": "optimizer/m", "v": "optimizer/v"}
-_CHECKPOINT_NAME = re.compile(r"^checkpoint_step_(\d+)\.h5$")
 
 
 @dataclass
@@ -161,7 +157,7 @@ def save_checkpoint(path, *, model_config, train_config, params, m, v, step, epo
             if np.shape(d[n]) != np.shape(params[n]):
                 raise ValueError(f"optimizer {label}[{n}] has shape {np.shape(d[n])}, "
                                  f"parameter has {np.shape(params[n])}")
-    attrs = _root_attrs(CHECKPOINT_FORMAT, model_config, train_config, names, params, step,
+    attrs = _root_attrs(formats.CHECKPOINT, model_config, train_config, names, params, step,
                         epoch, data_position, rng_state, train_loss, val_loss, extra)
 
     def fill(f):
@@ -274,7 +270,7 @@ def _check_file(f, path, into, load_optimizer, want_tokenizer):
         fmt = _plain(attrs.get("format"))
     except OSError:
         return None, ["its root attributes cannot be read (damaged)"]
-    if fmt not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
+    if fmt not in (formats.CHECKPOINT, formats.WEIGHTS):
         what = f"format {fmt!r}" if fmt else "no format attribute"
         return None, [f"not an mpitrain checkpoint or weights file ({what})"]
     version = _plain(attrs.get("format_version"))
@@ -307,7 +303,7 @@ def _check_file(f, path, into, load_optimizer, want_tokenizer):
     ck = Checkpoint(path=path, format=fmt, model_config=model_config,
                     train_config=train_config, param_names=names, params=None)
     ck.params = _read_tensors(f, "params", names, shapes, into.get("params"), problems)
-    if fmt == CHECKPOINT_FORMAT:
+    if fmt == formats.CHECKPOINT:
         # Without load_optimizer the moments' names and shapes are checked, not read.
         ck.m = _read_tensors(f, "m", names, shapes, into.get("m"), problems, load_optimizer)
         ck.v = _read_tensors(f, "v", names, shapes, into.get("v"), problems, load_optimizer)
@@ -388,9 +384,9 @@ def find_resume(run_dir):
         return None
     found = []
     for p in run_dir.iterdir():
-        match = _CHECKPOINT_NAME.match(p.name)
-        if match and p.is_file():
-            found.append((int(match.group(1)), p))
+        step = formats.checkpoint_step(p.name)
+        if step is not None and p.is_file():
+            found.append((step, p))
     for _, p in sorted(found, reverse=True):
         problems = verify(p)
         if not problems:
@@ -408,7 +404,7 @@ def export_weights(src, out) -> Path:
         raise UserError(f"export would overwrite its source {src}; choose another --out")
     creator = created_by()
     creator["source"] = {"path": os.fspath(src), "created_by": ck.created_by}
-    attrs = _root_attrs(WEIGHTS_FORMAT, ck.model_config, ck.train_config, ck.param_names,
+    attrs = _root_attrs(formats.WEIGHTS, ck.model_config, ck.train_config, ck.param_names,
                         ck.params, ck.step, ck.epoch, ck.data_position, ck.rng_state,
                         ck.train_loss, ck.val_loss, ck.extra, creator)
 

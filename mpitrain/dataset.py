@@ -19,12 +19,12 @@ import os
 import h5py
 import numpy as np
 
+from mpitrain import formats
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import first_line, is_damage, open_ours, reading
 from mpitrain.tokenizer import Tokenizer
 from mpitrain.h5attrs import plain as _plain
 
-FORMAT = "mpitrain-dataset"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 _CHUNK = 1 << 22  # tokens read at a time by the id check of Dataset.open (8-16 MiB)
@@ -103,10 +103,10 @@ class Dataset:
         try:
             with open_ours(path) as f:
                 fmt = _plain(f.attrs.get("format"))
-                if fmt != FORMAT:
+                if fmt != formats.DATASET:
                     what = f"format={fmt!r}" if fmt is not None else "no format attribute"
                     raise UserError(f"{path} is not an mpitrain dataset ({what}; expected "
-                                    f"format={FORMAT!r})")
+                                    f"format={formats.DATASET!r})")
                 version = _plain(f.attrs.get("format_version"))
                 if version != FORMAT_VERSION:
                     raise UserError(f"{path}: dataset format version {version} is not supported "

@@ -20,9 +20,9 @@ import re
 import h5py
 import numpy as np
 
-from mpitrain.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, verify
+from mpitrain import formats
+from mpitrain.checkpoint import verify
 from mpitrain.errors import UserError
-from mpitrain.inspect_dataset import FORMAT as DATASET_FORMAT
 from mpitrain.inspect_dataset import verify as verify_dataset
 from mpitrain.hdf5_damage import DamagedFile, file_format, open_ours
 from mpitrain.inspect_tree import dumps, hdf5_failure
@@ -30,7 +30,7 @@ from mpitrain.tokenizer import Tokenizer, escape_token
 from mpitrain.h5attrs import plain as _plain
 from mpitrain.h5attrs import shown_name
 
-FORMATS = (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)
+FORMATS = (formats.CHECKPOINT, formats.WEIGHTS)
 GROUPS = ("params", "optimizer/m", "optimizer/v")
 
 
@@ -210,7 +210,7 @@ def _verify_one(path):
             raise
         fmt = None  # an HDF5 signature that will not open: truncated or damaged, verify says how
     else:
-        if fmt == DATASET_FORMAT:
+        if fmt == formats.DATASET:
             problems = verify_dataset(path)
             return (1 if problems else 0), problems
         if fmt not in FORMATS:

@@ -12,10 +12,10 @@ import re
 import numpy as np
 
 from mpitrain.dataset import SPLITS, Dataset
+from mpitrain import formats
 from mpitrain.errors import UserError
 from mpitrain.tokenizer import escape_token
 
-FORMAT = "mpitrain-dataset"
 COUNTS_NOTE = ("counts are occurrences in this file's token stream, computed now (the file "
                "stores no counts)")
 
@@ -164,7 +164,7 @@ def vocabulary(path, top=None):
     rows = [{"id": int(i), "token": escape_token(tok.token_bytes(int(i))), "count": int(counts[i]),
              "train": int(per_split["train"][i]), "val": int(per_split["val"][i])}
             for i in order]
-    return {"file": path, "format": FORMAT, "vocab_size": ds.vocab_size, "eod_id": tok.eod_id,
+    return {"file": path, "format": formats.DATASET, "vocab_size": ds.vocab_size, "eod_id": tok.eod_id,
             "order": "count", "counts": COUNTS_NOTE, "listed": len(rows),
             "total_tokens": int(counts.sum()), "tokens": rows}
 

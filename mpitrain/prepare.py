@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpitrain import atomic, corpus
-from mpitrain.dataset import FORMAT, FORMAT_VERSION, token_dtype, write_dataset
+from mpitrain import atomic, corpus, formats
+from mpitrain.dataset import FORMAT_VERSION, token_dtype, write_dataset
 from mpitrain.errors import UserError
 from mpitrain.progress import bar
 from mpitrain.tokenizer import MAX_VOCAB_SIZE, PATTERN, Tokenizer, min_vocab_size
@@ -40,11 +40,6 @@ class Options:
     val_fraction: float = 0.01  # validation share (whole documents; see choose_split)
     force: bool = False       # replace an existing output
     quiet: bool = False       # no progress bars
-
-
-def vocab_txt_path(out: str) -> str:
-    root, ext = os.path.splitext(out)
-    return (root if ext == ".h5" else out) + ".vocab.txt"
 
 
 def check_options(o: Options):
@@ -343,7 +338,7 @@ def _finish(o, tok, stream, doc_tokens, metas, n_binary, *, fallback, pretokens,
     text_tokens = n_tokens - len(doc_tokens)
     split_tokens = {s: int((r[:, 1] - r[:, 0]).sum()) for s, r in splits.items()}
     attrs = {
-        "format": FORMAT,
+        "format": formats.DATASET,
         "format_version": FORMAT_VERSION,
         "created_by": f"mpitrain {_version()}",
         "corpus": "python-stdlib" if o.data is None else "directory",
@@ -386,7 +381,7 @@ def _finish(o, tok, stream, doc_tokens, metas, n_binary, *, fallback, pretokens,
                                    sources=sources, tokenizer=tok, attrs=attrs))
     summary = dict(attrs)
     summary["out"] = o.out
-    summary["vocab_txt"] = vocab_txt_path(o.out)
+    summary["vocab_txt"] = formats.vocab_txt_path(o.out)
     summary["file_bytes"] = os.path.getsize(o.out)
     return summary
 
@@ -418,7 +413,7 @@ def _write_atomically(o, tok, content):
     """Write the vocab.txt and the dataset together through mpitrain.atomic (both written
     before either is renamed into place); on any failure (disk full, SIGTERM, Ctrl-C) nothing
     is left behind."""
-    out, vtxt = o.out, vocab_txt_path(o.out)
+    out, vtxt = o.out, formats.vocab_txt_path(o.out)
     if os.path.exists(out) and not o.force:  # appeared while we worked
         raise UserError(f"output exists: {out} (use --force to replace it)")
     # SIGTERM (a job scheduler's kill) unwinds like Ctrl-C so the temporaries are removed;

@@ -8,6 +8,7 @@ import sys
 
 import h5py
 
+from mpitrain import formats
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import DamagedFile, file_format
 from mpitrain.inspect_tree import describe, dumps, format_tree, hdf5_failure
@@ -18,11 +19,10 @@ HELP = "show an HDF5 file's structure and, for mpitrain files, a summary"
 # Root `format` attribute -> module with summarize(path, top) -> dict and format_summary(dict)
 # -> str. Add an entry here for each new file kind.
 SUMMARIES = {
-    "mpitrain-dataset": "mpitrain.inspect_dataset",
-    "mpitrain-checkpoint": "mpitrain.inspect_checkpoint",
-    "mpitrain-weights": "mpitrain.inspect_checkpoint",
+    formats.DATASET: "mpitrain.inspect_dataset",
+    formats.CHECKPOINT: "mpitrain.inspect_checkpoint",
+    formats.WEIGHTS: "mpitrain.inspect_checkpoint",
 }
-DATASET = "mpitrain-dataset"
 
 
 def add_arguments(p):
@@ -116,13 +116,13 @@ def _dataset_view(args, fmt):
     if args.others:
         raise UserError(f"{what} takes one file, got {1 + len(args.others)}")
     if args.sequence is not None:
-        if fmt != DATASET:
+        if fmt != formats.DATASET:
             kind = f"a {fmt} file" if fmt else "not a file mpitrain writes"
             raise UserError(f"--sequence needs a dataset (made by `mpitrain prepare`); "
                             f"{args.file} is {kind}")
         result = ds_mod.sequence(args.file, args.sequence, args.split)
         text = ds_mod.format_sequence
-    elif fmt == DATASET:
+    elif fmt == formats.DATASET:
         result, text = ds_mod.vocabulary(args.file, args.top), ds_mod.format_vocabulary
     elif fmt in SUMMARIES:  # checkpoint or export: it carries the vocabulary it was trained on
         result = importlib.import_module(SUMMARIES[fmt]).vocabulary(args.file, args.top)

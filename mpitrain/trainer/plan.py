@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from mpitrain import schedule
+from mpitrain import formats, schedule
 from mpitrain.config import PRESETS, ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 
@@ -129,7 +129,7 @@ def _check_train(t: TrainConfig) -> None:
 
 
 def existing_checkpoints(run_dir: str) -> list:
-    return sorted(glob.glob(os.path.join(run_dir, "checkpoint_step_*.h5")))
+    return sorted(glob.glob(os.path.join(run_dir, formats.CHECKPOINT_GLOB)))
 
 
 def default_dataset(preset: str) -> str:

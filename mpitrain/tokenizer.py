@@ -227,7 +227,8 @@ class Tokenizer:
         with open(path, "r", encoding="utf-8", newline="\n") as f:
             lines = f.read().split("\n")
         if not lines or not lines[0].startswith(formats.VOCAB_TXT_MAGIC + " "):
-            raise ValueError(f"{where} is not an mpitrain vocab.txt (no '{formats.VOCAB_TXT_MAGIC}' header)")
+            raise ValueError(f"{where} is not an mpitrain vocab.txt "
+                             f"(no '{formats.VOCAB_TXT_MAGIC}' header)")
         try:
             header = json.loads(lines[0][len(formats.VOCAB_TXT_MAGIC) + 1:])
             specials, pattern, n = header["specials"], header["pattern"], int(header["vocab_size"])

@@ -257,7 +257,8 @@ class NodeZero:
                          num_params=self.model.num_params, ranks=len(self.ranks),
                          workers=self.link.num_workers, start_step=p.start_step,
                          stop_step=p.stop_step, total_steps=p.total_steps,
-                         num_windows=p.num_windows, hosts=[h for h, _ in self.ranks], pids=[pid for _, pid in self.ranks],
+                         num_windows=p.num_windows,
+                         hosts=[h for h, _ in self.ranks], pids=[pid for _, pid in self.ranks],
                          node_zero_host=socket.gethostname())
         if not p.quiet:
             print(f"mpitrain: {self.model.num_params:,} parameters, steps "

@@ -12,14 +12,12 @@ Layout (docs/FORMATS.md, "Checkpoint"):
   /vocab                 the tokenizer (Tokenizer.to_hdf5)
 Every dataset carries a `crc32` attribute: zlib.crc32 of its C-order bytes.
 
-A file is written under a temporary name in the target directory, flushed, fsynced, renamed
-over the real name and the directory fsynced, so a crash never leaves a partial file under the
+A file is written atomically (mpitrain/atomic.py): a crash never leaves a partial file under the
 real name (at worst a hidden `.NAME.tmp-PID` that nothing reads).
 """
 import json
 import os
 import platform
-import re
 import socket
 import sys
 import time
@@ -30,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from mpitrain import atomic, formats
 from mpitrain.config import ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 from mpitrain.optim import ADAMW
@@ -38,13 +37,10 @@ from mpitrain.schedule import DataPosition
 from mpitrain.h5attrs import plain as _plain
 from mpitrain.h5attrs import shown_name
 
-CHECKPOINT_FORMAT = "mpitrain-checkpoint"
-WEIGHTS_FORMAT = "mpitrain-weights"
 FORMAT_VERSION = 1
 # Where each kind of tensor lives: the parameters, then one group per optimizer state tensor.
 OPTIMIZER_GROUPS = {state: f"optimizer/{state}" for state in ADAMW.state}
 TENSOR_GROUPS = {"params": "params", **OPTIMIZER_GROUPS}
-_CHECKPOINT_NAME = re.compile(r"^checkpoint_step_(\d+)\.h5$")
 
 
 @dataclass
@@ -96,36 +92,14 @@ def created_by() -> dict:
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
 
 
-def _fsync_path(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_h5(path, fill) -> None:
-    """Create `path` by calling fill(h5file) on a temporary file in the same directory, then
-    flush, fsync, rename over `path` and fsync the directory. On any failure the temporary
-    file is removed and nothing appears under `path` (an older file there stays untouched)."""
+def _write_h5(path, fill) -> None:
+    """Create or replace `path` atomically (mpitrain.atomic) with fill(h5file)'s content."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UserError(f"cannot write {path}: directory {directory} does not exist")
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            fill(f)
-            f.flush()
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_path(directory, directory=True)
+    with atomic.replacing(path, atomic.hdf5(track_order=True)) as f:
+        fill(f)
 
 
 def _write_tensor(group, name, arr):
@@ -191,7 +165,7 @@ def save_checkpoint(path, *, model_config, train_config, params, optimizer_state
             if np.shape(d[n]) != np.shape(params[n]):
                 raise ValueError(f"optimizer {label}[{n}] has shape {np.shape(d[n])}, "
                                  f"parameter has {np.shape(params[n])}")
-    attrs = _root_attrs(CHECKPOINT_FORMAT, model_config, train_config, names, params, step,
+    attrs = _root_attrs(formats.CHECKPOINT, model_config, train_config, names, params, step,
                         epoch, data_position, rng_state, train_loss, val_loss, extra)
 
     def fill(f):
@@ -204,7 +178,7 @@ def save_checkpoint(path, *, model_config, train_config, params, optimizer_state
         tokenizer.to_hdf5(f.create_group("vocab"))
         _checksum_unmarked(f)
 
-    _atomic_h5(path, fill)
+    _write_h5(path, fill)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -305,7 +279,7 @@ def _check_file(f, path, into, load_optimizer, want_tokenizer):
         fmt = _plain(attrs.get("format"))
     except OSError:
         return None, ["its root attributes cannot be read (damaged)"]
-    if fmt not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
+    if fmt not in (formats.CHECKPOINT, formats.WEIGHTS):
         what = f"format {fmt!r}" if fmt else "no format attribute"
         return None, [f"not an mpitrain checkpoint or weights file ({what})"]
     version = _plain(attrs.get("format_version"))
@@ -338,7 +312,7 @@ def _check_file(f, path, into, load_optimizer, want_tokenizer):
     ck = Checkpoint(path=path, format=fmt, model_config=model_config,
                     train_config=train_config, param_names=names, params=None)
     ck.params = _read_tensors(f, "params", names, shapes, into.get("params"), problems)
-    if fmt == CHECKPOINT_FORMAT:
+    if fmt == formats.CHECKPOINT:
         # Without load_optimizer the state's names and shapes are checked, not read.
         state_into = into.get("optimizer") or {}
         ck.optimizer_state = {
@@ -422,9 +396,9 @@ def find_resume(run_dir):
         return None
     found = []
     for p in run_dir.iterdir():
-        match = _CHECKPOINT_NAME.match(p.name)
-        if match and p.is_file():
-            found.append((int(match.group(1)), p))
+        step = formats.checkpoint_step(p.name)
+        if step is not None and p.is_file():
+            found.append((step, p))
     for _, p in sorted(found, reverse=True):
         problems = verify(p)
         if not problems:
@@ -442,7 +416,7 @@ def export_weights(src, out) -> Path:
         raise UserError(f"export would overwrite its source {src}; choose another --out")
     creator = created_by()
     creator["source"] = {"path": os.fspath(src), "created_by": ck.created_by}
-    attrs = _root_attrs(WEIGHTS_FORMAT, ck.model_config, ck.train_config, ck.param_names,
+    attrs = _root_attrs(formats.WEIGHTS, ck.model_config, ck.train_config, ck.param_names,
                         ck.params, ck.step, ck.epoch, ck.data_position, ck.rng_state,
                         ck.train_loss, ck.val_loss, ck.extra, creator)
 
@@ -454,5 +428,5 @@ def export_weights(src, out) -> Path:
         with reading(src), open_ours(src) as s:
             s.copy(s["vocab"], f, "vocab")  # checksums travel with the datasets
 
-    _atomic_h5(out, fill)
+    _write_h5(out, fill)
     return Path(out)

@@ -19,12 +19,12 @@ import os
 import h5py
 import numpy as np
 
+from mpitrain import formats
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import first_line, is_damage, open_ours, reading
 from mpitrain.tokenizer import Tokenizer
 from mpitrain.h5attrs import plain as _plain
 
-FORMAT = "mpitrain-dataset"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 _CHUNK = 1 << 22  # tokens read at a time by the id check of Dataset.open (8-16 MiB)
@@ -46,33 +46,32 @@ def _dataset(parent, name, data, **kw):
     return parent.create_dataset(name, data=data, track_times=False, **kw)
 
 
-def write_dataset(path, *, tokens, doc_offsets, splits, sources, tokenizer, attrs):
-    """Write a complete dataset file at `path` (the caller renames it into place).
+def write_dataset(f, *, tokens, doc_offsets, splits, sources, tokenizer, attrs):
+    """Write a complete dataset into the new, empty h5py.File `f`, opened with
+    libver="earliest" (prepare opens it through mpitrain.atomic and renames it into place).
 
     tokens: 1-D uint16/uint32; doc_offsets: [D+1] int64; splits: {"train"|"val": [k,2] int64};
     sources: dict of equal-length lists name/size/sha256/replaced; attrs: root attributes
     (written in sorted order).
     """
     str_t = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w", libver="earliest") as f:
-        for key in sorted(attrs):
-            f.attrs[key] = attrs[key]
-        _dataset(f, "tokens", tokens)
-        docs = _group(f, "documents")
-        _dataset(docs, "offsets", np.asarray(doc_offsets, dtype=np.int64))
-        sp = _group(f, "splits")
-        for name in SPLITS:
-            g = _group(sp, name)
-            ranges = np.asarray(splits[name], dtype=np.int64).reshape(-1, 2)
-            _dataset(g, "ranges", ranges)
-            g.attrs["tokens"] = int((ranges[:, 1] - ranges[:, 0]).sum())
-        src = _group(f, "sources")
-        _dataset(src, "name", np.array(sources["name"], dtype=object), dtype=str_t)
-        _dataset(src, "size", np.asarray(sources["size"], dtype=np.int64))
-        _dataset(src, "sha256", np.array(sources["sha256"], dtype="S64"))
-        _dataset(src, "replaced", np.asarray(sources["replaced"], dtype=np.int64))
-        tokenizer.to_hdf5(_group(f, "vocab"))
-        f.flush()  # surface write errors (a full disk) here, not in a silent close
+    for key in sorted(attrs):
+        f.attrs[key] = attrs[key]
+    _dataset(f, "tokens", tokens)
+    docs = _group(f, "documents")
+    _dataset(docs, "offsets", np.asarray(doc_offsets, dtype=np.int64))
+    sp = _group(f, "splits")
+    for name in SPLITS:
+        g = _group(sp, name)
+        ranges = np.asarray(splits[name], dtype=np.int64).reshape(-1, 2)
+        _dataset(g, "ranges", ranges)
+        g.attrs["tokens"] = int((ranges[:, 1] - ranges[:, 0]).sum())
+    src = _group(f, "sources")
+    _dataset(src, "name", np.array(sources["name"], dtype=object), dtype=str_t)
+    _dataset(src, "size", np.asarray(sources["size"], dtype=np.int64))
+    _dataset(src, "sha256", np.array(sources["sha256"], dtype="S64"))
+    _dataset(src, "replaced", np.asarray(sources["replaced"], dtype=np.int64))
+    tokenizer.to_hdf5(_group(f, "vocab"))
 
 
 class Dataset:
@@ -104,10 +103,10 @@ class Dataset:
         try:
             with open_ours(path) as f:
                 fmt = _plain(f.attrs.get("format"))
-                if fmt != FORMAT:
+                if fmt != formats.DATASET:
                     what = f"format={fmt!r}" if fmt is not None else "no format attribute"
                     raise UserError(f"{path} is not an mpitrain dataset ({what}; expected "
-                                    f"format={FORMAT!r})")
+                                    f"format={formats.DATASET!r})")
                 version = _plain(f.attrs.get("format_version"))
                 if version != FORMAT_VERSION:
                     raise UserError(f"{path}: dataset format version {version} is not supported "

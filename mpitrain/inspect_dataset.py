@@ -7,28 +7,15 @@ ordered the vocabulary are dropped after prepare. Every count shown here is comp
 stored token stream (/tokens through the split ranges), so it counts ids as encoded, byte
 fallbacks and end-of-document ids included.
 """
-import re
-
 import numpy as np
 
+from mpitrain import formats
 from mpitrain.dataset import SPLITS, Dataset
 from mpitrain.errors import UserError
 from mpitrain.tokenizer import escape_token
 
-FORMAT = "mpitrain-dataset"
 COUNTS_NOTE = ("counts are occurrences in this file's token stream, computed now (the file "
                "stores no counts)")
-
-
-def open_dataset(path):
-    """Dataset.open, with a damaged pre-token pattern in /vocab (re.error from the tokenizer,
-    which Dataset.open lets through) reported as the one-line UserError it gives for other
-    damage."""
-    try:
-        return Dataset.open(path)
-    except re.error as e:
-        raise UserError(f"{path} is damaged (its vocabulary's pre-token pattern does not "
-                        f"compile: {e}); prepare it again") from None
 
 
 def _counts(ds, streams):
@@ -37,7 +24,7 @@ def _counts(ds, streams):
 
 
 def summarize(path, top=10):
-    ds = open_dataset(path)
+    ds = Dataset.open(path)
     a = ds.attrs
     tok = ds.tokenizer
     streams = {s: ds.split_tokens(s) for s in SPLITS}
@@ -121,7 +108,7 @@ def _window_ids(stream, seq_len, k):
 def sequence(path, k, split="train"):
     """Window k of `split` as {"split", "window", "windows", "seq_len", "start", "ids",
     "tokens" (escaped, vocab.txt style), "text"}. UserError when k is out of range."""
-    ds = open_dataset(path)
+    ds = Dataset.open(path)
     n = ds.num_windows(split)
     if not 0 <= k < n:
         raise UserError(f"--sequence {k} is out of range: the {split} split of {path} has {n} "
@@ -154,7 +141,7 @@ def format_sequence(w):
 def vocabulary(path, top=None):
     """Every id (or the `top` most frequent) with its token and its counts in the train and
     val streams, most frequent first (ties by id)."""
-    ds = open_dataset(path)
+    ds = Dataset.open(path)
     per_split = _counts(ds, {s: ds.split_tokens(s) for s in SPLITS})
     counts = per_split["train"] + per_split["val"]
     order = np.argsort(-counts, kind="stable")
@@ -164,7 +151,8 @@ def vocabulary(path, top=None):
     rows = [{"id": int(i), "token": escape_token(tok.token_bytes(int(i))), "count": int(counts[i]),
              "train": int(per_split["train"][i]), "val": int(per_split["val"][i])}
             for i in order]
-    return {"file": path, "format": FORMAT, "vocab_size": ds.vocab_size, "eod_id": tok.eod_id,
+    return {"file": path, "format": formats.DATASET, "vocab_size": ds.vocab_size,
+            "eod_id": tok.eod_id,
             "order": "count", "counts": COUNTS_NOTE, "listed": len(rows),
             "total_tokens": int(counts.sum()), "tokens": rows}
 
@@ -191,7 +179,7 @@ def verify(path):
     checks of Dataset.open, every token id inside the vocabulary, and the root counts against
     the stored arrays. (Datasets carry no checksums; those are the checkpoints'.)"""
     try:
-        ds = open_dataset(path)
+        ds = Dataset.open(path)
         streams = {s: ds.split_tokens(s) for s in SPLITS}
     except UserError as e:  # its messages begin with the path, which the caller prints too
         msg = str(e)

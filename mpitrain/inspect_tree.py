@@ -9,8 +9,7 @@ import math
 
 import h5py
 
-from mpitrain.hdf5_damage import hdf5_failure  # noqa: F401 - also imported from here by inspect
-from mpitrain.hdf5_damage import safe_attribute
+from mpitrain.hdf5_damage import first_line, hdf5_failure, is_damage, safe_attribute
 from mpitrain.h5attrs import plain
 
 _FILTER_NAMES = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
@@ -18,7 +17,7 @@ _FILTER_NAMES = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit",
 
 
 def _unreadable(e):
-    return f"<unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}>"
+    return f"<unreadable: {first_line(e)}>"
 
 
 def _attrs(obj):
@@ -36,7 +35,7 @@ def _attrs(obj):
                 continue
             out[_label(k)] = plain(obj.attrs[k])
         except Exception as e:  # noqa: BLE001 - a type h5py cannot read, or damage
-            if not (isinstance(e, (OSError, TypeError)) or hdf5_failure(e)):
+            if not (isinstance(e, TypeError) or is_damage(e)):
                 raise
             out[_label(k)] = _unreadable(e)
     return out

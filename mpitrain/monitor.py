@@ -7,7 +7,8 @@ Sources (written by Node Zero, mpitrain/trainer/runlog.py):
                   "end", "time", ...}; a line still being written (no newline yet) is left for
                   the next read.
   heartbeat.json  {"host", "pid", "step", "stop_step", "time", ...}, replaced every few seconds.
-  train.log       read only for the training window count when metrics.jsonl lacks it (epoch).
+The epoch shown comes from the start event's "num_windows" (the dataset's training windows);
+a run written before the start event carried it shows no epoch.
 
 RunReader follows metrics.jsonl incrementally (only new complete lines are parsed);
 snapshot() condenses what it read into a dict; format_snapshot() renders it as text.
@@ -18,17 +19,16 @@ Zero's process is gone (checked when it ran on this host), "stalled" otherwise.
 import json
 import math
 import os
-import re
 import socket
 import time
 
+from mpitrain import formats
 from mpitrain.errors import UserError
 from mpitrain.trainer.runlog import HEARTBEAT_EVERY, fmt_duration
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 40        # characters of a trend line
 RATE_STEPS = 50         # recent steps that the step rate (ETA) is measured over
-_WINDOWS_LINE = re.compile(r"dataset .*: (\d+) training windows")
 
 
 class RunReader:
@@ -38,7 +38,7 @@ class RunReader:
         self.run_dir = os.fspath(run_dir)
         if not os.path.isdir(self.run_dir):
             raise UserError(f"{self.run_dir}: no such run directory")
-        self.path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.path = os.path.join(self.run_dir, formats.METRICS)
         self._offset = 0
         self._inode = None
         self.bad_lines = 0
@@ -99,8 +99,7 @@ class RunReader:
             # a resumed run repeats steps after its checkpoint: the newest value wins
             while self.steps and self.steps[-1][0] >= r["step"]:
                 self.steps.pop()
-            self.steps.append((r["step"], r["loss"], r.get("tokens_per_s"), r.get("time"),
-                               r.get("epoch")))
+            self.steps.append((r["step"], r["loss"], r.get("tokens_per_s"), r.get("time")))
         elif "val_loss" in r and "step" in r:
             while self.evals and self.evals[-1][0] >= r["step"]:
                 self.evals.pop()
@@ -108,26 +107,17 @@ class RunReader:
 
     def heartbeat(self):
         try:
-            with open(os.path.join(self.run_dir, "heartbeat.json")) as f:
+            with open(os.path.join(self.run_dir, formats.HEARTBEAT)) as f:
                 hb = json.load(f)
             return hb if isinstance(hb, dict) else None
         except (OSError, ValueError):
             return None
 
     def num_windows(self):
-        """Training windows of the run's dataset: from the start event, else train.log."""
-        if self.start and self.start.get("num_windows"):
-            return int(self.start["num_windows"])
-        found = None   # the newest header line wins (a resumed run writes another)
-        try:
-            with open(os.path.join(self.run_dir, "train.log"), errors="replace") as f:
-                for line in f:
-                    m = _WINDOWS_LINE.search(line)
-                    if m:
-                        found = int(m.group(1))
-        except OSError:
-            pass
-        return found
+        """Training windows of the run's dataset (the newest start event's), None when not
+        recorded."""
+        windows = (self.start or {}).get("num_windows")
+        return int(windows) if windows else None
 
 
 def sparkline(values, width=SPARK_WIDTH) -> str:
@@ -196,9 +186,7 @@ def snapshot(reader, interval=2.0, now=None) -> dict:
         else None
     tps = [s[2] for s in reader.steps[-10:] if s[2] is not None]
     epoch = epochs = None
-    if reader.steps and reader.steps[-1][4] is not None:
-        epoch = int(reader.steps[-1][4]) + 1
-    elif step is not None and tc.get("batch_size"):
+    if step is not None and tc.get("batch_size"):
         windows = reader.num_windows()
         if windows:
             epoch = int(step) * int(tc["batch_size"]) // windows + 1

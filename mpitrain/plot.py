@@ -2,11 +2,12 @@
 extra: pip install 'mpitrain[plot]').
 
 The curves come from the run's metrics.jsonl (mpitrain/monitor.py reads it; a resumed run's
-repeated steps count once, the newest value). The PNG is written under a temporary name and
-renamed, so a failure leaves no partial file.
+repeated steps count once, the newest value). The PNG is written atomically (mpitrain/atomic.py),
+so a failure leaves no partial file.
 """
 import os
 
+from mpitrain import atomic
 from mpitrain.errors import UserError
 from mpitrain.monitor import RunReader
 
@@ -55,14 +56,9 @@ def plot_run(run_dir, out, title=None, dpi=100):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = os.path.join(directory, f".{os.path.basename(out)}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic.replacing(out, atomic.binary) as f:
+            fig.savefig(f, format="png", dpi=dpi)
     finally:
         plt.close(fig)
     return len(steps), len(vsteps)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpitrain import corpus
-from mpitrain.dataset import FORMAT, FORMAT_VERSION, token_dtype, write_dataset
+from mpitrain import atomic, corpus, formats
+from mpitrain.dataset import FORMAT_VERSION, token_dtype, write_dataset
 from mpitrain.errors import UserError
 from mpitrain.progress import bar
 from mpitrain.tokenizer import MAX_VOCAB_SIZE, PATTERN, Tokenizer, min_vocab_size
@@ -40,11 +40,6 @@ class Options:
     val_fraction: float = 0.01  # validation share (whole documents; see choose_split)
     force: bool = False       # replace an existing output
     quiet: bool = False       # no progress bars
-
-
-def vocab_txt_path(out: str) -> str:
-    root, ext = os.path.splitext(out)
-    return (root if ext == ".h5" else out) + ".vocab.txt"
 
 
 def check_options(o: Options):
@@ -343,7 +338,7 @@ def _finish(o, tok, stream, doc_tokens, metas, n_binary, *, fallback, pretokens,
     text_tokens = n_tokens - len(doc_tokens)
     split_tokens = {s: int((r[:, 1] - r[:, 0]).sum()) for s, r in splits.items()}
     attrs = {
-        "format": FORMAT,
+        "format": formats.DATASET,
         "format_version": FORMAT_VERSION,
         "created_by": f"mpitrain {_version()}",
         "corpus": "python-stdlib" if o.data is None else "directory",
@@ -386,7 +381,7 @@ def _finish(o, tok, stream, doc_tokens, metas, n_binary, *, fallback, pretokens,
                                    sources=sources, tokenizer=tok, attrs=attrs))
     summary = dict(attrs)
     summary["out"] = o.out
-    summary["vocab_txt"] = vocab_txt_path(o.out)
+    summary["vocab_txt"] = formats.vocab_txt_path(o.out)
     summary["file_bytes"] = os.path.getsize(o.out)
     return summary
 
@@ -415,11 +410,10 @@ def _on_sigterm(signum, frame):
 
 
 def _write_atomically(o, tok, content):
-    """Write the vocab.txt and the dataset under temporary names in the output directory,
-    then rename both; on any failure (disk full, SIGTERM, Ctrl-C) remove the temporaries."""
-    out, vtxt = o.out, vocab_txt_path(o.out)
-    tmps = [os.path.join(os.path.dirname(p) or ".", f".{os.path.basename(p)}.tmp{os.getpid()}")
-            for p in (out, vtxt)]
+    """Write the vocab.txt and the dataset together through mpitrain.atomic (both written
+    before either is renamed into place); on any failure (disk full, SIGTERM, Ctrl-C) nothing
+    is left behind."""
+    out, vtxt = o.out, formats.vocab_txt_path(o.out)
     if os.path.exists(out) and not o.force:  # appeared while we worked
         raise UserError(f"output exists: {out} (use --force to replace it)")
     # SIGTERM (a job scheduler's kill) unwinds like Ctrl-C so the temporaries are removed;
@@ -429,13 +423,10 @@ def _write_atomically(o, tok, content):
     try:
         if out == DEFAULT_OUT:
             os.makedirs(os.path.dirname(out), exist_ok=True)
-        tok.save_txt(tmps[1])
-        write_dataset(tmps[0], **content)
-        for t in tmps:
-            with open(t, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmps[1], vtxt)
-        os.replace(tmps[0], out)
+        with atomic.replacing_all([(vtxt, atomic.text),
+                                   (out, atomic.hdf5(libver="earliest"))]) as (txt, h5):
+            tok.write_txt(txt)
+            write_dataset(h5, **content)
     except OSError as e:
         raise UserError(f"cannot write {out}: {_os_reason(e)}; nothing was written") from None
     except _Terminated:
@@ -443,6 +434,3 @@ def _write_atomically(o, tok, content):
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-        for t in tmps:
-            if os.path.exists(t):
-                os.unlink(t)

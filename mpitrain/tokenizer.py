@@ -20,6 +20,8 @@ import re
 
 import numpy as np
 
+from mpitrain import atomic, formats
+
 SPECIALS = ("<|endoftext|>",)
 
 # The count-only baseline's pre-token regex (docs/BENCHMARKS.md, "prepare") plus ` ?_+`: the benchmark's alternatives match
@@ -27,7 +29,6 @@ SPECIALS = ("<|endoftext|>",)
 # tokenizer must lose nothing. `\s+` stays last so " word" keeps its leading space.
 PATTERN = r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+"
 
-VOCAB_TXT_MAGIC = "#mpitrain-vocab"
 FORMAT_VERSION = 1
 MAX_VOCAB_SIZE = 1_000_000
 
@@ -147,7 +148,7 @@ class Tokenizer:
         offsets = np.zeros(self.vocab_size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         data = np.frombuffer(b"".join(self._bytes), dtype=np.uint8)
-        group.attrs["format"] = "mpitrain-vocab"
+        group.attrs["format"] = formats.VOCAB
         group.attrs["format_version"] = FORMAT_VERSION
         group.attrs["vocab_size"] = self.vocab_size
         group.attrs["num_specials"] = self.num_specials
@@ -165,8 +166,8 @@ class Tokenizer:
     def from_hdf5(cls, group, where="vocabulary"):
         """Read a vocabulary written by `to_hdf5`. Raises ValueError naming what is wrong."""
         try:
-            if group.attrs.get("format") != "mpitrain-vocab":
-                raise ValueError("the vocab group has no format='mpitrain-vocab' attribute")
+            if group.attrs.get("format") != formats.VOCAB:
+                raise ValueError(f"the vocab group has no format={formats.VOCAB!r} attribute")
             version = int(group.attrs["format_version"])
             if version != FORMAT_VERSION:
                 raise ValueError(f"vocabulary format version {version} is not supported "
@@ -205,25 +206,31 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- vocab.txt
     def save_txt(self, path):
-        """Header line, then line k+2 holds token id k, escaped (see escape_token)."""
+        """Write the vocab.txt `path` atomically (mpitrain.atomic); see write_txt."""
+        with atomic.replacing(path) as f:
+            self.write_txt(f)
+
+    def write_txt(self, f):
+        """Into the text file `f` (UTF-8, "\\n" line ends): a header line, then line k+2
+        holds token id k, escaped (see escape_token)."""
         header = json.dumps({"format_version": FORMAT_VERSION, "vocab_size": self.vocab_size,
                              "specials": list(self.specials), "pattern": self.pattern},
                             ensure_ascii=True)
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(f"{VOCAB_TXT_MAGIC} {header}\n")
-            for b in self._bytes:
-                f.write(escape_token(b))
-                f.write("\n")
+        f.write(f"{formats.VOCAB_TXT_MAGIC} {header}\n")
+        for b in self._bytes:
+            f.write(escape_token(b))
+            f.write("\n")
 
     @classmethod
     def from_txt(cls, path):
         where = os.fspath(path)
         with open(path, "r", encoding="utf-8", newline="\n") as f:
             lines = f.read().split("\n")
-        if not lines or not lines[0].startswith(VOCAB_TXT_MAGIC + " "):
-            raise ValueError(f"{where} is not an mpitrain vocab.txt (no '{VOCAB_TXT_MAGIC}' header)")
+        if not lines or not lines[0].startswith(formats.VOCAB_TXT_MAGIC + " "):
+            raise ValueError(f"{where} is not an mpitrain vocab.txt "
+                             f"(no '{formats.VOCAB_TXT_MAGIC}' header)")
         try:
-            header = json.loads(lines[0][len(VOCAB_TXT_MAGIC) + 1:])
+            header = json.loads(lines[0][len(formats.VOCAB_TXT_MAGIC) + 1:])
             specials, pattern, n = header["specials"], header["pattern"], int(header["vocab_size"])
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{where}: damaged header ({e})") from None

@@ -16,12 +16,12 @@ Every measurement runs in its own subprocess of this invocation, so each has its
   floor  the step's matrix products timed one by one through scipy-openblas32 on min(t, CPUs)
          OpenBLAS threads: the time a step cannot beat without faster GEMMs.
   torch  scripts/torch_gpt.py with torch.set_num_threads(t) (skipped when torch is missing).
-Printed per thread count: tokens/s, ratio ours/PyTorch, achieved GFLOP/s (FLOPs per token
-counted below), fraction of the SGEMM peak, peak RSS per process, and where our step's time goes
-(forward+backward / clip / AdamW, and per layer kind if the kernel exposes timers).
+Printed per thread count: tokens/s, ratio ours/PyTorch, achieved GFLOP/s (FLOPs per token as
+mpitrain/trainer/peak.py counts them), fraction of the SGEMM peak, peak RSS per process, and
+where our step's time goes (forward+backward / clip / AdamW, and per layer kind if the kernel
+exposes timers).
 """
 import argparse
-import ctypes
 import json
 import os
 import pathlib
@@ -38,18 +38,10 @@ try:
 except ImportError:  # not installed: the checkout's package (the kernel itself needs an install)
     sys.path.insert(0, str(HERE.parent))
     from mpitrain.config import ModelConfig
+from mpitrain.trainer.peak import flops_per_token, openblas, sgemm, sgemm_peak_gflops  # noqa: E402
 
 CLIP = 1.0
 LR = 1e-4
-
-
-def flops_per_token(cfg, seq_len):
-    """Training FLOPs per token: 6 x (weights used in matrix products: the blocks' four linear
-    layers and lm_head; embeddings are lookups) + attention's QK^T and AV, 4*T*d forward per
-    layer counted over the full T x T square as PyTorch's SDPA computes it, x3 with backward."""
-    d, f = cfg.d_model, cfg.d_ff
-    matmul_weights = cfg.n_layers * (4 * d * d + 2 * d * f) + d * cfg.vocab_size
-    return 6 * matmul_weights + cfg.n_layers * 12 * seq_len * d
 
 
 def peak_rss_mb():
@@ -62,46 +54,7 @@ def random_batch(cfg, batch, seq_len, seed=0):
     return w[:, :-1], w[:, 1:]
 
 
-# ---- SGEMM peak through scipy-openblas32 -----------------------------------------------------
-
-def _openblas():
-    import scipy_openblas32
-
-    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"),
-                      mode=ctypes.RTLD_GLOBAL)
-    lib.scipy_cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p,
-                                      ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
-                                      ctypes.c_void_p, ctypes.c_int]
-    lib.scipy_openblas_set_num_threads.argtypes = [ctypes.c_int]
-    return lib
-
-
-def _sgemm(lib, ta, tb, m, n, k, a, b, c):
-    """Row-major C(m,n) = op(A) op(B); op = transpose when ta/tb (arrays hold the stored form)."""
-    lib.scipy_cblas_sgemm(101, 112 if ta else 111, 112 if tb else 111, m, n, k, 1.0,
-                          a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1], 0.0,
-                          c.ctypes.data, n)
-
-
-def sgemm_peak_gflops(threads, size, repeats=5):
-    """Best-of-`repeats` GFLOP/s of C = A @ B (size^3, float32) on `threads` OpenBLAS threads.
-    Leaves OpenBLAS at the thread count it had before."""
-    lib = _openblas()
-    before = lib.scipy_openblas_get_num_threads()
-    lib.scipy_openblas_set_num_threads(threads)
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
-    c = np.empty((size, size), np.float32)
-    best = float("inf")
-    try:
-        for _ in range(repeats + 1):  # the first call warms caches and the thread pool
-            t0 = time.perf_counter()
-            _sgemm(lib, False, False, size, size, size, a, b, c)
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        lib.scipy_openblas_set_num_threads(before)
-    return 2.0 * size ** 3 / best / 1e9
-
+# ---- the matrix products of a step ------------------------------------------------------------
 
 def step_gemms(cfg, batch, seq):
     """The matrix products of one training step: (count, transA, transB, M, N, K) row-major.
@@ -127,7 +80,7 @@ def step_gemms(cfg, batch, seq):
 def gemm_floor(threads, cfg, batch, seq):
     """Seconds for one step's matrix products timed one by one on `threads` OpenBLAS threads
     (second of two passes), and their FLOPs."""
-    lib = _openblas()
+    lib = openblas()
     lib.scipy_openblas_set_num_threads(threads)
     rng = np.random.default_rng(0)
     gemms = step_gemms(cfg, batch, seq)
@@ -139,7 +92,7 @@ def gemm_floor(threads, cfg, batch, seq):
         for rep in range(2):
             t0 = time.perf_counter()
             for _ in range(count):
-                _sgemm(lib, ta, tb, m, n, k, a, b, c)
+                sgemm(lib, ta, tb, m, n, k, a, b, c)
             if rep:
                 seconds += time.perf_counter() - t0
     return seconds, sum(2.0 * cnt * m * n * k for cnt, _, _, m, n, k in gemms)
@@ -156,7 +109,7 @@ def run_ours(cfg, a):
     res = _run_model(cfg, a)
     # After the model: its peak RSS is taken first, so the SGEMM buffers do not count.
     res["rss_mb"] = peak_rss_mb()
-    res["sgemm_gflops"] = sgemm_peak_gflops(blas_threads(a.threads), a.sgemm_size)
+    res["sgemm_gflops"] = sgemm_peak_gflops(threads=blas_threads(a.threads), size=a.sgemm_size)
     return res
 
 

@@ -57,7 +57,11 @@ def test_finished_run(finished_run):
     tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and "event" not in r]
     # a float64 mean of the same ten numbers, perhaps summed in another order (approx's 1e-6)
     assert s["tokens_per_s"] == pytest.approx(sum(tps[-10:]) / len(tps[-10:]))
-    # the tiny dataset: windows from train.log; 10 steps of 12 windows stay in epoch 1
+    # the start event carries the dataset's training windows; 10 steps stay in epoch 1
+    start = [r for r in records if r.get("event") == "start"][-1]
+    with open(os.path.join(finished_run, "train.log")) as f:
+        assert f"{start['num_windows']} training windows" in f.read()
+    assert 10 * start["train_config"]["batch_size"] < start["num_windows"]
     assert s["epoch"] == 1 and s["epochs"] == 100
     assert s["checkpoints_written"] == s["checkpoints_on_disk"] == 2
 
@@ -212,6 +216,8 @@ def test_partial_line_resume_and_bad_lines(tmp_path):
         f.write("\n".join(lines))          # the last line stays partial (no newline)
     s = _snapshot(run_dir)
     assert s["step"] == 7 and s["loss"] == 1.0        # the partial line is not read
+    assert s["epoch"] is None   # the newest start event (as from an older mpitrain) has no
+    assert s["epochs"] == 30    # num_windows: no epoch shown, everything else is
     assert s["steps_per_s"] == pytest.approx(1.0)     # pace since the resume (steps 6, 7)
     assert s["checkpoints_written"] == 1 and s["checkpoints_on_disk"] == 0
     assert s["unreadable_lines"] == 1

@@ -76,11 +76,12 @@ def _check_args(args):
 def load(path, threads):
     """A Generator for a model file, or UserError with one line saying what is wrong."""
     from mpitrain.generate import Generator
+    from mpitrain import formats
     from mpitrain.hdf5_damage import file_format, is_damage
 
     try:
         fmt = file_format(path)
-        if fmt == "mpitrain-dataset":
+        if fmt == formats.DATASET:
             raise UserError(f"{path} is a dataset (made by prepare), not a model: give a "
                             "checkpoint from a run directory or an export")
     except Exception as e:  # missing, not HDF5 or damaged: load_checkpoint names the problem

@@ -8,9 +8,10 @@ import sys
 
 import h5py
 
+from mpitrain import formats
 from mpitrain.errors import UserError
-from mpitrain.hdf5_damage import DamagedFile, file_format
-from mpitrain.inspect_tree import describe, dumps, format_tree, hdf5_failure
+from mpitrain.hdf5_damage import DamagedFile, file_format, first_line, hdf5_failure, is_damage
+from mpitrain.inspect_tree import describe, dumps, format_tree
 
 NAME = "inspect"
 HELP = "show an HDF5 file's structure and, for mpitrain files, a summary"
@@ -18,11 +19,10 @@ HELP = "show an HDF5 file's structure and, for mpitrain files, a summary"
 # Root `format` attribute -> module with summarize(path, top) -> dict and format_summary(dict)
 # -> str. Add an entry here for each new file kind.
 SUMMARIES = {
-    "mpitrain-dataset": "mpitrain.inspect_dataset",
-    "mpitrain-checkpoint": "mpitrain.inspect_checkpoint",
-    "mpitrain-weights": "mpitrain.inspect_checkpoint",
+    formats.DATASET: "mpitrain.inspect_dataset",
+    formats.CHECKPOINT: "mpitrain.inspect_checkpoint",
+    formats.WEIGHTS: "mpitrain.inspect_checkpoint",
 }
-DATASET = "mpitrain-dataset"
 
 
 def add_arguments(p):
@@ -68,13 +68,9 @@ def _file_format(path):
     except DamagedFile as e:
         raise UserError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
-        if not (isinstance(e, OSError) or hdf5_failure(e)):
+        if not is_damage(e):
             raise
-        raise UserError(f"cannot read {path}: {_first_line(e)}") from None
-
-
-def _first_line(e):
-    return str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read {path}: {first_line(e)}") from None
 
 
 def _tree_damage(node):
@@ -102,9 +98,9 @@ def inspect_file(path, top=None):
         except UserError as e:  # e.g. a dataset whose layout checks fail
             damage = str(e)
         except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
-            if not (isinstance(e, OSError) or hdf5_failure(e)):
+            if not is_damage(e):
                 raise
-            damage = f"the {fmt} summary cannot be read: {_first_line(e)}"
+            damage = f"the {fmt} summary cannot be read: {first_line(e)}"
     return {"file": path, "format": fmt, "file_bytes": os.path.getsize(path), "tree": tree,
             "summary": summary, "damage": damage}
 
@@ -116,13 +112,13 @@ def _dataset_view(args, fmt):
     if args.others:
         raise UserError(f"{what} takes one file, got {1 + len(args.others)}")
     if args.sequence is not None:
-        if fmt != DATASET:
+        if fmt != formats.DATASET:
             kind = f"a {fmt} file" if fmt else "not a file mpitrain writes"
             raise UserError(f"--sequence needs a dataset (made by `mpitrain prepare`); "
                             f"{args.file} is {kind}")
         result = ds_mod.sequence(args.file, args.sequence, args.split)
         text = ds_mod.format_sequence
-    elif fmt == DATASET:
+    elif fmt == formats.DATASET:
         result, text = ds_mod.vocabulary(args.file, args.top), ds_mod.format_vocabulary
     elif fmt in SUMMARIES:  # checkpoint or export: it carries the vocabulary it was trained on
         result = importlib.import_module(SUMMARIES[fmt]).vocabulary(args.file, args.top)
@@ -142,7 +138,7 @@ def _damaged_to_user_error(path, work):
     except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
         if not hdf5_failure(e):
             raise
-        raise UserError(f"{path} is damaged ({_first_line(e)}); `mpitrain inspect --verify "
+        raise UserError(f"{path} is damaged ({first_line(e)}); `mpitrain inspect --verify "
                         f"{path}` says more") from None
 
 

@@ -28,7 +28,7 @@ from collections import deque
 
 import numpy as np
 
-from mpitrain import schedule
+from mpitrain import formats, schedule
 from mpitrain.trainer import peak, sampling
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.process import injected_fault, peak_rss_kib
@@ -71,7 +71,7 @@ class NodeZero:
     def run(self) -> dict:
         p, tc = self.plan, self.tc
         os.makedirs(p.run_dir, exist_ok=True)
-        self.tokenizer.save_txt(os.path.join(p.run_dir, "vocab.txt"))
+        self.tokenizer.save_txt(os.path.join(p.run_dir, formats.RUN_VOCAB_TXT))
         self.log = RunLog(p.run_dir, self.ranks, p.total_steps, p.start_step, p.stop_step,
                           quiet=p.quiet)
         self.saver = Saver(p.run_dir, tc.keep_last)
@@ -250,6 +250,7 @@ class NodeZero:
                          num_params=self.model.num_params, ranks=len(self.ranks),
                          workers=self.link.num_workers, start_step=p.start_step,
                          stop_step=p.stop_step, total_steps=p.total_steps,
+                         num_windows=p.num_windows,
                          hosts=[h for h, _ in self.ranks], pids=[pid for _, pid in self.ranks],
                          node_zero_host=socket.gethostname())
         if not p.quiet:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from mpitrain import config, schedule
+from mpitrain import config, formats, schedule
 from mpitrain.config import PRESETS, ModelConfig, TrainConfig
 from mpitrain.errors import UserError
 
@@ -123,7 +123,7 @@ def resolve_configs(preset: str, overrides: dict, vocab_size: int, seq_len: int,
 
 
 def existing_checkpoints(run_dir: str) -> list:
-    return sorted(glob.glob(os.path.join(run_dir, "checkpoint_step_*.h5")))
+    return sorted(glob.glob(os.path.join(run_dir, formats.CHECKPOINT_GLOB)))
 
 
 def default_dataset(preset: str) -> str:

@@ -3,8 +3,9 @@ and what the person at the terminal sees (a progress bar on a terminal, plain li
 
 metrics.jsonl holds one JSON object a line: every step {"step", "loss", "lr", "grad_norm",
 "tokens_per_s", "time"}, every evaluation {"step", "val_loss", "val_ppl", "sample"}, and events
-{"event": "start" | "resume" | "checkpoint" | "signal" | "end", ...}. heartbeat.json is replaced
-atomically every few seconds: Node Zero's host, every rank's PID, the last step, the time.
+{"event": "start" | "resume" | "checkpoint" | "signal" | "end", ...} (docs/TRAINING.md lists
+their fields). heartbeat.json is replaced atomically every few seconds: Node Zero's host,
+every rank's PID, the last step, the time.
 """
 import json
 import math
@@ -13,17 +14,11 @@ import socket
 import sys
 import time
 
+from mpitrain import atomic, formats
 from mpitrain.progress import bar
 
 HEARTBEAT_EVERY = 2.0   # s between heartbeat.json refreshes
 PRINT_EVERY = 10.0      # s between plain progress lines when no bar is shown
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -34,8 +29,8 @@ class RunLog:
         self.ranks = ranks
         self.stop_step = stop_step
         self.quiet = quiet
-        self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        self._log = open(os.path.join(run_dir, "train.log"), "a", buffering=1)
+        self._metrics = open(os.path.join(run_dir, formats.METRICS), "a", buffering=1)
+        self._log = open(os.path.join(run_dir, formats.TRAIN_LOG), "a", buffering=1)
         self._heartbeat_at = 0.0
         self._printed_at = time.monotonic()
         self.step = start_step
@@ -96,13 +91,17 @@ class RunLog:
         if not force and now - self._heartbeat_at < HEARTBEAT_EVERY:
             return
         self._heartbeat_at = now
-        _atomic_write(os.path.join(self.run_dir, "heartbeat.json"), json.dumps({
+        text = json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(),
             "ranks": [{"rank": r, "host": h, "pid": p} for r, (h, p) in enumerate(self.ranks)],
             "step": self.step, "stop_step": self.stop_step, "activity": self.activity,
             "time": now,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-        }, indent=1) + "\n")
+        }, indent=1) + "\n"
+        # Not durable: a heartbeat is worthless after a crash of the machine, and fsyncs every
+        # few seconds would put disk latency into Node Zero's loop. Readers still see whole files.
+        with atomic.replacing(os.path.join(self.run_dir, formats.HEARTBEAT), durable=False) as f:
+            f.write(text)
 
     def set_activity(self, activity: str) -> None:
         """What Node Zero is doing now (training, evaluating after step N, ...); a change is

@@ -7,24 +7,21 @@ into them until `busy()` is False. Old checkpoints beyond the newest `keep_last`
 always kept) are removed after each successful write.
 """
 import os
-import re
 import threading
 import time
 
+from mpitrain import formats
 from mpitrain.checkpoint import save_checkpoint
 
-_NAME = re.compile(r"^checkpoint_step_(\d+)\.h5$")
-
-
 def checkpoint_path(run_dir: str, step: int) -> str:
-    return os.path.join(run_dir, f"checkpoint_step_{step}.h5")
+    return os.path.join(run_dir, formats.checkpoint_name(step))
 
 
 def prune(run_dir: str, keep_last: int) -> list:
     """Delete all but the newest keep_last checkpoints besides step 0; returns what went."""
     if keep_last <= 0:
         return []
-    steps = sorted(int(m.group(1)) for m in map(_NAME.match, os.listdir(run_dir)) if m)
+    steps = sorted(s for s in map(formats.checkpoint_step, os.listdir(run_dir)) if s is not None)
     doomed = [s for s in steps if s > 0][:-keep_last]
     for s in doomed:
         os.remove(checkpoint_path(run_dir, s))

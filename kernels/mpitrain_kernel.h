@@ -141,21 +141,32 @@ void scale_part(float *x, int64_t n, float factor, int part, int nparts);
 /* max_norm / (norm + 1e-6): clip_grad_norm_ scales by it when it is below 1. */
 double clip_coefficient(double norm, double max_norm);
 
-/* ---- generate.c ---- */
-/* Generation for one sequence with a key/value cache over a model's parameters (the model
- * must outlive it). The cache holds up to max_seq_len positions. */
-typedef struct mt_gen mt_gen;
-mt_gen *mt_gen_new(mt_model *model);   /* NULL when out of memory */
-void mt_gen_free(mt_gen *gen);
-void mt_gen_reset(mt_gen *gen);        /* empty context */
-/* Appends ids (n, 1 <= n <= max_seq_len) to the context, computing only the new positions;
- * logits (V, may be NULL) get the next-token logits after the last one. When the context
- * would pass max_seq_len, only its newest half (fewer if the n ids need the room) is kept and
- * the cache is rebuilt from position 0. MT_EINVAL for bad n or ids. */
-int mt_gen_feed(mt_gen *gen, const int32_t *ids, int n, float *logits);
-int mt_gen_length(const mt_gen *gen);                /* positions in the context */
-int mt_gen_context(const mt_gen *gen, int32_t *out); /* copies them (max_seq_len room) */
-uint64_t mt_gen_slides(const mt_gen *gen);           /* times the context was cut */
-uint64_t mt_gen_rows(const mt_gen *gen);             /* positions computed (all feeds) */
+/* ---- decode.c ---- */
+/* Batched decoding with key/value caches over a model's parameters (the model must outlive the
+ * batch): `slots` sequence slots, each with its own cache, tokens and length, holding up to
+ * `context` positions (0: max_seq_len). A step appends new ids to several slots at once -- a
+ * prompt, or one generated id each -- computing only their new positions, and gives each
+ * slot's next-token logits. A slot's logits are bitwise the same whichever other slots share
+ * the step and however many they are (and however its ids were cut into steps): every row is
+ * computed by fixed-order products. One call at a time per batch; the model's pool is held
+ * for the step (MT_EBUSY while another call runs on it). */
+typedef struct mt_batch mt_batch;
+mt_batch *mt_batch_new(mt_model *model, int slots, int context);   /* NULL: bad args / memory */
+void mt_batch_free(mt_batch *batch);
+int mt_batch_slots(const mt_batch *batch);
+int mt_batch_context_limit(const mt_batch *batch);
+int mt_batch_reset(mt_batch *batch, int slot);                  /* empty the slot's context */
+int mt_batch_length(const mt_batch *batch, int slot);          /* positions in its context */
+int mt_batch_tokens(const mt_batch *batch, int slot, int32_t *out);  /* copies them (context
+                                                                      * limit room) */
+uint64_t mt_batch_slides(const mt_batch *batch, int slot);     /* times its context was cut */
+uint64_t mt_batch_rows(const mt_batch *batch);                 /* positions computed (all) */
+/* One step over nseq distinct slots: slot slots[k] gets counts[k] ids (1..context limit), taken
+ * in order from ids (sum of counts). When a slot's context would pass the limit, only its
+ * newest half (fewer if the new ids need the room) is kept and its cache rebuilt from position
+ * 0. logits (nseq, V), may be NULL: row k the next-token logits after slot slots[k]'s last id.
+ * MT_EINVAL (nothing changed) for a bad slot, count or id, or a slot given twice. */
+int mt_batch_step(mt_batch *batch, int nseq, const int32_t *slots, const int32_t *counts,
+                  const int32_t *ids, float *logits);
 
 #endif

@@ -120,6 +120,9 @@ void fma_row(float *y, float a, const float *x, int n);
  * columns o in [o0,o1); out, add (n,OC), w (OC,IC); bias, add may be NULL. */
 void linear_fixed(float *out, const float *inp, const float *w, const float *bias,
                   const float *add, int n, int IC, int OC, int o0, int o1);
+/* The same through the portable code path (fmaf per lane): bitwise equal (tested). */
+void linear_fixed_portable(float *out, const float *inp, const float *w, const float *bias,
+                           const float *add, int n, int IC, int OC, int o0, int o1);
 
 /* ---- attention.c: one (batch, head) item; att and datt are (T,T) scratch ------------------ */
 /* Causal attention of one head for the query rows at positions p0..p0+n-1 of one sequence:

@@ -10,13 +10,13 @@
  *   linear: out[r,o] = dot(inp[r], w[o]) + pre, pre = add[r,o] + bias[o] (either may be absent).
  *   fma_row: y[i] = fma(a, x[i], y[i]).
  * Every product is a fused multiply-add (one rounding) and every sum is in the order above,
- * so the AVX2 kernels (4 rows x 2 columns of accumulators, or fewer at the edges) and the
+ * so the AVX2 kernels (3 rows x 4 columns of accumulators, or fewer at the edges) and the
  * portable one (fmaf per lane) give bitwise the same floats. This is what OpenBLAS does not
  * promise: its sgemm rounds a row differently depending on the matrix shape (kernel and edge
  * paths), and sgemv differs from sgemm.
  *
  * Speed: the weights are tiled (a block of LIN_COLS output rows is reused from cache across
- * all rows of the batch, 4 rows at a time held in L1), so a batch of rows reads the weights
+ * all rows of the batch, ROWS rows at a time held in L1), so a batch of rows reads the weights
  * once; one row is a matrix-vector product bound by memory bandwidth like sgemv. */
 #include <math.h>
 #include "mt_internal.h"
@@ -27,6 +27,8 @@
 #endif
 
 #define LIN_COLS 16   /* output rows of the weights per block (16 x IC floats stay in L2) */
+#define ROWS 3        /* rows per tile: 3 x 4 accumulators + 3 + 1 loaded = 16 ymm registers */
+#define TILE_COLS 4
 
 /* ---- portable path ------------------------------------------------------------------------ */
 
@@ -73,6 +75,13 @@ AVX2 static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 
+/* Four hsum8 at once: lane c = hsum8(a[c]), in the same order (hadd pairs neighbours within
+ * each 128-bit half; the halves are added last). */
+AVX2 static inline __m128 hsum8x4(const __m256 *a) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 /* Mask with the first `rem` (1..7) lanes set: the zero-padded last chunk. */
 AVX2 static inline __m256i tail_mask(int rem) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -89,17 +98,18 @@ AVX2 static float dot_avx2(const float *a, const float *b, int n) {
     return hsum8(acc);
 }
 
-/* R rows x NC columns of dot products (R <= 4, NC <= 2): rows x[0..R) (stride IC), weight rows
- * w[0..NC) (stride IC); results into res[r*2 + c]. Inlined with constant R, NC so that the
- * accumulators live in registers; each accumulator sees exactly dot_avx2's operations. */
+/* R rows x NC columns of dot products (R, NC <= 4): rows x[0..R) (stride IC),
+ * weight rows w[0..NC) (stride IC); results into res[r*4 + c]. Inlined with constant R, NC so
+ * that the accumulators live in registers; each accumulator sees exactly dot_avx2's
+ * operations, so the tile shape never changes a result. */
 AVX2 static inline __attribute__((always_inline)) void tile(const float *x, const float *w,
                                                             int IC, int R, int NC, float *res) {
-    __m256 acc[4][2];
+    __m256 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < NC; c++) acc[r][c] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= IC; k += 8) {
-        __m256 wv[2], xv[4];
+        __m256 wv[4], xv[4];
         for (int c = 0; c < NC; c++) wv[c] = _mm256_loadu_ps(w + (size_t)c * IC + k);
         for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x + (size_t)r * IC + k);
         for (int r = 0; r < R; r++)
@@ -107,37 +117,45 @@ AVX2 static inline __attribute__((always_inline)) void tile(const float *x, cons
     }
     if (k < IC) {
         __m256i m = tail_mask(IC - k);
-        __m256 wv[2], xv[4];
+        __m256 wv[4], xv[4];
         for (int c = 0; c < NC; c++) wv[c] = _mm256_maskload_ps(w + (size_t)c * IC + k, m);
         for (int r = 0; r < R; r++) xv[r] = _mm256_maskload_ps(x + (size_t)r * IC + k, m);
         for (int r = 0; r < R; r++)
             for (int c = 0; c < NC; c++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv[c], acc[r][c]);
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < NC; c++) res[r * 2 + c] = hsum8(acc[r][c]);
+    for (int r = 0; r < R; r++) {
+        if (NC == 4) _mm_storeu_ps(res + r * 4, hsum8x4(acc[r]));
+        else for (int c = 0; c < NC; c++) res[r * 4 + c] = hsum8(acc[r][c]);
+    }
 }
 
-AVX2 static void tile_any(const float *x, const float *w, int IC, int R, int NC, float *res) {
-    if (R == 4 && NC == 2) tile(x, w, IC, 4, 2, res);
-    else if (R == 4) tile(x, w, IC, 4, 1, res);
-    else if (NC == 2) tile(x, w, IC, 1, 2, res);
-    else tile(x, w, IC, 1, 1, res);
+/* Tiles: ROWS rows x 4 columns where ROWS rows remain (each weight vector reused by ROWS rows
+ * from registers); single rows 4 columns at a time (a matrix-vector product: four weight
+ * streams in flight); 1 column at the right edge. Returns the columns done. */
+AVX2 static int tile_any(const float *x, const float *w, int IC, int R, int cols, float *res) {
+    if (R == ROWS) {
+        if (cols >= TILE_COLS) { tile(x, w, IC, ROWS, TILE_COLS, res); return TILE_COLS; }
+        tile(x, w, IC, ROWS, 1, res);
+        return 1;
+    }
+    if (cols >= 4) { tile(x, w, IC, 1, 4, res); return 4; }
+    tile(x, w, IC, 1, 1, res);
+    return 1;
 }
 
 AVX2 static void linear_avx2(float *out, const float *inp, const float *w, const float *bias,
                              const float *add, int n, int IC, int OC, int o0, int o1) {
-    float res[8];
+    float res[16];
     for (int b0 = o0; b0 < o1; b0 += LIN_COLS) {
         int b1 = o1 - b0 < LIN_COLS ? o1 : b0 + LIN_COLS;
         for (int r = 0; r < n;) {
-            int R = n - r >= 4 ? 4 : 1;
+            int R = n - r >= ROWS ? ROWS : 1;
             for (int o = b0; o < b1;) {
-                int NC = b1 - o >= 2 ? 2 : 1;
-                tile_any(inp + (size_t)r * IC, w + (size_t)o * IC, IC, R, NC, res);
+                int NC = tile_any(inp + (size_t)r * IC, w + (size_t)o * IC, IC, R, b1 - o, res);
                 for (int i = 0; i < R; i++)
                     for (int c = 0; c < NC; c++) {
                         float pre = pre_value(bias, add, r + i, o + c, OC);
-                        out[(size_t)(r + i) * OC + o + c] = res[i * 2 + c] + pre;
+                        out[(size_t)(r + i) * OC + o + c] = res[i * 4 + c] + pre;
                     }
                 o += NC;
             }

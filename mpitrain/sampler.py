@@ -48,10 +48,10 @@ def probabilities(logits, samplers):
     z = z / np.array([s.temperature for s in samplers])[:, None]
     k = np.array([s.top_k for s in samplers])
     cut_k = (k > 0) & (k < V)
-    if cut_k.any():
-        desc = -np.sort(-z[cut_k], axis=1)
-        kth = desc[np.arange(desc.shape[0]), k[cut_k] - 1]
-        z[cut_k] = np.where(z[cut_k] >= kth[:, None], z[cut_k], -np.inf)
+    for kk in np.unique(k[cut_k]):          # rows sharing a k: one partition for all of them
+        rows = np.flatnonzero(cut_k & (k == kk))
+        kth = np.partition(z[rows], -kk, axis=1)[:, -kk]
+        z[rows] = np.where(z[rows] >= kth[:, None], z[rows], -np.inf)
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     top_p = np.array([s.top_p for s in samplers])

@@ -1,9 +1,13 @@
-/* Causal multi-head self-attention, one (batch, head) item at a time, so threads can split
- * the B*NH items and each writes only its own slice of the output. Scores and their
- * gradients live in a (T,T) scratch per thread; the backward pass recomputes the attention
- * weights from q, k and the cached per-row log-sum-exp instead of storing B*NH*T*T floats.
- * Products go through OpenBLAS on strided views of qkv (row stride 3C). The scratch is
- * (T,T) row-major; block b of query rows uses rows [i0,i1) and columns [0,i1) of it. */
+/* Causal multi-head self-attention. attention_rows is the forward pass of one head over some
+ * query rows of one sequence, wherever its keys and values live (the window's own qkv rows in
+ * training and evaluation, a key/value cache in decoding); causal_softmax_row is the attention
+ * pattern every path uses. Training goes one (batch, head) item at a time, so threads can split
+ * the B*NH items and each writes only its own slice of the output. Scores and their gradients
+ * live in a (T,T) scratch per thread; the backward pass recomputes the attention weights from
+ * q, k and the cached per-row log-sum-exp instead of storing B*NH*T*T floats. Training's
+ * products go through OpenBLAS on strided views of qkv (row stride 3C); block b of query rows
+ * uses rows [i0,i1) and columns [0,i1) of the scratch. Decoding's products are rowdot.c's
+ * fixed-order ones, a row at a time. */
 #include <math.h>
 #include <stdlib.h>
 #include "mt_internal.h"

@@ -100,7 +100,9 @@ int mt_thread_windows(const mt_model *model, uint64_t *out, int n);
 /* Forward only: mean token loss (evaluation). */
 int mt_loss(mt_model *model, const int32_t *inputs, const int32_t *targets, int B, int T,
             double *loss_out);
-/* Forward only: logits (B,T,V), or (B,V) of the last position when last_only. */
+/* Forward only: logits (B,T,V), or (B,V) of the last position when last_only. The training
+ * forward (OpenBLAS products: a row's rounding may depend on B and T); decoding (mt_batch_step)
+ * runs the same layers with fixed-order products and agrees with it to float32 rounding. */
 int mt_forward_logits(mt_model *model, const int32_t *inputs, int B, int T, int last_only,
                       float *logits);
 /* Training calls (mt_forward_backward) and windows (sum of their B) since creation. */

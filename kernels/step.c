@@ -1,4 +1,6 @@
 /* The training step: forward, loss and backward of one micro-batch, run by every pool thread.
+ * The forward pass is forward.c's (shared with decoding), here split by rows; evaluation and
+ * mt_forward_logits run the same forward without the backward pass.
  *
  * Ownership (what each thread writes, so no locks and no float atomics):
  *   rows    [r0,r1) of every (N,*) activation and row-local gradient (LayerNorm, GEMM dinp,

@@ -2,8 +2,9 @@
 
 The checkpoint (or weights-only export) alone is enough: configuration and vocabulary travel
 inside it. Generation runs in the C kernel's batched decoding with a key/value cache (one
-sequence here; mpitrain/generate.py) and samples with mpitrain/sampler.py. `--interactive` opens a prompt loop (readline history, Ctrl-D leaves, Ctrl-C stops a
-generation); the context carries over from turn to turn until /reset.
+sequence here; mpitrain/generate.py) and samples with mpitrain/sampler.py. `--interactive`
+opens a prompt loop (readline history, Ctrl-D leaves, Ctrl-C stops a generation); the context
+carries over from turn to turn until /reset.
 """
 import codecs
 import math

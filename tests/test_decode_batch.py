@@ -192,3 +192,21 @@ def test_generate_batch_equals_each_sequence_alone(temperature):
         # the one-sequence path (infer's) agrees as well
         single = Decoder(model, slots=1)
         assert list(single.generate(p, len(ids), Sampler(temperature, seed=k))) == ids
+
+
+def test_bench_decode_smoke():
+    """scripts/bench_decode.py runs (tiny preset, two batch sizes, few steps) and prints its
+    table against the measured peak."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_decode.py"),
+                           "--preset", "tiny", "--batches", "1", "3", "--steps", "3",
+                           "--repeat", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "SGEMM peak" in lines[0] and "decode tok/s" in lines[2]
+    assert [line.split()[0] for line in lines[3:]] == ["1", "3"]

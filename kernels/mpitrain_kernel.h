@@ -3,9 +3,8 @@
  * (B,T,C) in comments. C functions do no I/O and never print.
  *
  * The convention: every call returns an int status from mt_status, and results go through
- * out-parameters (written only on MT_OK). The exceptions are the destructors (void, as free())
- * and, until its rewrite settles, generate.c's mt_gen_* calls (marked below). Single layers for
- * tests are not here: see mt_testing.h. */
+ * out-parameters (written only on MT_OK). The exceptions are the destructors (void, as free()).
+ * Single layers for tests are not here: see mt_testing.h. */
 #ifndef MPITRAIN_KERNEL_H
 #define MPITRAIN_KERNEL_H
 #include <stddef.h>
@@ -77,7 +76,9 @@ int mt_thread_windows(const mt_model *model, uint64_t *out, int n);
 /* Forward only: mean token loss (evaluation). */
 int mt_loss(mt_model *model, const int32_t *inputs, const int32_t *targets, int B, int T,
             double *loss_out);
-/* Forward only: logits (B,T,V), or (B,V) of the last position when last_only. */
+/* Forward only: logits (B,T,V), or (B,V) of the last position when last_only. The training
+ * forward (OpenBLAS products: a row's rounding may depend on B and T); decoding (mt_batch_step)
+ * runs the same layers with fixed-order products and agrees with it to float32 rounding. */
 int mt_forward_logits(mt_model *model, const int32_t *inputs, int B, int T, int last_only,
                       float *logits);
 /* Training calls (mt_forward_backward) and windows (sum of their B) since creation. */
@@ -116,21 +117,32 @@ int mt_optim_step(mt_model *model, float *param, float *grad, float *const *stat
                   int64_t n, const int64_t *seg_bounds, const unsigned char *seg_decay,
                   int nseg, const mt_adamw *hyper, double norm, double max_norm);
 
-/* ---- generate.c (its own conventions for now: pointers, counts) ---------------------------- */
-/* Generation for one sequence with a key/value cache over a model's parameters (the model
- * must outlive it). The cache holds up to max_seq_len positions. */
-typedef struct mt_gen mt_gen;
-mt_gen *mt_gen_new(mt_model *model);   /* NULL when out of memory */
-void mt_gen_free(mt_gen *gen);
-void mt_gen_reset(mt_gen *gen);        /* empty context */
-/* Appends ids (n, 1 <= n <= max_seq_len) to the context, computing only the new positions;
- * logits (V, may be NULL) get the next-token logits after the last one. When the context
- * would pass max_seq_len, only its newest half (fewer if the n ids need the room) is kept and
- * the cache is rebuilt from position 0. MT_EINVAL for bad n or ids. */
-int mt_gen_feed(mt_gen *gen, const int32_t *ids, int n, float *logits);
-int mt_gen_length(const mt_gen *gen);                /* positions in the context */
-int mt_gen_context(const mt_gen *gen, int32_t *out); /* copies them (max_seq_len room) */
-uint64_t mt_gen_slides(const mt_gen *gen);           /* times the context was cut */
-uint64_t mt_gen_rows(const mt_gen *gen);             /* positions computed (all feeds) */
+/* ---- decode.c ---- */
+/* Batched decoding with key/value caches over a model's parameters (the model must outlive the
+ * batch): `slots` sequence slots, each with its own cache, tokens and length, holding up to
+ * `context` positions (0: max_seq_len). A step appends new ids to several slots at once -- a
+ * prompt, or one generated id each -- computing only their new positions, and gives each
+ * slot's next-token logits. A slot's logits are bitwise the same whichever other slots share
+ * the step and however many they are (and however its ids were cut into steps): every row is
+ * computed by fixed-order products. One call at a time per batch; the model's pool is held
+ * for the step (MT_EBUSY while another call runs on it). */
+typedef struct mt_batch mt_batch;
+int mt_batch_new(mt_model *model, int slots, int context, mt_batch **out);
+void mt_batch_free(mt_batch *batch);
+int mt_batch_slots(const mt_batch *batch, int *out);
+int mt_batch_context_limit(const mt_batch *batch, int *out);
+int mt_batch_reset(mt_batch *batch, int slot);                   /* empty the slot's context */
+int mt_batch_length(const mt_batch *batch, int slot, int *out);  /* positions in its context */
+/* Copies the slot's ids (context-limit room in out); *count gets how many. */
+int mt_batch_tokens(const mt_batch *batch, int slot, int32_t *out, int *count);
+int mt_batch_slides(const mt_batch *batch, int slot, uint64_t *out);  /* times it was cut */
+int mt_batch_rows(const mt_batch *batch, uint64_t *out);         /* positions computed (all) */
+/* One step over nseq distinct slots: slot slots[k] gets counts[k] ids (1..context limit), taken
+ * in order from ids (sum of counts). When a slot's context would pass the limit, only its
+ * newest half (fewer if the new ids need the room) is kept and its cache rebuilt from position
+ * 0. logits (nseq, V), may be NULL: row k the next-token logits after slot slots[k]'s last id.
+ * MT_EINVAL (nothing changed) for a bad slot, count or id, or a slot given twice. */
+int mt_batch_step(mt_batch *batch, int nseq, const int32_t *slots, const int32_t *counts,
+                  const int32_t *ids, float *logits);
 
 #endif

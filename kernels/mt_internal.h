@@ -111,7 +111,32 @@ void layernorm_backward_dparams(float *dweight, float *dbias, const float *dout,
 void layernorm_apply(float *out, const float *inp, const float *weight, const float *bias,
                      const float *mean, const float *rstd, int N, int C);
 
+/* ---- rowdot.c: fixed-order products for decoding (see rowdot.c for the arithmetic) -------- */
+/* A row's result depends on that row's data alone: not on the number of rows, their tiling,
+ * the column split among threads or the vector width of the code path. */
+float dot_fixed(const float *a, const float *b, int n);
+/* y (n) = fma(a, x, y) element-wise. */
+void fma_row(float *y, float a, const float *x, int n);
+/* out[r, o] = inp[r] (IC) . w[o] (IC) + (add[r,o] + bias[o]) for rows r < n and output
+ * columns o in [o0,o1); out, add (n,OC), w (OC,IC); bias, add may be NULL. */
+void linear_fixed(float *out, const float *inp, const float *w, const float *bias,
+                  const float *add, int n, int IC, int OC, int o0, int o1);
+/* The same through the portable code path (fmaf per lane): bitwise equal (tested). */
+void linear_fixed_portable(float *out, const float *inp, const float *w, const float *bias,
+                           const float *add, int n, int IC, int OC, int o0, int o1);
+
 /* ---- attention.c: one (batch, head) item; att and datt are (T,T) scratch ------------------ */
+/* Causal attention of one head for the query rows at positions p0..p0+n-1 of one sequence:
+ * y[r] = sum over keys j <= p0+r of softmax_j(q_r . k_j / sqrt(hs)) v_j. q, y: the n query
+ * rows (row strides ldq, ldy); k, v: keys and values of positions 0..p0+n-1 (row strides ldk,
+ * ldv), the window's own qkv rows in training, a key/value cache in decoding. lse (n, may be
+ * NULL) gets each row's log-sum-exp of the scaled scores. blas != 0: products through
+ * OpenBLAS in blocks of query rows (training, evaluation; att is scratch of row stride
+ * ldatt >= p0+n with n rows); blas == 0: fixed-order row products (decoding; a row's result
+ * does not depend on the other rows; att needs p0+n floats). */
+void attention_rows(float *y, int ldy, float *lse, const float *q, int ldq, const float *k,
+                    int ldk, const float *v, int ldv, int p0, int n, int hs, int blas,
+                    float *att, int ldatt);
 void attention_forward_item(float *out, float *lse, const float *qkv, int b, int h,
                             int T, int C, int NH, float *att);
 void attention_backward_item(float *dqkv, const float *dout, const float *qkv, const float *lse,
@@ -232,6 +257,40 @@ static inline void mt_split_rows(const mt_model *m, int B, int T, int NH, int ti
     mt_split(B * T, tid, nt, 8, r0, r1);
     mt_split(B * NH, tid, nt, 1, i0, i1);
 }
+
+/* ---- forward.c: the forward arithmetic shared by training, evaluation and decoding ------- */
+/* How one pool thread takes part in a forward call over n rows (see forward.c). */
+typedef struct mt_fwd mt_fwd;
+struct mt_fwd {
+    mt_model *m;
+    int tid, nt;    /* this thread, threads running the call */
+    int n;          /* rows of the call */
+    int r0, r1;     /* this thread's rows (split by rows) */
+    int cols;       /* 0: split by rows, linear layers through OpenBLAS (training, evaluation);
+                     * 1: all rows, output columns split, fixed-order products (decoding) */
+    int timed;      /* book thread 0's time per layer kind (mt_tick) */
+    /* The attention of layer l: fills io->atty from io->qkv for heads [h0,h1) (split by
+     * columns: this thread's heads; by rows: all heads, the callback takes its own items). */
+    void (*attend)(const mt_fwd *f, int l, int h0, int h1);
+    void *ctx;      /* the caller's, for attend */
+};
+
+/* Where one block reads and writes its n rows. */
+typedef struct {
+    float *x, *xn;                        /* (n,C) block input and output (may be the same) */
+    float *ln;                            /* (n,C) LayerNorm output (scratch) */
+    float *mean1, *rstd1, *mean2, *rstd2; /* (n) LayerNorm statistics */
+    float *qkv, *atty, *res2;             /* (n,3C), (n,C), (n,C) */
+    float *fch, *gelu;                    /* (n,F) c_fc output and its GELU (may be the same) */
+} mt_block_io;
+
+/* o (C) = wte[tok] + wpe[pos]. */
+void embed_row(float *o, int tok, int pos, const mt_views *P, int C);
+/* LayerNorm of this thread's rows (split by rows) or of all rows (split by columns). */
+void layernorm_rows(const mt_fwd *f, float *out, float *mean, float *rstd, const float *inp,
+                    const float *weight, const float *bias);
+/* Block l of the model, io->x -> io->xn, run by every thread of the call. */
+void block_forward(const mt_fwd *f, int l, const mt_block_io *io);
 
 typedef struct {
     mt_model *m;

@@ -1,4 +1,6 @@
 /* The training step: forward, loss and backward of one micro-batch, run by every pool thread.
+ * The forward pass is forward.c's (shared with decoding), here split by rows; evaluation and
+ * mt_forward_logits run the same forward without the backward pass.
  *
  * Ownership (what each thread writes, so no locks and no float atomics):
  *   rows    [r0,r1) of every (N,*) activation and row-local gradient (LayerNorm, GEMM dinp,
@@ -12,62 +14,48 @@
 #include <string.h>
 #include "mt_internal.h"
 
-#define LN_EPS 1e-5f
-
 static float *att_scratch(const mt_model *m, int tid) {
     size_t T = (size_t)m->cfg.max_seq_len;
     return m->att_scratch + (size_t)tid * 2 * T * T;
 }
 
+/* Attention of one layer in training and evaluation: this thread's (window, head) items. */
+static void attend_windows(const mt_fwd *f, int l, int h0, int h1) {
+    (void)h0; (void)h1;
+    const mt_step *s = f->ctx;
+    mt_block_acts *A = &s->a->slot[s->a->training ? l : 0];
+    int C = f->m->cfg.d_model, NH = f->m->cfg.n_heads, r0, r1, i0, i1;
+    mt_split_rows(f->m, s->B, s->T, NH, f->tid, f->nt, &r0, &r1, &i0, &i1);
+    float *att = att_scratch(f->m, f->tid);
+    for (int i = i0; i < i1; i++)
+        attention_forward_item(A->atty, A->lse, A->qkv, i / NH, i % NH, s->T, C, NH, att);
+}
+
+/* The forward pass (forward.c's blocks) over this thread's rows of the batch. */
 static void forward(mt_step *s, int tid, int nt) {
     mt_model *m = s->m;
     mt_acts *a = s->a;
-    int C = m->cfg.d_model, F = m->cfg.d_ff, NH = m->cfg.n_heads, L = m->cfg.n_layers;
-    int T = s->T, N = s->B * T;
+    int C = m->cfg.d_model, NH = m->cfg.n_heads, L = m->cfg.n_layers, T = s->T;
     int r0, r1, i0, i1;
     mt_split_rows(m, s->B, T, NH, tid, nt, &r0, &r1, &i0, &i1);
-    int nr = r1 - r0;
-    float *att = att_scratch(m, tid);
-    (void)N;
+    mt_fwd f = {.m = m, .tid = tid, .nt = nt, .n = s->B * T, .r0 = r0, .r1 = r1, .cols = 0,
+                .timed = 1, .attend = attend_windows, .ctx = s};
 
     mt_tick(m, tid, TK_EMBEDDING);
-    /* embedding: x0 (N,C) = wte[token] + wpe[t] */
-    for (int n = r0; n < r1; n++) {
-        const float *e = m->P.wte + (size_t)s->inp[n] * C, *p = m->P.wpe + (size_t)(n % T) * C;
-        float *o = a->slot[0].x + (size_t)n * C;
-        for (int i = 0; i < C; i++) o[i] = e[i] + p[i];
-    }
+    for (int n = r0; n < r1; n++)   /* positions restart with every window */
+        embed_row(a->slot[0].x + (size_t)n * C, s->inp[n], n % T, &m->P, C);
     for (int l = 0; l < L; l++) {
         mt_block_acts *A = &a->slot[a->training ? l : 0];
-        const mt_block *W = &m->P.h[l];
         /* Block output: next slot's input, or xL; forward-only overwrites x in place. */
         float *xn = a->training ? (l + 1 < L ? a->slot[l + 1].x : a->xL) : A->x;
-        size_t rc = (size_t)r0 * C;
-        mt_tick(m, tid, TK_LAYERNORM);
-        layernorm_forward(a->lnbuf + rc, A->ln1_mean + r0, A->ln1_rstd + r0, A->x + rc,
-                          W->ln1w, W->ln1b, nr, C, LN_EPS);
-        mt_tick(m, tid, TK_MATMUL);
-        matmul_forward_rows(A->qkv, a->lnbuf, W->qkvw, W->qkvb, NULL, r0, r1, C, 3 * C);
-        mt_sync(m, tid);
-        mt_tick(m, tid, TK_ATTENTION);
-        for (int i = i0; i < i1; i++)
-            attention_forward_item(A->atty, A->lse, A->qkv, i / NH, i % NH, T, C, NH, att);
-        mt_sync(m, tid);
-        mt_tick(m, tid, TK_MATMUL);
-        matmul_forward_rows(A->res2, A->atty, W->projw, W->projb, A->x, r0, r1, C, C);
-        mt_tick(m, tid, TK_LAYERNORM);
-        layernorm_forward(a->lnbuf + rc, A->ln2_mean + r0, A->ln2_rstd + r0, A->res2 + rc,
-                          W->ln2w, W->ln2b, nr, C, LN_EPS);
-        mt_tick(m, tid, TK_MATMUL);
-        matmul_forward_rows(A->fch, a->lnbuf, W->fcw, W->fcb, NULL, r0, r1, C, F);
-        mt_tick(m, tid, TK_GELU);
-        gelu_forward(a->G + (size_t)r0 * F, A->fch + (size_t)r0 * F, (size_t)nr * F);
-        mt_tick(m, tid, TK_MATMUL);
-        matmul_forward_rows(xn, a->G, W->fcprojw, W->fcprojb, A->res2, r0, r1, F, C);
+        mt_block_io io = {.x = A->x, .xn = xn, .ln = a->lnbuf, .mean1 = A->ln1_mean,
+                          .rstd1 = A->ln1_rstd, .mean2 = A->ln2_mean, .rstd2 = A->ln2_rstd,
+                          .qkv = A->qkv, .atty = A->atty, .res2 = A->res2, .fch = A->fch,
+                          .gelu = a->G};
+        block_forward(&f, l, &io);
     }
     mt_tick(m, tid, TK_LAYERNORM);
-    layernorm_forward(a->lnf + (size_t)r0 * C, a->lnf_mean + r0, a->lnf_rstd + r0,
-                      a->xL + (size_t)r0 * C, m->P.lnfw, m->P.lnfb, nr, C, LN_EPS);
+    layernorm_rows(&f, a->lnf, a->lnf_mean, a->lnf_rstd, a->xL, m->P.lnfw, m->P.lnfb);
     mt_sync(m, tid);
 }
 

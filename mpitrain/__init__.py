@@ -4,7 +4,8 @@ Public API (imported lazily so `import mpitrain` stays cheap):
   Tokenizer             mpitrain.tokenizer
   ModelConfig           mpitrain.config
   Model                 mpitrain.model      (Model.from_checkpoint(path, threads=...))
-  Generator, Sampler    mpitrain.generate   (Generator.from_file(path, threads=...))
+  Decoder               mpitrain.generate   (Decoder.from_file(path, threads=..., slots=...))
+  Sampler               mpitrain.sampler
 """
 
 __version__ = "0.1.0"
@@ -13,8 +14,8 @@ _LAZY = {
     "Tokenizer": "mpitrain.tokenizer",
     "ModelConfig": "mpitrain.config",
     "Model": "mpitrain.model",
-    "Generator": "mpitrain.generate",
-    "Sampler": "mpitrain.generate",
+    "Decoder": "mpitrain.generate",
+    "Sampler": "mpitrain.sampler",
 }
 
 

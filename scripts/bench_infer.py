@@ -13,9 +13,9 @@ the same process, as NumPy summing a float32 array much larger than the last-lev
 read per token (2 * n_layers * position * d_model floats) is small beside the weights and is
 reported, not counted in the limit.
 
-Timed: the kernel feed of one token (mt_gen_feed: all layers + lm_head logits), and greedy
-generation end to end (feed + argmax in Python), after a prompt of --prompt tokens; --tokens
-new tokens, so the context stays below max_seq_len (no slide) unless --tokens is larger.
+Timed: the kernel feed of one token (one slot's decode step: all layers + lm_head logits), and
+greedy generation end to end (feed + argmax in Python), after a prompt of --prompt tokens;
+--tokens new tokens, so the context stays below max_seq_len (no slide) unless --tokens is larger.
 Weights are the GPT-2 initialisation (values do not change the work).
 """
 import argparse
@@ -67,11 +67,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from mpitrain import Model
-    from mpitrain.generate import Generator, Sampler
+    from mpitrain.generate import Decoder
+    from mpitrain.sampler import Sampler
 
     cfg = ModelConfig.preset(args.preset)
     model = Model(cfg, seed=0, threads=args.threads)
-    gen = Generator(model)
+    gen = Decoder(model)
     wbytes = weight_bytes_per_token(cfg)
     # the same count from the kernel's table: all parameters but the embeddings' unread rows
     unread = (cfg.vocab_size - 1 + cfg.max_seq_len - 1) * cfg.d_model

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Sanitizer builds of the C kernel, each in a throwaway directory (the installed package is never
 # rebuilt), run on the kernel's tests:
-#   1. kernels/tests/driver.c under ThreadSanitizer: the threaded training step and the threaded
-#      optimizer on 4 and on 12 threads (no suppressions; built with MT_NO_TARGET_CLONES).
+#   1. kernels/tests/driver.c under ThreadSanitizer: the threaded training step, the threaded
+#      optimizer and batched decoding (several slots per step, on the pool's threads) on 4 and
+#      on 12 threads (no suppressions; built with MT_NO_TARGET_CLONES).
 #   2. the same driver under AddressSanitizer + UndefinedBehaviorSanitizer, leaks checked.
 #   3. both cffi modules (mpitrain._kernel and the test-only mpitrain._kernel_testing) built with
 #      MPITRAIN_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer ..." and the Python
-#      tests that call the kernel (tests/test_*.py naming ops, optim, Model or _native; not the
-#      torch comparisons, not the mpirun runs) run against it with libasan preloaded.
+#      tests that call the kernel (tests/test_*.py naming ops, optim, Model, _native or
+#      generate; not the torch comparisons, not the mpirun runs) run against it with libasan
+#      preloaded.
 # Any sanitizer report aborts its run, and the script exits non-zero.
 #
 # Usage: scripts/sanitize.sh [BUILD_DIR]     (default: a fresh temporary directory, removed after)
@@ -61,7 +63,7 @@ step "AddressSanitizer + UndefinedBehaviorSanitizer: kernel module and Python te
 PYDIR=$BUILD/py
 rm -rf "$PYDIR"
 mkdir -p "$PYDIR"
-cp -r mpitrain kernels tests "$PYDIR"/
+cp -r mpitrain kernels tests scripts "$PYDIR"/
 find "$PYDIR" \( -name '__pycache__' -o -name '_kernel*.so' -o -name '_kernel*.c' -o -name '*.o' \) \
     -prune -exec rm -rf {} +
 (
@@ -72,7 +74,7 @@ find "$PYDIR" \( -name '__pycache__' -o -name '_kernel*.so' -o -name '_kernel*.c
         >"$BUILD/cffi_build.log" 2>&1 || { cat "$BUILD/cffi_build.log"; exit 1; }
 )
 mapfile -t TESTS < <(cd "$PYDIR" && grep -lE \
-    'from mpitrain import .*\b(ops|optim|Model)\b|mpitrain\.(ops|optim|model|_native)\b|from mpitrain\.(ops|optim|model|_native) import' \
+    'from mpitrain import .*\b(ops|optim|Model)\b|mpitrain\.(ops|optim|model|_native|generate)\b|from mpitrain\.(ops|optim|model|_native|generate) import' \
     tests/test_*.py | grep -v -e torch -e mpi | sort)
 if [[ ${#TESTS[@]} -eq 0 ]]; then
     echo "sanitize: no kernel tests found" >&2

@@ -1,4 +1,5 @@
-"""Generation with the key/value cache (kernels/generate.c, mpitrain/generate.py).
+"""Generation with the key/value cache (kernels/decode.c, mpitrain/generate.py), one sequence;
+batches of sequences are tested in tests/test_decode_batch.py.
 
 Proofs held here:
 - every step's logits equal the full-context forward (Model.forward over the ids the cache
@@ -13,7 +14,8 @@ Proofs held here:
 import numpy as np
 import pytest
 
-from mpitrain.generate import Generator, Sampler
+from mpitrain.generate import Decoder
+from mpitrain.sampler import Sampler
 from tolerances import assert_within
 from test_generate_support import CONFIG, TOKENIZER, reference_greedy, save_model, scaled_model
 
@@ -34,7 +36,7 @@ def _check_close(got, ref):
 def test_cache_matches_full_context_forward_across_slides(threads, prompt_len):
     model = scaled_model(threads=threads)
     model.work_parts = threads      # really split the work (the default caps it at the CPUs)
-    gen = Generator(model)
+    gen = Decoder(model)
     rng = np.random.default_rng(prompt_len)
     ids = rng.integers(0, CONFIG.vocab_size, prompt_len + 3 * T)
     logits = gen.feed(ids[:prompt_len]).copy()
@@ -44,12 +46,12 @@ def test_cache_matches_full_context_forward_across_slides(threads, prompt_len):
         ctx = gen.context()
         assert ctx[-1] == ids[t] and 1 <= ctx.size <= T
         _check_close(logits, model.forward(ctx[None], last_only=True)[0])
-    assert gen.slides >= 5
+    assert gen.slides() >= 5
 
 
 def test_thread_count_changed_between_feeds():
     model = scaled_model(threads=1)
-    gen = Generator(model)
+    gen = Decoder(model)
     ids = np.arange(2 * T) * 7 % CONFIG.vocab_size
     gen.feed(ids[:3])
     for t in range(3, 2 * T):
@@ -63,40 +65,40 @@ def test_thread_count_changed_between_feeds():
 
 def test_slide_keeps_newest_half_and_recomputes_only_then():
     model = scaled_model()
-    gen = Generator(model)
+    gen = Decoder(model)
     ids = np.arange(3 * T) % CONFIG.vocab_size
     gen.feed(ids[:5])
     assert gen.rows_computed == 5
     for t in range(5, T):
         gen.feed(ids[t:t + 1])
-    assert gen.rows_computed == T and gen.slides == 0      # one new position per step
+    assert gen.rows_computed == T and gen.slides() == 0      # one new position per step
     gen.feed(ids[T:T + 1])                                 # the context is full: slide
-    assert gen.slides == 1
+    assert gen.slides() == 1
     assert gen.context().tolist() == ids[T - T // 2:T + 1].tolist()   # newest half + new id
     assert gen.rows_computed == T + T // 2 + 1
     gen.feed(ids[T + 1:T + 2])
     assert gen.rows_computed == T + T // 2 + 2
     # a feed of several ids that does not fit keeps fewer old ids so that all new ones fit
     gen.feed(ids[:T - 2])
-    assert len(gen) == T and gen.context().tolist()[-(T - 2):] == ids[:T - 2].tolist()
+    assert gen.length() == T and gen.context().tolist()[-(T - 2):] == ids[:T - 2].tolist()
 
 
 def test_against_numpy_reference_first_20_greedy_tokens():
     model = scaled_model(seed=6)
-    gen = Generator(model)
+    gen = Decoder(model)
     prompt = TOKENIZER.encode(" the quick brown fox")
     got = list(gen.generate(prompt, 20, Sampler(temperature=0)))
     ref = reference_greedy(model.params, CONFIG, prompt, 20)
     assert got == ref
     assert len(set(got)) > 3          # not a degenerate repetition of one id
-    assert gen.slides >= 1            # 4 + 20 ids pass max_seq_len 16: the slide is covered
+    assert gen.slides() >= 1            # 4 + 20 ids pass max_seq_len 16: the slide is covered
 
 
 def test_greedy_is_deterministic_and_thread_independent(tmp_path):
     path = save_model(tmp_path / "m.h5", scaled_model(seed=5))
     runs = []
     for threads in (1, 2, 1):
-        gen = Generator.from_file(path, threads=threads)
+        gen = Decoder.from_file(path, threads=threads)
         runs.append(list(gen.generate(TOKENIZER.encode("the fox"), 30, Sampler(0))))
     assert runs[0] == runs[1] == runs[2]
 
@@ -104,7 +106,7 @@ def test_greedy_is_deterministic_and_thread_independent(tmp_path):
 def test_from_file_loads_the_weights(tmp_path):
     model = scaled_model(seed=6)
     path = save_model(tmp_path / "m.h5", model)
-    gen = Generator.from_file(path)
+    gen = Decoder.from_file(path)
     assert gen.tokenizer.vocab_size == CONFIG.vocab_size and gen.checkpoint.step == 3
     for name in model.param_names:
         np.testing.assert_array_equal(gen.model.params[name], model.params[name])
@@ -114,7 +116,7 @@ def test_from_file_loads_the_weights(tmp_path):
 
 def test_generate_continues_context_and_stops_at_stop_id():
     model = scaled_model(seed=7)
-    gen = Generator(model)
+    gen = Decoder(model)
     first = list(gen.generate([3, 4, 5], 4, Sampler(0)))
     assert gen.context().tolist() == [3, 4, 5] + first
     more = list(gen.generate([], 3, Sampler(0)))
@@ -122,16 +124,16 @@ def test_generate_continues_context_and_stops_at_stop_id():
     assert more == ref
     stop = more[0]
     gen.reset()
-    assert len(gen) == 0
+    assert gen.length() == 0
     assert list(gen.generate([3, 4, 5] + first, 10, Sampler(0), stop_ids={stop})) == [stop]
     with pytest.raises(ValueError):
-        Generator(model).generate([], 2, Sampler(0)).__next__()
+        Decoder(model).generate([], 2, Sampler(0)).__next__()
 
 
 @pytest.mark.parametrize("ids", [[], list(range(T + 1)), [-1], [CONFIG.vocab_size]])
 def test_feed_refuses_bad_ids(ids):
     with pytest.raises(ValueError):
-        Generator(scaled_model()).feed(np.array(ids, np.int64))
+        Decoder(scaled_model()).feed(np.array(ids, np.int64))
 
 
 def _plain_distribution(logits, temperature, top_k, top_p):

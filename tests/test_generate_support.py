@@ -45,7 +45,7 @@ def save_model(path, model: Model, tokenizer=TOKENIZER, step=3):
 
 def reference_greedy(params, config, prompt, n_new, stop_id=None):
     """Greedy decoding with float64 NumPy and the whole context recomputed for every token.
-    Context rule of kernels/generate.c: the prompt's newest max_seq_len ids; when appending
+    Context rule of kernels/decode.c: the prompt's newest max_seq_len ids; when appending
     would pass max_seq_len, keep the newest half (max_seq_len // 2) first."""
     T = config.max_seq_len
     ctx = [int(t) for t in prompt][-T:]

@@ -237,11 +237,11 @@ MARGIN = 1e-4   # below this top-2 logit margin the argmax may flip within LOGIT
 @pytest.mark.parametrize("which,prompt", [("scaled", "The quick 日本"), ("trained", "the fox")])
 def test_greedy_generation_matches_infer(which, prompt, request, capsys):
     from conftest import run_cli
-    from mpitrain.generate import Generator
+    from mpitrain.generate import Decoder
 
     transformers, torch = _hf()
     ckpt, out = request.getfixturevalue(which)
-    gen = Generator.from_file(ckpt)
+    gen = Decoder.from_file(ckpt)
     ids = gen.tokenizer.encode(prompt)
     n_new = gen.max_context - ids.size          # no context slide: GPT-2 stops at n_positions
     ours, margins = [], []

@@ -10,12 +10,16 @@
  * 2. model: a tiny model trains 3 steps (forward+backward on THREADS kernel threads, clip, AdamW
  *    on THREADS threads), twice; both runs must agree bit for bit, and with a 1-thread run to
  *    float tolerance. Also the forward-only loss and the counters.
+ * 3. decoding: the fixed-order linear layer's AVX2 and portable paths agree bit for bit (odd
+ *    sizes, columns split 3 ways); a sequence decoded in a batch of 5 slots (others prefilled,
+ *    stepped and reset, contexts sliding) on THREADS kernel threads gets bitwise the logits it
+ *    gets alone on one thread.
  * Exit 0 when all checks pass, 1 otherwise (sanitizer reports abort the run on their own). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "mpitrain_kernel.h"
+#include "mt_internal.h"   /* the kernel API and linear_fixed* (built with the kernel) */
 
 static int failures = 0;
 
@@ -255,6 +259,109 @@ static void test_model(int threads) {
     model_run_free(&part);
 }
 
+/* ---- 3. decoding ------------------------------------------------------------------------------ */
+
+static void test_linear_fixed(void) {
+    enum { N = 7, IC = 37, OC = 23 };
+    float *x = fvec(N * IC), *w = fvec(OC * IC), *bias = fvec(OC), *add = fvec(N * OC);
+    float *a = fvec(N * OC), *b = fvec(N * OC);
+    for (int i = 0; i < N * IC; i++) x[i] = uniform();
+    for (int i = 0; i < OC * IC; i++) w[i] = uniform();
+    for (int i = 0; i < OC; i++) bias[i] = uniform();
+    for (int i = 0; i < N * OC; i++) add[i] = uniform();
+    for (int rows = 1; rows <= N; rows += 3) {
+        linear_fixed_portable(a, x, w, bias, add, rows, IC, OC, 0, OC);
+        for (int p = 0; p < 3; p++)   /* columns in three parts, as decoding's threads do */
+            linear_fixed(b, x, w, bias, add, rows, IC, OC, OC * p / 3, OC * (p + 1) / 3);
+        CHECK(memcmp(a, b, sizeof(float) * (size_t)rows * OC) == 0,
+              "linear_fixed: AVX2 and portable paths differ (%d rows)", rows);
+        /* each row alone gives what it gave among the others */
+        for (int r = 0; r < rows; r++) {
+            linear_fixed(b, x + (size_t)r * IC, w, bias, add + (size_t)r * OC, 1, IC, OC, 0, OC);
+            CHECK(memcmp(a + (size_t)r * OC, b, sizeof(float) * OC) == 0,
+                  "linear_fixed: row %d alone differs from its batch of %d", r, rows);
+        }
+    }
+    free(x); free(w); free(bias); free(add); free(a); free(b);
+}
+
+/* A decoding model: init weights scaled up so logits spread over several units. */
+static mt_model *decode_model(const mt_config *cfg, int threads, float **arenas) {
+    size_t n = mt_num_params(cfg);
+    for (int i = 0; i < 4; i++) arenas[i] = fvec(n);
+    mt_model *m = mt_model_new(cfg, arenas[0], arenas[1], arenas[2], arenas[3], threads);
+    if (!m || mt_model_set_parts(m, threads) != 0) return NULL;
+    mt_model_init(m, 7);
+    for (size_t i = 0; i < n; i++) arenas[0][i] *= 10.0f;
+    return m;
+}
+
+static void test_decode(int threads) {
+    const mt_config cfg = {.vocab_size = 97, .max_seq_len = 16, .d_model = 36, .n_layers = 2,
+                           .n_heads = 4, .d_ff = 70};
+    enum { STEPS = 40, V = 97, SLOTS = 5 };
+    float *ar1[4], *arn[4];
+    mt_model *m1 = decode_model(&cfg, 1, ar1), *mn = decode_model(&cfg, threads, arn);
+    mt_batch *alone = NULL, *batch = NULL;
+    if (m1) mt_batch_new(m1, 1, 0, &alone);
+    if (mn) mt_batch_new(mn, SLOTS, 0, &batch);
+    CHECK(alone && batch, "decode: model or batch creation failed");
+    if (!alone || !batch) return;
+    float *la = fvec(V), *lb = fvec((size_t)SLOTS * V);
+    int32_t ids[SLOTS * 16], slots[SLOTS], counts[SLOTS];
+    lcg_state = 5;
+    int same = 1;
+    for (int step = 0; step < STEPS; step++) {
+        int32_t tok = (int32_t)(lcg() % V);
+        int32_t one = 0;
+        int32_t *target_ids = step == 0 ? ids : &tok;
+        int32_t target_n = step == 0 ? 5 : 1;
+        if (step == 0)
+            for (int i = 0; i < 5; i++) ids[i] = (int32_t)(lcg() % V);
+        CHECK(mt_batch_step(alone, 1, &one, &target_n, target_ids, la) == MT_OK,
+              "decode: step alone failed");
+        /* the batch: the target in slot 2 first in the list, then the others */
+        int32_t *p = ids;
+        int nseq = 0;
+        slots[nseq] = 2; counts[nseq] = target_n;
+        memmove(p, target_ids, sizeof(int32_t) * (size_t)target_n);
+        p += target_n; nseq++;
+        for (int s = 0; s < SLOTS; s++) {
+            if (s == 2) continue;
+            int n = 1 + (int)(lcg() % 3);
+            if (step == 0 || lcg() % 8 == 0) {
+                mt_batch_reset(batch, s);
+                n = 1 + (int)(lcg() % 16);
+            }
+            for (int i = 0; i < n; i++) p[i] = (int32_t)(lcg() % V);
+            slots[nseq] = s; counts[nseq] = n; p += n; nseq++;
+        }
+        CHECK(mt_batch_step(batch, nseq, slots, counts, ids, lb) == MT_OK,
+              "decode: batch step failed");
+        same &= memcmp(la, lb, sizeof(float) * V) == 0;
+    }
+    CHECK(same, "decode: the sequence's logits in a batch of %d on %d threads differ from "
+          "alone", SLOTS, threads);
+    uint64_t slides_alone = 0, slides_batch = 0;
+    mt_batch_slides(alone, 0, &slides_alone);
+    mt_batch_slides(batch, 2, &slides_batch);
+    CHECK(slides_alone >= 2 && slides_alone == slides_batch,
+          "decode: slides %llu alone, %llu in the batch",
+          (unsigned long long)slides_alone, (unsigned long long)slides_batch);
+    int32_t bad_slots[2] = {1, 1}, bad_counts[2] = {1, 1}, bad_ids[2] = {0, 0};
+    CHECK(mt_batch_step(batch, 2, bad_slots, bad_counts, bad_ids, lb) == MT_EINVAL,
+          "decode: a slot twice in one step was accepted");
+    printf("driver: decoding on %d threads: %d steps in a batch of %d bitwise equal to alone, "
+           "%llu slides\n", threads, STEPS, SLOTS, (unsigned long long)slides_alone);
+    mt_batch_free(alone);
+    mt_batch_free(batch);
+    mt_model_free(m1);
+    mt_model_free(mn);
+    for (int i = 0; i < 4; i++) { free(ar1[i]); free(arn[i]); }
+    free(la);
+    free(lb);
+}
+
 int main(int argc, char **argv) {
     int threads = argc > 1 ? atoi(argv[1]) : 4;
     if (threads < 2 || threads > 64) {
@@ -263,6 +370,8 @@ int main(int argc, char **argv) {
     }
     test_optimizer(threads);
     test_model(threads);
+    test_linear_fixed();
+    test_decode(threads);
     if (failures) {
         fprintf(stderr, "driver: %d check(s) failed\n", failures);
         return 1;

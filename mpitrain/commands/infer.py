@@ -1,9 +1,10 @@
 """`mpitrain infer --model CKPT.h5 --prompt TEXT`: continue a prompt, streaming token by token.
 
 The checkpoint (or weights-only export) alone is enough: configuration and vocabulary travel
-inside it. Generation runs in the C kernel with a key/value cache (mpitrain/generate.py).
-`--interactive` opens a prompt loop (readline history, Ctrl-D leaves, Ctrl-C stops a
-generation); the context carries over from turn to turn until /reset.
+inside it. Generation runs in the C kernel's batched decoding with a key/value cache (one
+sequence here; mpitrain/generate.py) and samples with mpitrain/sampler.py. `--interactive`
+opens a prompt loop (readline history, Ctrl-D leaves, Ctrl-C stops a generation); the context
+carries over from turn to turn until /reset.
 """
 import codecs
 import math
@@ -74,9 +75,10 @@ def _check_args(args):
 
 
 def load(path, threads):
-    """A Generator for a model file, or UserError with one line saying what is wrong."""
-    from mpitrain.generate import Generator
+    """A one-sequence Decoder for a model file, or UserError with one line saying what is
+    wrong."""
     from mpitrain import formats
+    from mpitrain.generate import Decoder
     from mpitrain.hdf5_damage import file_format, is_damage
 
     try:
@@ -87,14 +89,14 @@ def load(path, threads):
     except Exception as e:  # missing, not HDF5 or damaged: load_checkpoint names the problem
         if not is_damage(e):
             raise
-    return Generator.from_file(path, threads=threads)
+    return Decoder.from_file(path, threads=threads)
 
 
 class Session:
     """Generation settings, the context and streaming output for the command and the loop."""
 
     def __init__(self, gen, args, out=sys.stdout):
-        from mpitrain.generate import Sampler
+        from mpitrain.sampler import Sampler
 
         self.gen, self.out = gen, out
         self.tok = gen.tokenizer
@@ -103,7 +105,7 @@ class Session:
         self.sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
 
     def set_sampler(self, **changes):
-        from mpitrain.generate import Sampler
+        from mpitrain.sampler import Sampler
 
         s = self.sampler
         kw = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
@@ -143,8 +145,8 @@ class Session:
             if self.stats:
                 dt = time.perf_counter() - t0
                 print(f"mpitrain: {n} tokens in {dt:.2f} s ({n / dt if dt > 0 else 0:.1f} "
-                      f"tokens/s), context {len(self.gen)}/{self.gen.max_context}, "
-                      f"{self.gen.slides} slides", file=sys.stderr, flush=True)
+                      f"tokens/s), context {self.gen.length()}/{self.gen.max_context}, "
+                      f"{self.gen.slides()} slides", file=sys.stderr, flush=True)
         return n
 
 
@@ -214,7 +216,7 @@ def _setting(session, cmd, value):
 def _show(session):
     s = session.sampler
     return (f"temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}, length "
-            f"{session.max_new}, seed {s.seed}; context {len(session.gen)}/"
+            f"{session.max_new}, seed {s.seed}; context {session.gen.length()}/"
             f"{session.gen.max_context} tokens")
 
 

@@ -1,9 +1,10 @@
 """The text sample Node Zero shows at each evaluation.
 
-A plain loop over Model.forward: the whole context goes through the model for every new token
-(no KV cache), so the context is cut to the last `context` tokens. Sampling draws from
-softmax(logits / temperature) with a generator seeded by (seed, step), so a sample depends only
-on the parameters and the step, never on timing or on how many samples came before.
+The prompt goes through the kernel's cached decoding (mpitrain/generate.py, one sequence) with
+the context limited to the training's seq_len (beyond it the context keeps its newest half, as
+in `infer`), and ids are drawn by mpitrain/sampler.py at temperature 0.8 from a generator
+seeded by (seed, step), so a sample depends only on the parameters and the step, never on
+timing or on how many samples came before.
 """
 import numpy as np
 
@@ -25,18 +26,10 @@ def sample_prompt(val_tokens: np.ndarray, eod_id: int) -> np.ndarray:
 def generate(model, prompt: np.ndarray, seed: int, step: int, context: int,
              new_tokens: int = NEW_TOKENS, temperature: float = TEMPERATURE) -> np.ndarray:
     """Continue `prompt` (int32 [P]) by `new_tokens` ids (int32 [new_tokens])."""
-    rng = np.random.default_rng((seed, step))
-    ids = list(int(t) for t in prompt)
-    out = []
-    for _ in range(new_tokens):
-        x = np.array(ids[-context:], np.int32)[None, :]                  # [1, T]
-        logits = np.asarray(model.forward(x, last_only=True)[0], np.float64)   # [V]
-        if temperature <= 0:
-            nxt = int(np.argmax(logits))
-        else:
-            z = (logits - logits.max()) / temperature
-            p = np.exp(z)
-            nxt = int(rng.choice(p.size, p=p / p.sum()))
-        ids.append(nxt)
-        out.append(nxt)
+    from mpitrain.generate import Decoder
+    from mpitrain.sampler import Sampler
+
+    decoder = Decoder(model, context=min(context, model.config.max_seq_len))
+    sampler = Sampler(temperature, seed=(seed, step))
+    out = [t for made in decoder.generate_batch([prompt], new_tokens, [sampler]) for _, t in made]
     return np.array(out, np.int32)

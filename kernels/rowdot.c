@@ -1,0 +1,210 @@
+/* Fixed-order products for decoding: the linear layers, the attention scores and the
+ * attention's weighted sum of values, computed so that a row's result depends on that row's
+ * data alone -- never on how many rows are computed together, how they are tiled, how the
+ * columns are split among threads, or which code path (AVX2 or portable) runs.
+ *
+ * The arithmetic, one definition for every path:
+ *   dot(a, b, n): eight lane sums acc[l] = fma(a[k], b[k], acc[l]) over k = l, l+8, ... in
+ *   increasing k (the last chunk of 8 padded with zeros), then
+ *   ((acc0 + acc1) + (acc2 + acc3)) + ((acc4 + acc5) + (acc6 + acc7)).
+ *   linear: out[r,o] = dot(inp[r], w[o]) + pre, pre = add[r,o] + bias[o] (either may be absent).
+ *   fma_row: y[i] = fma(a, x[i], y[i]).
+ * Every product is a fused multiply-add (one rounding) and every sum is in the order above,
+ * so the AVX2 kernels (3 rows x 4 columns of accumulators, or fewer at the edges) and the
+ * portable one (fmaf per lane) give bitwise the same floats. This is what OpenBLAS does not
+ * promise: its sgemm rounds a row differently depending on the matrix shape (kernel and edge
+ * paths), and sgemv differs from sgemm.
+ *
+ * Speed: the weights are tiled (a block of LIN_COLS output rows is reused from cache across
+ * all rows of the batch, ROWS rows at a time held in L1), so a batch of rows reads the weights
+ * once; one row is a matrix-vector product bound by memory bandwidth like sgemv. */
+#include <math.h>
+#include "mt_internal.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MT_HAVE_AVX2_PATH 1
+#endif
+
+#define LIN_COLS 16   /* output rows of the weights per block (16 x IC floats stay in L2) */
+#define ROWS 3        /* rows per tile: 3 x 4 accumulators + 3 + 1 loaded = 16 ymm registers */
+#define TILE_COLS 4
+
+/* ---- portable path ------------------------------------------------------------------------ */
+
+static inline float reduce8(const float *acc) {
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static float dot_portable(const float *a, const float *b, int n) {
+    float acc[8] = {0};
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(a[k + l], b[k + l], acc[l]);
+    if (k < n)
+        for (int l = 0; l < 8; l++) {
+            float x = k + l < n ? a[k + l] : 0.0f, y = k + l < n ? b[k + l] : 0.0f;
+            acc[l] = fmaf(x, y, acc[l]);
+        }
+    return reduce8(acc);
+}
+
+static inline float pre_value(const float *bias, const float *add, int r, int o, int OC) {
+    if (add && bias) return add[(size_t)r * OC + o] + bias[o];
+    if (bias) return bias[o];
+    return add ? add[(size_t)r * OC + o] : 0.0f;
+}
+
+static void linear_portable(float *out, const float *inp, const float *w, const float *bias,
+                            const float *add, int n, int IC, int OC, int o0, int o1) {
+    for (int r = 0; r < n; r++)
+        for (int o = o0; o < o1; o++) {
+            float pre = pre_value(bias, add, r, o, OC);
+            out[(size_t)r * OC + o] = dot_portable(inp + (size_t)r * IC, w + (size_t)o * IC, IC) + pre;
+        }
+}
+
+/* ---- AVX2 + FMA path ---------------------------------------------------------------------- */
+#ifdef MT_HAVE_AVX2_PATH
+#define AVX2 __attribute__((target("avx2,fma")))
+
+/* Lanes 0..7 -> ((0+1)+(2+3)) + ((4+5)+(6+7)), as reduce8. */
+AVX2 static inline float hsum8(__m256 v) {
+    __m256 h = _mm256_hadd_ps(v, v);   /* [0+1, 2+3, 0+1, 2+3 | 4+5, 6+7, 4+5, 6+7] */
+    h = _mm256_hadd_ps(h, h);          /* [(0+1)+(2+3) ... | (4+5)+(6+7) ...] */
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+
+/* Four hsum8 at once: lane c = hsum8(a[c]), in the same order (hadd pairs neighbours within
+ * each 128-bit half; the halves are added last). */
+AVX2 static inline __m128 hsum8x4(const __m256 *a) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* Mask with the first `rem` (1..7) lanes set: the zero-padded last chunk. */
+AVX2 static inline __m256i tail_mask(int rem) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+AVX2 static float dot_avx2(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    if (k < n) {
+        __m256i m = tail_mask(n - k);
+        acc = _mm256_fmadd_ps(_mm256_maskload_ps(a + k, m), _mm256_maskload_ps(b + k, m), acc);
+    }
+    return hsum8(acc);
+}
+
+/* R rows x NC columns of dot products (R, NC <= 4): rows x[0..R) (stride IC),
+ * weight rows w[0..NC) (stride IC); results into res[r*4 + c]. Inlined with constant R, NC so
+ * that the accumulators live in registers; each accumulator sees exactly dot_avx2's
+ * operations, so the tile shape never changes a result. */
+AVX2 static inline __attribute__((always_inline)) void tile(const float *x, const float *w,
+                                                            int IC, int R, int NC, float *res) {
+    __m256 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NC; c++) acc[r][c] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= IC; k += 8) {
+        __m256 wv[4], xv[4];
+        for (int c = 0; c < NC; c++) wv[c] = _mm256_loadu_ps(w + (size_t)c * IC + k);
+        for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x + (size_t)r * IC + k);
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < NC; c++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv[c], acc[r][c]);
+    }
+    if (k < IC) {
+        __m256i m = tail_mask(IC - k);
+        __m256 wv[4], xv[4];
+        for (int c = 0; c < NC; c++) wv[c] = _mm256_maskload_ps(w + (size_t)c * IC + k, m);
+        for (int r = 0; r < R; r++) xv[r] = _mm256_maskload_ps(x + (size_t)r * IC + k, m);
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < NC; c++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv[c], acc[r][c]);
+    }
+    for (int r = 0; r < R; r++) {
+        if (NC == 4) _mm_storeu_ps(res + r * 4, hsum8x4(acc[r]));
+        else for (int c = 0; c < NC; c++) res[r * 4 + c] = hsum8(acc[r][c]);
+    }
+}
+
+/* Tiles: ROWS rows x 4 columns where ROWS rows remain (each weight vector reused by ROWS rows
+ * from registers); single rows 4 columns at a time (a matrix-vector product: four weight
+ * streams in flight); 1 column at the right edge. Returns the columns done. */
+AVX2 static int tile_any(const float *x, const float *w, int IC, int R, int cols, float *res) {
+    if (R == ROWS) {
+        if (cols >= TILE_COLS) { tile(x, w, IC, ROWS, TILE_COLS, res); return TILE_COLS; }
+        tile(x, w, IC, ROWS, 1, res);
+        return 1;
+    }
+    if (cols >= 4) { tile(x, w, IC, 1, 4, res); return 4; }
+    tile(x, w, IC, 1, 1, res);
+    return 1;
+}
+
+AVX2 static void linear_avx2(float *out, const float *inp, const float *w, const float *bias,
+                             const float *add, int n, int IC, int OC, int o0, int o1) {
+    float res[16];
+    for (int b0 = o0; b0 < o1; b0 += LIN_COLS) {
+        int b1 = o1 - b0 < LIN_COLS ? o1 : b0 + LIN_COLS;
+        for (int r = 0; r < n;) {
+            int R = n - r >= ROWS ? ROWS : 1;
+            for (int o = b0; o < b1;) {
+                int NC = tile_any(inp + (size_t)r * IC, w + (size_t)o * IC, IC, R, b1 - o, res);
+                for (int i = 0; i < R; i++)
+                    for (int c = 0; c < NC; c++) {
+                        float pre = pre_value(bias, add, r + i, o + c, OC);
+                        out[(size_t)(r + i) * OC + o + c] = res[i * 4 + c] + pre;
+                    }
+                o += NC;
+            }
+            r += R;
+        }
+    }
+}
+
+AVX2 static void fma_row_avx2(float *y, float a, const float *x, int n) {
+    __m256 av = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+static int use_avx2(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+static int use_avx2(void) { return 0; }
+#endif
+
+/* ---- entry points --------------------------------------------------------------------------- */
+
+float dot_fixed(const float *a, const float *b, int n) {
+#ifdef MT_HAVE_AVX2_PATH
+    if (use_avx2()) return dot_avx2(a, b, n);
+#endif
+    return dot_portable(a, b, n);
+}
+
+void fma_row(float *y, float a, const float *x, int n) {
+#ifdef MT_HAVE_AVX2_PATH
+    if (use_avx2()) { fma_row_avx2(y, a, x, n); return; }
+#endif
+    for (int i = 0; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+void linear_fixed(float *out, const float *inp, const float *w, const float *bias,
+                  const float *add, int n, int IC, int OC, int o0, int o1) {
+    if (n <= 0 || o1 <= o0) return;
+#ifdef MT_HAVE_AVX2_PATH
+    if (use_avx2()) { linear_avx2(out, inp, w, bias, add, n, IC, OC, o0, o1); return; }
+#endif
+    linear_portable(out, inp, w, bias, add, n, IC, OC, o0, o1);
+}
+
+void linear_fixed_portable(float *out, const float *inp, const float *w, const float *bias,
+                           const float *add, int n, int IC, int OC, int o0, int o1) {
+    if (n > 0 && o1 > o0) linear_portable(out, inp, w, bias, add, n, IC, OC, o0, o1);
+}

@@ -31,7 +31,7 @@ from mpitrain.trainer.messages import HEADER, REPORT_SIZE, Command, Report
 from mpitrain.trainer.waiting import (NODE_ZERO_MAX_SLEEP, NODE_ZERO_SLEEP, WORKER_MAX_SLEEP,
                                       WORKER_SLEEP, Pending, _mpi, wait)
 
-TAG_COMMAND, TAG_REPORT, TAG_STATE = 11, 12, 13   # collectives.py uses 99 and 100..
+TAG_COMMAND, TAG_REPORT, TAG_STATE, TAG_STOP = 11, 12, 13, 14  # collectives.py: 99, 100..
 LEAD_RANK = 1               # worker 0 reports to Node Zero and sends it state
 
 
@@ -79,6 +79,11 @@ class WorkerLink:
         """Tell the workers everything is written: they may exit."""
         raise NotImplementedError
 
+    def poll_stop(self):
+        """(signal number, worker rank) when a worker received a stop signal, else None
+        (never blocks)."""
+        return None
+
 
 class MPIWorkerLink(WorkerLink):
     """Node Zero (rank 0 of `world`) talking to ranks 1.. of `world`."""
@@ -88,6 +93,8 @@ class MPIWorkerLink(WorkerLink):
         self.num_workers = world.Get_size() - 1
         self.batch_size = batch_size
         self._sends = []  # outstanding command sends (eager: they complete at once)
+        self._stop = np.zeros(1, np.int64)
+        self._stop_req = world.Irecv(self._stop, source=_mpi().ANY_SOURCE, tag=TAG_STOP)
 
     def send_command(self, command: Command) -> None:
         buf = command.encode(self.batch_size)
@@ -111,7 +118,19 @@ class MPIWorkerLink(WorkerLink):
         recv = np.empty((self.world.Get_size(), send.size), np.int64)
         return Pending([self.world.Igather(send, recv, root=0)], lambda: recv)
 
+    def poll_stop(self):
+        if self._stop_req is None:
+            return None
+        status = _mpi().Status()
+        if not self._stop_req.Test(status):
+            return None
+        self._stop_req = None   # the first is enough; the others are dropped at the end
+        return int(self._stop[0]), status.Get_source()
+
     def release(self) -> Pending:
+        if self._stop_req is not None:
+            self._stop_req.Cancel()
+            self._stop_req.Wait()
         return Pending([self.world.Ibarrier()])
 
 
@@ -135,6 +154,8 @@ class MPIWorkerComm:
         self._grads = None             # every worker's gradient arena, when shared
         self.writes_parameters = True  # whether this worker writes whole parameter arenas
         self.node_workers = 1          # workers on this worker's node (share_arenas)
+        self.stop_signal = None        # set by the signal handler (request_stop)
+        self._stop_sent = False
 
     def share_arenas(self, count: int):
         """Collective over the workers: (parameters, gradients), float32 arenas of `count`
@@ -198,7 +219,18 @@ class MPIWorkerComm:
             wait([self.workers.Ibarrier()], WORKER_SLEEP, WORKER_MAX_SLEEP)
             self._sync()
 
+    def request_stop(self, signum: int) -> None:
+        """A signal handler: only note it; next_command tells Node Zero."""
+        self.stop_signal = signum
+
+    def _forward_stop(self) -> None:
+        if self.stop_signal is not None and not self._stop_sent:
+            self._stop_sent = True
+            buf = np.array([self.stop_signal], np.int64)
+            self._reports.append((self.world.Isend(buf, dest=0, tag=TAG_STOP), buf))
+
     def next_command(self) -> Command:
+        self._forward_stop()
         wait([self._cmd_req], WORKER_SLEEP, WORKER_MAX_SLEEP)
         command = Command.decode(self._cmd)
         # Post the receive for the one after at once, so Node Zero's send lands while we work.

@@ -20,9 +20,20 @@ gathered 308 such files, 1.3 GB of memory, from two days of fault tests). Once e
 attached, the name is not needed -- the memory lives until its last process unmaps it -- so the
 ranks remove it at step 1 (rank 0) and after step 2 (all, for other nodes).
 
-Signals (signals.py): Node Zero turns the first Ctrl-C or SIGTERM into "save and stop"; the
-workers ignore the first (Node Zero will stop them); a second, on any rank, ends every rank
-with MPI_Abort.
+Signals (signals.py): Node Zero turns the first Ctrl-C, SIGTERM or SIGHUP into "save and
+stop"; a worker that receives one tells Node Zero, which does the same; a second, on any rank,
+ends every rank with MPI_Abort.
+
+Exit status (mpitrain/exits.py): MPICH's mpiexec cannot be relied on to pass a rank's own
+non-zero status on. Measured (5.0.2): ranks that exit at once without MPI give the bitwise OR
+of their statuses (1 and 2 give 3); but a rank that exits non-zero after MPI_Finalize makes
+mpiexec kill the ranks still exiting, and the job's status was then 9 (their SIGKILL), or 0
+when the rank exited last -- the same run gave 0, 9 or 130 depending on the order in which
+the ranks left. MPI_Abort(S) gave S every time, the other ranks having exited 0 or not. So a
+run that ends in order with a status other than 0 (a signal, a fault) ends, once everything
+is written and the workers released, with rank 0 calling MPI_Abort(status), its stderr first
+pointed at /dev/null so that MPICH's "application called MPI_Abort" line does not follow our
+last words (`_finish`).
 """
 import os
 import socket
@@ -30,6 +41,7 @@ import sys
 import time
 import traceback
 
+from mpitrain import exits
 from mpitrain.errors import UserError
 
 
@@ -62,6 +74,20 @@ def _end(world, rank: int, what: str, status: int, details: str = "") -> None:
     world.Abort(status)
 
 
+def _finish(world, status: int) -> int:
+    """Rank 0, after a run that ended in order: make mpiexec return `status` (see the module
+    docstring)."""
+    if status == exits.OK:
+        return status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE)   # let mpiexec forward our last lines first (as _end)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    world.Abort(status)
+    return status             # not reached
+
+
 def _abort(world, rank: int, exc: BaseException) -> None:
     """An exception on this rank: its traceback and the error, then end every rank."""
     text = "" if isinstance(exc, KeyboardInterrupt) else traceback.format_exc()
@@ -74,7 +100,8 @@ def _signal_abort(world, rank: int):
 
 
 def run_mpi(options: dict) -> int:
-    """options: see plan.make_plan. Returns the exit status (0) or raises the agreed UserError."""
+    """options: see plan.make_plan. Returns the exit status (rank 0: the run's, the workers: 0)
+    or raises the agreed UserError."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # our kernel threads, not BLAS's
     from mpi4py import MPI
 
@@ -111,12 +138,15 @@ def run_mpi(options: dict) -> int:
                                                                            tc.batch_size))
             del checkpoint
             run_node_zero(node_zero, _signal_abort(world, rank))
+            status = node_zero.exit_status
         else:
             from mpitrain.trainer.mpi_worker import MPIWorker
             from mpitrain.trainer.signals import install_signals
 
-            install_signals(None, _signal_abort(world, rank))
+            install_signals(comm.request_stop, _signal_abort(world, rank))
             MPIWorker(plan, comm, rank).run()
+            return exits.OK
     except BaseException as e:
         _abort(world, rank, e)
-    return 0
+    return _finish(world, status)
+

@@ -28,7 +28,7 @@ from collections import deque
 
 import numpy as np
 
-from mpitrain import schedule
+from mpitrain import exits, schedule
 from mpitrain.trainer import peak, sampling
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.process import injected_fault, peak_rss_kib
@@ -60,12 +60,18 @@ class NodeZero:
         self.checkpoint = checkpoint
         self.header_extra = header_extra
         self.stop_signal = None       # set by request_stop (signal handler)
+        self.stop_rank = 0            # the rank that received it (a worker forwards its own)
         self.stop_announced = False
         self.tokens_per_step = self.tc.batch_size * self.tc.seq_len
 
     # --- called from a signal handler: only set a flag ---------------------------------------
     def request_stop(self, signum: int) -> None:
         self.stop_signal = signum
+
+    @property
+    def exit_status(self) -> int:
+        """The status of a run that ended in order (mpitrain/exits.py)."""
+        return exits.OK if self.stop_signal is None else exits.signalled(self.stop_signal)
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -159,11 +165,16 @@ class NodeZero:
 
     def _housekeeping(self) -> None:
         self.log.heartbeat()
+        if self.stop_signal is None:
+            forwarded = self.link.poll_stop()
+            if forwarded is not None:
+                self.stop_signal, self.stop_rank = forwarded
         if self.stop_signal is not None and not self.stop_announced:
             self.stop_announced = True
-            self.log.event("signal", f"signal {self.stop_signal}: saving a checkpoint after "
-                           f"step {self.issued} and stopping", signal=self.stop_signal,
-                           step=self.issued)
+            where = f" (received by rank {self.stop_rank})" if self.stop_rank else ""
+            self.log.event("signal", f"signal {self.stop_signal}{where}: saving a checkpoint "
+                           f"after step {self.issued} and stopping", signal=self.stop_signal,
+                           rank=self.stop_rank, step=self.issued)
             self._stop_now()
         written = self.saver.finished()
         if written is not None:
@@ -287,8 +298,9 @@ class NodeZero:
 
 
 def run_node_zero(node_zero: NodeZero, abort) -> dict:
-    """Node Zero's run, the same in MPI and thread mode: the first Ctrl-C/SIGTERM asks it to
-    save and stop, a second calls abort (signals.install_signals). Returns the statistics."""
+    """Node Zero's run, the same in MPI and thread mode: the first Ctrl-C/SIGTERM/SIGHUP asks it
+    to save and stop, a second calls abort (signals.install_signals). Returns the statistics;
+    node_zero.exit_status is then the run's exit status."""
     install_signals(node_zero.request_stop, abort)
     stats = node_zero.run()
     if node_zero.stop_signal is not None:  # said even with --quiet

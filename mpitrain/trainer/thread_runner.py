@@ -7,14 +7,16 @@ are MPI mode's own; only the transport (threads.py) and the training step differ
 sequence equals MPI mode's to float rounding, and a checkpoint is the same file in both modes:
 Node Zero writes it from its copy of the replica's arenas.
 
-Signals (signals.py): the first Ctrl-C / SIGTERM asks Node Zero to save and stop (as in MPI
-mode); a second one ends the process at once (os._exit).
+Signals (signals.py): the first Ctrl-C / SIGTERM / SIGHUP asks Node Zero to save and stop (as
+in MPI mode), and the process exits 128 + its number; a second one ends the process at once
+(os._exit).
 """
 import os
 import socket
 import sys
 import traceback
 
+from mpitrain import exits
 from mpitrain.errors import UserError
 from mpitrain.topology import placement_table
 
@@ -49,6 +51,7 @@ def run_threads(options: dict, threads: int) -> int:
         del checkpoint
         link.start(lambda comm: ThreadWorker(plan, comm, workers).run())
         run_node_zero(node_zero, _abort)
+        return node_zero.exit_status
     except BaseException as e:
         # As MPI mode's abort path: say which thread failed and end the process at once (an
         # orderly interpreter exit was measured to hang in h5py's finaliser after a worker
@@ -68,5 +71,4 @@ def run_threads(options: dict, threads: int) -> int:
         print(f"mpitrain: {who}: {e if who == 'worker thread' else f'{type(e).__name__}: {e}'}",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(1)
-    return 0
+        os._exit(exits.INTERNAL)

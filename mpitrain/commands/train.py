@@ -99,6 +99,9 @@ def collect_overrides(args) -> dict:
 
 
 def run(args) -> int:
+    from mpitrain.trainer.output import guard_output
+
+    guard_output()   # a closed stdout or stderr never ends a run (trainer/output.py)
     overrides = collect_overrides(args)
     launch = launcher.detect()
     size = launch.size

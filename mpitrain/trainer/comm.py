@@ -122,15 +122,16 @@ class MPIWorkerLink(WorkerLink):
         if self._stop_req is None:
             return None
         status = _mpi().Status()
-        if not self._stop_req.Test(status):
+        if not self._stop_req.Test(status) or status.Is_cancelled():
             return None
         self._stop_req = None   # the first is enough; the others are dropped at the end
         return int(self._stop[0]), status.Get_source()
 
     def release(self) -> Pending:
-        if self._stop_req is not None:
+        if self._stop_req is not None:   # too late for a stop: the run has ended
             self._stop_req.Cancel()
             self._stop_req.Wait()
+            self._stop_req = None
         return Pending([self.world.Ibarrier()])
 
 

@@ -111,11 +111,17 @@ def run_mpi(options: dict) -> int:
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
+    from mpitrain.trainer.output import hangup_warning, write_past_mpiexec
+
+    write_past_mpiexec()   # a closed pipe then meets this rank, not mpiexec (output.py)
     try:
         ranks = world.gather((socket.gethostname(), os.getpid()), root=0)
         plan = checkpoint = dataset = error = None
         if rank == 0:   # every rank is through MPI_Init: the start-up file may go
             _unlink_mpich_files()
+            warning = hangup_warning()
+            if warning is not None:
+                print(f"mpitrain: warning: {warning}", file=sys.stderr, flush=True)
             try:
                 plan, checkpoint, dataset = make_plan(options)
             except UserError as e:

@@ -71,6 +71,7 @@ def _end(world, rank: int, what: str, status: int, details: str = "") -> None:
     sys.stderr.write(f"{details}mpitrain: rank {rank}: {what}\n")
     sys.stderr.flush()
     time.sleep(ABORT_GRACE)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)   # MPICH's "MPI_Abort" line would follow
     world.Abort(status)
 
 
@@ -82,16 +83,41 @@ def _finish(world, status: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     time.sleep(ABORT_GRACE)   # let mpiexec forward our last lines first (as _end)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     world.Abort(status)
     return status             # not reached
 
 
+REAP_AFTER = 2.0   # s: after mpiexec has returned the job's status
+
+
+def _reap_later(pids) -> None:
+    """A stopped rank outlives MPI_Abort (measured: mpiexec returned and the process stayed,
+    stopped, for good), and killing it before the abort made mpiexec return 9 instead of the
+    abort's status. So a detached process kills it once the job has ended."""
+    if not pids:
+        return
+    import subprocess
+
+    code = ("import os, signal, sys, time\n"
+            "from mpitrain.trainer.stall import process_state\n"
+            f"time.sleep({REAP_AFTER})\n"
+            "for pid in map(int, sys.argv[1:]):\n"
+            "    if process_state(pid) == 'T':\n"
+            "        os.kill(pid, signal.SIGKILL)\n")
+    subprocess.Popen([sys.executable, "-c", code, *map(str, pids)], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+
+
 def _abort(world, rank: int, exc: BaseException) -> None:
-    """An exception on this rank: its traceback and the error, then end every rank."""
+    """An exception on this rank: its traceback and the error, then end every rank. A Fault
+    (a stalled worker) is no bug: its one line, and its status."""
+    if isinstance(exc, exits.Fault):
+        _reap_later(getattr(exc, "stopped_pids", ()))
+        _end(world, rank, str(exc), exc.exit_code)
     text = "" if isinstance(exc, KeyboardInterrupt) else traceback.format_exc()
-    _end(world, rank, f"{type(exc).__name__}: {exc}", 1, text)
+    _end(world, rank, f"{type(exc).__name__}: {exc}", exits.INTERNAL, text)
 
 
 def _signal_abort(world, rank: int):
@@ -141,7 +167,8 @@ def run_mpi(options: dict) -> int:
 
             node_zero = NodeZero(plan, MPIWorkerLink(world, tc.batch_size), ranks, dataset,
                                  checkpoint, header_extra=placement_table(size - 1,
-                                                                           tc.batch_size))
+                                                                           tc.batch_size),
+                                 stall_timeout=options.get("stall_timeout"))
             del checkpoint
             run_node_zero(node_zero, _signal_abort(world, rank))
             status = node_zero.exit_status

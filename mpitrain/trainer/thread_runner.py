@@ -47,7 +47,8 @@ def run_threads(options: dict, threads: int) -> int:
              f"worker(s) = the kernel threads of one shared replica\n"
              + placement_table(workers, tc.batch_size))
     try:
-        node_zero = NodeZero(plan, link, ranks, dataset, checkpoint, header_extra=extra)
+        node_zero = NodeZero(plan, link, ranks, dataset, checkpoint, header_extra=extra,
+                             stall_timeout=options.get("stall_timeout"))
         del checkpoint
         link.start(lambda comm: ThreadWorker(plan, comm, workers).run())
         run_node_zero(node_zero, _abort)
@@ -57,6 +58,10 @@ def run_threads(options: dict, threads: int) -> int:
         # orderly interpreter exit was measured to hang in h5py's finaliser after a worker
         # thread's exception; a checkpoint being written is under its temporary name).
         link.abort()
+        if isinstance(e, exits.Fault):   # a stalled worker thread: its one line, status 3
+            print(f"mpitrain: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(e.exit_code)
         user = e.original if isinstance(e, WorkerThreadError) else e
         if isinstance(user, UserError):  # a user's mistake found late: one line, as before start
             print(f"mpitrain: error: {user}", file=sys.stderr, flush=True)

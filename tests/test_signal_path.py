@@ -1,5 +1,5 @@
 """signals.install_signals, the one signal path of both modes, in this process: the first
-SIGINT/SIGTERM goes to on_first, every later one to the mode's abort with the exit status
+SIGINT/SIGTERM/SIGHUP goes to on_first, every later one to the mode's abort with the exit status
 128 + signal number. (The modes' whole runs: test_signals.py, test_thread_mode_signals.py.)"""
 import signal
 
@@ -17,7 +17,9 @@ def restore_handlers():
 
 
 @pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGINT),
-                                           (signal.SIGINT, signal.SIGINT)])
+                                           (signal.SIGINT, signal.SIGINT),
+                                           (signal.SIGHUP, signal.SIGTERM),
+                                           (signal.SIGTERM, signal.SIGHUP)])
 def test_first_stops_second_aborts(restore_handlers, first, second):
     firsts, aborts = [], []
     install_signals(firsts.append, lambda what, status: aborts.append((what, status)))
@@ -28,10 +30,6 @@ def test_first_stops_second_aborts(restore_handlers, first, second):
     assert aborts == [(f"second signal ({second.name})", 128 + second)]
 
 
-def test_a_worker_ignores_the_first(restore_handlers):
-    aborts = []
-    install_signals(None, lambda what, status: aborts.append(status))
-    signal.raise_signal(signal.SIGINT)
-    assert aborts == []
-    signal.raise_signal(signal.SIGTERM)
-    assert aborts == [exit_status(signal.SIGTERM)] == [143]
+def test_the_statuses_are_the_tables():
+    assert [exit_status(s) for s in SIGNALS] == [130, 143, 129]
+    assert set(SIGNALS) == {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}

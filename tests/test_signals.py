@@ -44,7 +44,7 @@ def test_sigterm_saves_and_exits(tiny_dataset, tmp_path):
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, err, elapsed = _finish(proc, t0)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGTERM, err
     assert elapsed < LIMIT
     records = read_metrics(run_dir)
     last = max(step_losses(records))
@@ -67,7 +67,7 @@ def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err, elapsed = _finish(proc, t0)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 128 + signal.SIGINT, err
     assert elapsed < LIMIT
     assert any(r.get("event") == "signal" for r in read_metrics(run_dir))
 
@@ -93,6 +93,27 @@ def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
     assert any(r.get("event") == "signal" for r in records)
     assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [0]
     assert sorted(f for f in os.listdir(run_dir) if f.endswith(".h5")) == ["checkpoint_step_0.h5"]
+
+
+@pytest.mark.parametrize("signum, rank", [(signal.SIGTERM, 2), (signal.SIGHUP, 3),
+                                          (signal.SIGINT, 0)])
+def test_a_signal_to_one_rank_stops_the_job(tiny_dataset, tmp_path, signum, rank):
+    """A signal sent to a single rank (not through mpirun) saves and stops the whole job, with
+    the status of that signal; a worker forwards it to Node Zero."""
+    run_dir = str(tmp_path / "run")
+    proc = _long_run(tiny_dataset, run_dir)
+    beat = wait_training(proc, run_dir)
+    t0 = time.monotonic()
+    os.kill(beat["ranks"][rank]["pid"], signum)
+    out, err, elapsed = _finish(proc, t0)
+    assert proc.returncode == 128 + signum, err
+    assert elapsed < LIMIT
+    records = read_metrics(run_dir)
+    last = max(step_losses(records))
+    stops = [r for r in records if r.get("event") == "signal"]
+    assert [(r["signal"], r["rank"]) for r in stops] == [(signum, rank)]
+    assert any(r.get("event") == "checkpoint" and r["step"] == last for r in records)
+    assert f"stopped by signal {int(signum)} after step {last}" in out
 
 
 def _mpich_files() -> set:

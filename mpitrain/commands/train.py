@@ -69,6 +69,10 @@ def add_arguments(p):
     p.add_argument("--show-topology", action="store_true",
                    help="print who sits where on the icosahedron and which groups each worker "
                    "takes, for this world size, and exit")
+    p.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end the run (status 3) when no worker makes progress for this long "
+                   "(default: max(60, 10 x the longest quiet interval seen so far), at least "
+                   "600 until the first step)%(default).0s")
     p.add_argument("--quiet", action="store_true", help="no progress output on the terminal")
 
 
@@ -99,6 +103,9 @@ def collect_overrides(args) -> dict:
 
 
 def run(args) -> int:
+    from mpitrain.trainer.output import guard_output
+
+    guard_output()   # a closed stdout or stderr never ends a run (trainer/output.py)
     overrides = collect_overrides(args)
     launch = launcher.detect()
     size = launch.size
@@ -118,6 +125,8 @@ def run(args) -> int:
         args.threads_per_rank = default_threads_per_rank(launch)
     if args.threads_per_rank < 1:
         raise UserError(f"--threads-per-rank must be at least 1, got {args.threads_per_rank}")
+    if args.stall_timeout is not None and not args.stall_timeout > 0:
+        raise UserError(f"--stall-timeout must be positive, got {args.stall_timeout}")
     if args.stop_at is not None and args.stop_at < 1:
         raise UserError(f"--stop-at must be at least 1, got {args.stop_at}")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
@@ -132,6 +141,7 @@ def run(args) -> int:
         return 0
     options = {"preset": args.preset, "dataset": args.dataset, "run_dir": args.run_dir,
                "resume": args.resume, "stop_at": args.stop_at, "quiet": args.quiet,
+               "stall_timeout": args.stall_timeout,
                "threads_per_rank": args.threads_per_rank, "overrides": overrides}
     if size > 1:
         from mpitrain.trainer.mpi_runner import run_mpi

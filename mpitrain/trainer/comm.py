@@ -22,6 +22,7 @@ exchanged; the two give bitwise the same state (tests/test_train_mpi.py).
 import os
 import pickle
 import sys
+import time
 
 import numpy as np
 
@@ -31,7 +32,8 @@ from mpitrain.trainer.messages import HEADER, REPORT_SIZE, Command, Report
 from mpitrain.trainer.waiting import (NODE_ZERO_MAX_SLEEP, NODE_ZERO_SLEEP, WORKER_MAX_SLEEP,
                                       WORKER_SLEEP, Pending, _mpi, wait)
 
-TAG_COMMAND, TAG_REPORT, TAG_STATE = 11, 12, 13   # collectives.py uses 99 and 100..
+TAG_COMMAND, TAG_REPORT, TAG_STATE, TAG_STOP, TAG_PROGRESS = 11, 12, 13, 14, 15
+# (collectives.py uses 99 and 100..)
 LEAD_RANK = 1               # worker 0 reports to Node Zero and sends it state
 
 
@@ -79,6 +81,17 @@ class WorkerLink:
         """Tell the workers everything is written: they may exit."""
         raise NotImplementedError
 
+    def poll_stop(self):
+        """(signal number, worker rank) when a worker received a stop signal, else None
+        (never blocks)."""
+        return None
+
+    def progress(self) -> list:
+        """Every worker's progress as Node Zero knows it now: [(count, time.monotonic() when
+        it last grew)] by worker index (never blocks). A worker's count grows at each point of
+        its command loop it passes (Worker.run)."""
+        raise NotImplementedError
+
 
 class MPIWorkerLink(WorkerLink):
     """Node Zero (rank 0 of `world`) talking to ranks 1.. of `world`."""
@@ -88,6 +101,13 @@ class MPIWorkerLink(WorkerLink):
         self.num_workers = world.Get_size() - 1
         self.batch_size = batch_size
         self._sends = []  # outstanding command sends (eager: they complete at once)
+        self._stop = np.zeros(1, np.int64)
+        self._stop_req = world.Irecv(self._stop, source=_mpi().ANY_SOURCE, tag=TAG_STOP)
+        now = time.monotonic()
+        self._progress = [[0, now] for _ in range(self.num_workers)]
+        self._progress_bufs = [np.zeros(1, np.int64) for _ in range(self.num_workers)]
+        self._progress_reqs = [world.Irecv(b, source=w + 1, tag=TAG_PROGRESS)
+                               for w, b in enumerate(self._progress_bufs)]
 
     def send_command(self, command: Command) -> None:
         buf = command.encode(self.batch_size)
@@ -111,7 +131,36 @@ class MPIWorkerLink(WorkerLink):
         recv = np.empty((self.world.Get_size(), send.size), np.int64)
         return Pending([self.world.Igather(send, recv, root=0)], lambda: recv)
 
+    def poll_stop(self):
+        if self._stop_req is None:
+            return None
+        status = _mpi().Status()
+        if not self._stop_req.Test(status) or status.Is_cancelled():
+            return None
+        self._stop_req = None   # the first is enough; the others are dropped at the end
+        return int(self._stop[0]), status.Get_source()
+
+    def progress(self) -> list:
+        for w, req in enumerate(self._progress_reqs):
+            if req is None:
+                continue
+            while req.Test():          # drain what has come (one message at a time)
+                count = int(self._progress_bufs[w][0])
+                if count > self._progress[w][0]:
+                    self._progress[w] = [count, time.monotonic()]
+                req = self._progress_reqs[w] = self.world.Irecv(
+                    self._progress_bufs[w], source=w + 1, tag=TAG_PROGRESS)
+        return [tuple(p) for p in self._progress]
+
     def release(self) -> Pending:
+        for req in self._progress_reqs:
+            req.Cancel()
+            req.Wait()
+        self._progress_reqs = [None] * self.num_workers
+        if self._stop_req is not None:   # too late for a stop: the run has ended
+            self._stop_req.Cancel()
+            self._stop_req.Wait()
+            self._stop_req = None
         return Pending([self.world.Ibarrier()])
 
 
@@ -135,6 +184,9 @@ class MPIWorkerComm:
         self._grads = None             # every worker's gradient arena, when shared
         self.writes_parameters = True  # whether this worker writes whole parameter arenas
         self.node_workers = 1          # workers on this worker's node (share_arenas)
+        self.stop_signal = None        # set by the signal handler (request_stop)
+        self._stop_sent = False
+        self._progress = 0
 
     def share_arenas(self, count: int):
         """Collective over the workers: (parameters, gradients), float32 arenas of `count`
@@ -198,7 +250,25 @@ class MPIWorkerComm:
             wait([self.workers.Ibarrier()], WORKER_SLEEP, WORKER_MAX_SLEEP)
             self._sync()
 
+    def request_stop(self, signum: int) -> None:
+        """A signal handler: only note it; next_command tells Node Zero."""
+        self.stop_signal = signum
+
+    def _forward_stop(self) -> None:
+        if self.stop_signal is not None and not self._stop_sent:
+            self._stop_sent = True
+            buf = np.array([self.stop_signal], np.int64)
+            self._reports.append((self.world.Isend(buf, dest=0, tag=TAG_STOP), buf))
+
+    def progress(self) -> None:
+        """One more point of the command loop passed: tell Node Zero (stall detection)."""
+        self._progress += 1
+        buf = np.array([self._progress], np.int64)
+        self._reports = [(r, b) for r, b in self._reports if not r.Test()]
+        self._reports.append((self.world.Isend(buf, dest=0, tag=TAG_PROGRESS), buf))
+
     def next_command(self) -> Command:
+        self._forward_stop()
         wait([self._cmd_req], WORKER_SLEEP, WORKER_MAX_SLEEP)
         command = Command.decode(self._cmd)
         # Post the receive for the one after at once, so Node Zero's send lands while we work.

@@ -20,9 +20,20 @@ gathered 308 such files, 1.3 GB of memory, from two days of fault tests). Once e
 attached, the name is not needed -- the memory lives until its last process unmaps it -- so the
 ranks remove it at step 1 (rank 0) and after step 2 (all, for other nodes).
 
-Signals (signals.py): Node Zero turns the first Ctrl-C or SIGTERM into "save and stop"; the
-workers ignore the first (Node Zero will stop them); a second, on any rank, ends every rank
-with MPI_Abort.
+Signals (signals.py): Node Zero turns the first Ctrl-C, SIGTERM or SIGHUP into "save and
+stop"; a worker that receives one tells Node Zero, which does the same; a second, on any rank,
+ends every rank with MPI_Abort.
+
+Exit status (mpitrain/exits.py): MPICH's mpiexec cannot be relied on to pass a rank's own
+non-zero status on. Measured (5.0.2): ranks that exit at once without MPI give the bitwise OR
+of their statuses (1 and 2 give 3); but a rank that exits non-zero after MPI_Finalize makes
+mpiexec kill the ranks still exiting, and the job's status was then 9 (their SIGKILL), or 0
+when the rank exited last -- the same run gave 0, 9 or 130 depending on the order in which
+the ranks left. MPI_Abort(S) gave S every time, the other ranks having exited 0 or not. So a
+run that ends in order with a status other than 0 (a signal, a fault) ends, once everything
+is written and the workers released, with rank 0 calling MPI_Abort(status), its stderr first
+pointed at /dev/null so that MPICH's "application called MPI_Abort" line does not follow our
+last words (`_finish`).
 """
 import os
 import socket
@@ -30,6 +41,7 @@ import sys
 import time
 import traceback
 
+from mpitrain import exits
 from mpitrain.errors import UserError
 
 
@@ -59,13 +71,53 @@ def _end(world, rank: int, what: str, status: int, details: str = "") -> None:
     sys.stderr.write(f"{details}mpitrain: rank {rank}: {what}\n")
     sys.stderr.flush()
     time.sleep(ABORT_GRACE)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)   # MPICH's "MPI_Abort" line would follow
     world.Abort(status)
 
 
+def _finish(world, status: int) -> int:
+    """Rank 0, after a run that ended in order: make mpiexec return `status` (see the module
+    docstring)."""
+    if status == exits.OK:
+        return status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE)   # let mpiexec forward our last lines first (as _end)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    world.Abort(status)
+    return status             # not reached
+
+
+REAP_AFTER = 2.0   # s: after mpiexec has returned the job's status
+
+
+def _reap_later(pids) -> None:
+    """A stopped rank outlives MPI_Abort (measured: mpiexec returned and the process stayed,
+    stopped, for good), and killing it before the abort made mpiexec return 9 instead of the
+    abort's status. So a detached process kills it once the job has ended."""
+    if not pids:
+        return
+    import subprocess
+
+    code = ("import os, signal, sys, time\n"
+            "from mpitrain.trainer.stall import process_state\n"
+            f"time.sleep({REAP_AFTER})\n"
+            "for pid in map(int, sys.argv[1:]):\n"
+            "    if process_state(pid) == 'T':\n"
+            "        os.kill(pid, signal.SIGKILL)\n")
+    subprocess.Popen([sys.executable, "-c", code, *map(str, pids)], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+
+
 def _abort(world, rank: int, exc: BaseException) -> None:
-    """An exception on this rank: its traceback and the error, then end every rank."""
+    """An exception on this rank: its traceback and the error, then end every rank. A Fault
+    (a stalled worker) is no bug: its one line, and its status."""
+    if isinstance(exc, exits.Fault):
+        _reap_later(getattr(exc, "stopped_pids", ()))
+        _end(world, rank, str(exc), exc.exit_code)
     text = "" if isinstance(exc, KeyboardInterrupt) else traceback.format_exc()
-    _end(world, rank, f"{type(exc).__name__}: {exc}", 1, text)
+    _end(world, rank, f"{type(exc).__name__}: {exc}", exits.INTERNAL, text)
 
 
 def _signal_abort(world, rank: int):
@@ -74,7 +126,8 @@ def _signal_abort(world, rank: int):
 
 
 def run_mpi(options: dict) -> int:
-    """options: see plan.make_plan. Returns the exit status (0) or raises the agreed UserError."""
+    """options: see plan.make_plan. Returns the exit status (rank 0: the run's, the workers: 0)
+    or raises the agreed UserError."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # our kernel threads, not BLAS's
     from mpi4py import MPI
 
@@ -84,11 +137,17 @@ def run_mpi(options: dict) -> int:
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
+    from mpitrain.trainer.output import hangup_warning, write_past_mpiexec
+
+    write_past_mpiexec()   # a closed pipe then meets this rank, not mpiexec (output.py)
     try:
         ranks = world.gather((socket.gethostname(), os.getpid()), root=0)
         plan = checkpoint = dataset = error = None
         if rank == 0:   # every rank is through MPI_Init: the start-up file may go
             _unlink_mpich_files()
+            warning = hangup_warning()
+            if warning is not None:
+                print(f"mpitrain: warning: {warning}", file=sys.stderr, flush=True)
             try:
                 plan, checkpoint, dataset = make_plan(options)
             except UserError as e:
@@ -108,15 +167,19 @@ def run_mpi(options: dict) -> int:
 
             node_zero = NodeZero(plan, MPIWorkerLink(world, tc.batch_size), ranks, dataset,
                                  checkpoint, header_extra=placement_table(size - 1,
-                                                                           tc.batch_size))
+                                                                           tc.batch_size),
+                                 stall_timeout=options.get("stall_timeout"))
             del checkpoint
             run_node_zero(node_zero, _signal_abort(world, rank))
+            status = node_zero.exit_status
         else:
             from mpitrain.trainer.mpi_worker import MPIWorker
             from mpitrain.trainer.signals import install_signals
 
-            install_signals(None, _signal_abort(world, rank))
+            install_signals(comm.request_stop, _signal_abort(world, rank))
             MPIWorker(plan, comm, rank).run()
+            return exits.OK
     except BaseException as e:
         _abort(world, rank, e)
-    return 0
+    return _finish(world, status)
+

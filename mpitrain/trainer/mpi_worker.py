@@ -96,6 +96,7 @@ class MPIWorker(Worker):
             m.grad_buffer[...] = 0.0
             self._sums[0] = 0.0
         lo, hi = self.lo, self.hi
+        self.comm.progress()   # computed: a stall from here on is in the reductions
         self.comm.reduce_scatter_sum(m.grad_buffer, self.grad_shard, self.counts)
         self._sums[1] = optim.grad_norm(m, self.grad_shard) ** 2
         self.comm.allreduce_sum(self._sums)   # [sum of token losses, squared gradient norm]

@@ -28,13 +28,14 @@ from collections import deque
 
 import numpy as np
 
-from mpitrain import formats, schedule
+from mpitrain import exits, formats, schedule
 from mpitrain.trainer import peak, sampling
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.process import injected_fault, peak_rss_kib
 from mpitrain.trainer.runlog import RunLog, fmt_duration
 from mpitrain.trainer.saver import Saver
 from mpitrain.trainer.signals import install_signals
+from mpitrain.trainer.stall import StallWatch, process_state
 from mpitrain.trainer.waiting import TestPending, wait_pending
 
 ACTIVITY = {STEP: "training", EVAL: "evaluating after step {step}",
@@ -44,9 +45,10 @@ LOOKAHEAD = 2   # STEP commands issued beyond the last reported step: the worker
 
 
 class NodeZero:
-    def __init__(self, plan, link, ranks: list, dataset, checkpoint=None, header_extra=""):
+    def __init__(self, plan, link, ranks: list, dataset, checkpoint=None, header_extra="",
+                 stall_timeout=None):
         """ranks: [(host, pid)] of every rank (Node Zero first); dataset: the open Dataset;
-        checkpoint: the loaded Checkpoint on resume."""
+        checkpoint: the loaded Checkpoint on resume; stall_timeout: --stall-timeout (stall.py)."""
         from mpitrain.model import Model
 
         self.plan = plan
@@ -60,12 +62,20 @@ class NodeZero:
         self.checkpoint = checkpoint
         self.header_extra = header_extra
         self.stop_signal = None       # set by request_stop (signal handler)
+        self.stop_rank = 0            # the rank that received it (a worker forwards its own)
         self.stop_announced = False
         self.tokens_per_step = self.tc.batch_size * self.tc.seq_len
+        self.stall = StallWatch(stall_timeout)
+        self.last_checkpoint = plan.resume_path   # the newest checkpoint written or resumed
 
     # --- called from a signal handler: only set a flag ---------------------------------------
     def request_stop(self, signum: int) -> None:
         self.stop_signal = signum
+
+    @property
+    def exit_status(self) -> int:
+        """The status of a run that ended in order (mpitrain/exits.py)."""
+        return exits.OK if self.stop_signal is None else exits.signalled(self.stop_signal)
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -116,6 +126,7 @@ class NodeZero:
     # --- issuing -----------------------------------------------------------------------------
     def _issue(self, command: Command) -> None:
         self.link.send_command(command)
+        self.stall.touch()
         self.last_command = (command.kind, command.step)
         if command.kind != STOP:
             self.queue.append(command)
@@ -159,20 +170,30 @@ class NodeZero:
 
     def _housekeeping(self) -> None:
         self.log.heartbeat()
+        if self.stop_signal is None:
+            forwarded = self.link.poll_stop()
+            if forwarded is not None:
+                self.stop_signal, self.stop_rank = forwarded
         if self.stop_signal is not None and not self.stop_announced:
             self.stop_announced = True
-            self.log.event("signal", f"signal {self.stop_signal}: saving a checkpoint after "
-                           f"step {self.issued} and stopping", signal=self.stop_signal,
-                           step=self.issued)
+            where = f" (received by rank {self.stop_rank})" if self.stop_rank else ""
+            self.log.event("signal", f"signal {self.stop_signal}{where}: saving a checkpoint "
+                           f"after step {self.issued} and stopping", signal=self.stop_signal,
+                           rank=self.stop_rank, step=self.issued)
             self._stop_now()
+        stalled = self.stall.check(self.link.progress())
+        if stalled is not None:
+            self._stalled(*stalled)
         written = self.saver.finished()
         if written is not None:
             step, path, seconds, removed = written
+            self.last_checkpoint = path
             self.log.event("checkpoint", f"checkpoint written: {path} ({seconds:.2f} s)",
                            step=step, path=path, seconds=seconds, removed=removed)
 
     # --- reports -----------------------------------------------------------------------------
     def _on_step(self, r) -> None:
+        self.stall.started = True
         if injected_fault(0, r.step):
             raise RuntimeError(f"injected fault (MPITRAIN_FAULT) at step {r.step}")
         now = time.perf_counter()
@@ -211,8 +232,48 @@ class NodeZero:
                    "ranks": len(self.ranks), "workers": self.link.num_workers})
 
     def _wait_saver(self) -> None:
+        self.stall.paused = True   # the workers may idle meanwhile: not a stall
         self._wait(TestPending(lambda: (not self.saver.busy(), None)))
+        self.stall.touch()
+        self.stall.paused = False
         self._housekeeping()
+
+    def _stalled(self, quiet: float, behind: list) -> None:
+        """No progress for `quiet` seconds: name the culprit, keep what is saved, and end the
+        run with a Fault (status 3). The workers' state (the parameters, and the optimizer
+        moments spread over them in MPI mode) is what a checkpoint needs, and a stalled worker
+        holds part of it, so no new checkpoint can be made; a checkpoint already being written
+        (from Node Zero's own copy) is finished first."""
+        me = socket.gethostname()
+        local = [w for w in range(len(self.link.progress()))
+                 if self.ranks[w + 1][0] == me and process_state(self.ranks[w + 1][1]) == "T"]
+        culprits = local or behind
+        names = ", ".join(f"rank {w + 1} (host {self.ranks[w + 1][0]}, pid "
+                          f"{self.ranks[w + 1][1]})" for w in culprits)
+        how = "is stopped (state T)" if local else "made no progress"
+        self.log.set_activity("stalled")
+        self.stall.paused = True
+        deadline = time.monotonic() + max(60.0, self.stall.limit())
+        while self.saver.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        written = None if self.saver.busy() else self.saver.finished()
+        if written is not None:
+            self.last_checkpoint = written[1]
+        newest = (f"the newest checkpoint is {self.last_checkpoint}"
+                  if self.last_checkpoint else "there is no checkpoint yet")
+        message = (f"stalled: {names} {how}; no worker progressed for {quiet:.0f} s (limit "
+                   f"{self.stall.limit():.0f} s, --stall-timeout) after step {self.done}. No "
+                   f"checkpoint can be saved: the workers' state is needed and the stalled "
+                   f"worker holds part of it; {newest}"
+                   + ("; continue with --resume auto" if self.last_checkpoint else ""))
+        self.log.metrics(event="stall", time=time.time(), step=self.done, seconds=quiet,
+                         ranks=[w + 1 for w in culprits],
+                         pids=[self.ranks[w + 1][1] for w in culprits],
+                         checkpoint=self.last_checkpoint)
+        self.log.log(f"mpitrain: {message}")
+        fault = exits.Fault(message)
+        fault.stopped_pids = [self.ranks[w + 1][1] for w in local]  # to end with the job
+        raise fault
 
     def _send_resume_state(self) -> None:
         ck, m = self.checkpoint, self.model
@@ -288,8 +349,9 @@ class NodeZero:
 
 
 def run_node_zero(node_zero: NodeZero, abort) -> dict:
-    """Node Zero's run, the same in MPI and thread mode: the first Ctrl-C/SIGTERM asks it to
-    save and stop, a second calls abort (signals.install_signals). Returns the statistics."""
+    """Node Zero's run, the same in MPI and thread mode: the first Ctrl-C/SIGTERM/SIGHUP asks it
+    to save and stop, a second calls abort (signals.install_signals). Returns the statistics;
+    node_zero.exit_status is then the run's exit status."""
     install_signals(node_zero.request_stop, abort)
     stats = node_zero.run()
     if node_zero.stop_signal is not None:  # said even with --quiet

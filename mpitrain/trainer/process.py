@@ -2,6 +2,9 @@
 used by Node Zero and the workers alike.
 
   MPITRAIN_FAULT=RANK:STEP        that rank raises at that step (tests/test_abort.py)
+  MPITRAIN_STALL=RANK:STEP        that worker hangs (sleeps for good) when it receives that
+                                  step's first command (thread mode's stall test; rank 1 is
+                                  the worker thread)
   MPITRAIN_TRACE_WINDOWS=DIR      each worker appends the windows it trains every step to
                                   DIR/worker_W.jsonl (tests of the placement)
 """
@@ -29,3 +32,12 @@ def trace_files(workers) -> dict:
         return {}
     return {w: open(os.path.join(trace_dir, f"worker_{w}.jsonl"), "a", buffering=1)
             for w in workers}
+
+
+def injected_stall(rank: int, step: int) -> None:
+    """Test hook: MPITRAIN_STALL=RANK:STEP makes that worker sleep for good at that step."""
+    if os.environ.get("MPITRAIN_STALL", "") == f"{rank}:{step}":
+        import time
+
+        while True:
+            time.sleep(3600)

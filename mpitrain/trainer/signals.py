@@ -1,9 +1,12 @@
 """The trainer's signals, the same in MPI and thread mode.
 
-The first SIGINT or SIGTERM asks Node Zero to save a checkpoint and stop (a worker ignores it:
-Node Zero will stop it); a second one, on any process, ends the run at once with exit status
-128 + the signal's number. MPICH's mpirun forwards the first Ctrl-C and SIGTERM to every rank
-and kills everything on a second Ctrl-C (measured).
+The first SIGINT, SIGTERM or SIGHUP asks Node Zero to save a checkpoint and stop; a worker that
+receives it tells Node Zero (its next command wait sends a small message), so a signal sent to
+any single rank stops the whole job the same way. The run then exits with 128 + the signal's
+number (mpitrain/exits.py). A second one, on any process, ends the run at once with that
+status. MPICH's mpirun forwards the first Ctrl-C and SIGTERM to every rank and kills everything
+on a second Ctrl-C; on SIGHUP mpirun itself dies at once and its proxies kill every rank before
+any can save (measured; docs/TRAINING.md, "Signals and faults").
 
 A mode supplies only how it ends at once: `abort(what, status)` says `what` in its own words
 and ends with `status` (MPI mode: MPI_Abort of every rank; thread mode: os._exit).
@@ -12,7 +15,7 @@ import signal
 
 from mpitrain import exits
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)   # the signals that stop a run
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # the signals that stop a run
 
 
 def exit_status(signum: int) -> int:
@@ -21,7 +24,7 @@ def exit_status(signum: int) -> int:
 
 
 def install_signals(on_first, abort) -> None:
-    """Route SIGNALS: the first to on_first(signum) (None: ignore it), every later one to
+    """Route SIGNALS: the first to on_first(signum), every later one to
     abort("second signal (NAME)", exit_status(signum)), which must not return. Runs on the
     main thread, so the handlers only set flags or end the process."""
     seen = []
@@ -29,8 +32,7 @@ def install_signals(on_first, abort) -> None:
     def handler(signum, frame):
         seen.append(signum)
         if len(seen) == 1:
-            if on_first is not None:
-                on_first(signum)
+            on_first(signum)
             return
         abort(f"second signal ({signal.Signals(signum).name})", exit_status(signum))
 

@@ -7,14 +7,16 @@ are MPI mode's own; only the transport (threads.py) and the training step differ
 sequence equals MPI mode's to float rounding, and a checkpoint is the same file in both modes:
 Node Zero writes it from its copy of the replica's arenas.
 
-Signals (signals.py): the first Ctrl-C / SIGTERM asks Node Zero to save and stop (as in MPI
-mode); a second one ends the process at once (os._exit).
+Signals (signals.py): the first Ctrl-C / SIGTERM / SIGHUP asks Node Zero to save and stop (as
+in MPI mode), and the process exits 128 + its number; a second one ends the process at once
+(os._exit).
 """
 import os
 import socket
 import sys
 import traceback
 
+from mpitrain import exits
 from mpitrain.errors import UserError
 from mpitrain.topology import placement_table
 
@@ -45,15 +47,21 @@ def run_threads(options: dict, threads: int) -> int:
              f"worker(s) = the kernel threads of one shared replica\n"
              + placement_table(workers, tc.batch_size))
     try:
-        node_zero = NodeZero(plan, link, ranks, dataset, checkpoint, header_extra=extra)
+        node_zero = NodeZero(plan, link, ranks, dataset, checkpoint, header_extra=extra,
+                             stall_timeout=options.get("stall_timeout"))
         del checkpoint
         link.start(lambda comm: ThreadWorker(plan, comm, workers).run())
         run_node_zero(node_zero, _abort)
+        return node_zero.exit_status
     except BaseException as e:
         # As MPI mode's abort path: say which thread failed and end the process at once (an
         # orderly interpreter exit was measured to hang in h5py's finaliser after a worker
         # thread's exception; a checkpoint being written is under its temporary name).
         link.abort()
+        if isinstance(e, exits.Fault):   # a stalled worker thread: its one line, status 3
+            print(f"mpitrain: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(e.exit_code)
         user = e.original if isinstance(e, WorkerThreadError) else e
         if isinstance(user, UserError):  # a user's mistake found late: one line, as before start
             print(f"mpitrain: error: {user}", file=sys.stderr, flush=True)
@@ -68,5 +76,4 @@ def run_threads(options: dict, threads: int) -> int:
         print(f"mpitrain: {who}: {e if who == 'worker thread' else f'{type(e).__name__}: {e}'}",
               file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(1)
-    return 0
+        os._exit(exits.INTERNAL)

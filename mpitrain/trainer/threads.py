@@ -25,6 +25,7 @@ worker thread, which ends.
 """
 import queue
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -86,6 +87,7 @@ class ThreadWorkerLink(WorkerLink):
         self.aborted = threading.Event()
         self.activity = threading.Event()   # set by the worker thread after each hand-over
         self.error = None                   # (exception, traceback text) of the worker thread
+        self.progress_point = (0, time.monotonic())   # the worker thread's (count, when)
         self.thread = None
 
     # --- the worker thread ---------------------------------------------------------------------
@@ -117,6 +119,9 @@ class ThreadWorkerLink(WorkerLink):
         self.commands.put(_ABORT)
 
     # --- WorkerLink ----------------------------------------------------------------------------
+    def progress(self) -> list:
+        return [self.progress_point]
+
     def send_command(self, command) -> None:
         if command.windows is not None and len(command.windows) > self.batch_size:
             raise ValueError(f"command carries {len(command.windows)} windows, a step holds "
@@ -191,6 +196,10 @@ class ThreadWorkerComm:
 
     def next_command(self):
         return self._get(self.link.commands)
+
+    def progress(self) -> None:
+        count, _ = self.link.progress_point
+        self.link.progress_point = (count + 1, time.monotonic())
 
     # One worker in the group: a sum over the workers is its own value, and the replica's
     # parameters are written by this thread alone.

@@ -22,7 +22,7 @@ import numpy as np
 from mpitrain import schedule
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import EVAL, SAVE, STEP, STOP, Report
-from mpitrain.trainer.process import injected_fault, peak_rss_kib
+from mpitrain.trainer.process import injected_fault, injected_stall, peak_rss_kib
 
 # Windows per kernel call: a worker with more (few workers, large batches) runs several calls
 # accumulating gradients, so its activations stay those of 8 windows (a seed-preset worker at
@@ -66,7 +66,10 @@ class Worker:
             self.comm.receive_state([params, *m.optimizer_arenas])
         self.comm.parameters_ready()
         while True:
+            self.comm.progress()
             command = self.comm.next_command()
+            self.comm.progress()
+            injected_stall(self.rank, command.step)
             if injected_fault(self.rank, command.step) and command.kind == STEP:
                 raise RuntimeError(f"injected fault (MPITRAIN_FAULT) at step {command.step}")
             if command.kind == STEP:

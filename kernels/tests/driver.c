@@ -287,11 +287,12 @@ static void test_linear_fixed(void) {
 
 /* A decoding model: init weights scaled up so logits spread over several units. */
 static mt_model *decode_model(const mt_config *cfg, int threads, float **arenas) {
-    size_t n = mt_num_params(cfg);
-    for (int i = 0; i < 4; i++) arenas[i] = fvec(n);
-    mt_model *m = mt_model_new(cfg, arenas[0], arenas[1], arenas[2], arenas[3], threads);
-    if (!m || mt_model_set_parts(m, threads) != 0) return NULL;
-    mt_model_init(m, 7);
+    size_t n = 0;
+    mt_model *m = NULL;
+    if (mt_num_params(cfg, &n) != MT_OK) return NULL;
+    for (int i = 0; i < 4; i++) arenas[i] = fvec(n);   /* params, grads; two spare (freed alike) */
+    if (mt_model_new(cfg, arenas[0], arenas[1], threads, &m) != MT_OK) return NULL;
+    if (mt_model_set_parts(m, threads) != MT_OK || mt_model_init(m, 7) != MT_OK) return NULL;
     for (size_t i = 0; i < n; i++) arenas[0][i] *= 10.0f;
     return m;
 }

@@ -32,7 +32,36 @@ of one leader's: on this machine's logical nodes that measured no different (com
 a real cluster it lets several cores feed the network card and the node sums be computed in
 parallel (docs/SCALING.md).
 """
+import os
+import socket
+
 import numpy as np
+
+
+def host_name() -> str:
+    """This process's host as the MPI launcher named it (MPICH's Hydra sets PMI_HOSTNAME: the
+    name in -hosts or the hosts file), else the machine's name."""
+    return os.environ.get("PMI_HOSTNAME") or socket.gethostname()
+
+
+def hosts_table(world) -> str:
+    """Collective over `world`: which ranks share a node (COMM_TYPE_SHARED) and its host, one
+    line per node (rank 0 is Node Zero, rank r > 0 worker r - 1); the text on rank 0, else None."""
+    from mpi4py import MPI
+
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    first = node.allreduce(world.Get_rank(), op=MPI.MIN)
+    node.Free()
+    rows = world.gather((first, host_name()), root=0)
+    if rows is None:
+        return None
+    layout = NodeLayout.from_keys([f for f, _ in rows])
+    lines = [f"{layout.num_nodes} node(s):"]
+    for q, ranks in enumerate(layout.nodes):
+        names = ", ".join(("0 (Node Zero)" if r == 0 else f"{r} (worker {r - 1})")
+                          for r in ranks)
+        lines.append(f"  node {q} on {rows[ranks[0]][1]}: ranks {names}")
+    return "\n".join(lines)
 
 
 def split(n: int, k: int) -> list:

@@ -25,7 +25,6 @@ workers ignore the first (Node Zero will stop them); a second, on any rank, ends
 with MPI_Abort.
 """
 import os
-import socket
 import sys
 import time
 import traceback
@@ -79,13 +78,14 @@ def run_mpi(options: dict) -> int:
     from mpi4py import MPI
 
     from mpitrain.topology import graph_edges, placement_table
+    from mpitrain.trainer.hierarchy import host_name
     from mpitrain.trainer.comm import MPIWorkerLink, bcast_object, make_worker_comm
     from mpitrain.trainer.plan import make_plan
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     try:
-        ranks = world.gather((socket.gethostname(), os.getpid()), root=0)
+        ranks = world.gather((host_name(), os.getpid()), root=0)
         plan = checkpoint = dataset = error = None
         if rank == 0:   # every rank is through MPI_Init: the start-up file may go
             _unlink_mpich_files()

@@ -14,6 +14,7 @@ path, not shared memory. Proofs held here:
   to 1e-4 against the straight runs).
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -127,3 +128,56 @@ def test_resume_across_layouts(runs, tiny_dataset, tmp_path, first, second):
 def test_show_topology_names_hosts(tiny_dataset, tmp_path):
     proc = _ok(run_hosts(TWO, *tiny_args(tiny_dataset, str(tmp_path / "t")), "--show-topology"))
     assert "nodea" in proc.stdout and "nodeb" in proc.stdout, proc.stdout
+
+
+def _other_node_view(tmp_path, dataset, replacement):
+    """The command line of a 2-node run where nodeb sees `replacement` (a file, or None: no
+    file) at the path of `dataset`: its ranks run in a mount namespace of their own with
+    another directory bound over the dataset's (root only; skipped elsewhere)."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("needs unshare -m (root) to give one logical node another file")
+    other = tmp_path / "other"
+    other.mkdir()
+    if replacement is not None:
+        shutil.copyfile(replacement, other / os.path.basename(dataset))
+    here = os.path.dirname(dataset)
+    train = [sys.executable, "-m", "mpitrain", "train",
+             *map(str, tiny_args(dataset, str(tmp_path / "run"), "--max-steps", 2))]
+    inner = f"mount --bind {other} {here} && exec " + " ".join(train)
+    return [mpirun_or_skip(), "-launcher", "fork", "-hosts", "nodea:3,nodeb:2", "-n", "3",
+            *train, ":", "-n", "2", "unshare", "-m", "sh", "-c", inner]
+
+
+def _different_dataset(tmp_path):
+    from test_train_support import write_text_corpus
+
+    corpus = write_text_corpus(str(tmp_path / "corpus2"), seed=8)
+    out = str(tmp_path / "tiny2.h5")
+    _ok(subprocess.run([sys.executable, "-m", "mpitrain", "prepare", "--data", corpus, "--out",
+                        out, "--vocab-size", "300", "--seq-len", "16", "--val-fraction", "0.2",
+                        "--quiet"], env=_env(), capture_output=True, text=True, timeout=120))
+    return out
+
+
+@pytest.mark.parametrize("case", ["missing", "different"])
+def test_dataset_checked_on_every_node(tiny_dataset, tmp_path, case):
+    replacement = None if case == "missing" else _different_dataset(tmp_path)
+    cmd = _other_node_view(tmp_path, tiny_dataset, replacement)
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("mpitrain: error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "on node nodeb" in lines[0]
+    assert ("no such file" if case == "missing" else "differs from Node Zero's") in lines[0]
+
+
+def test_dataset_without_checksum_attribute(tiny_dataset, tmp_path):
+    """A file written before the checksum attribute: the nodes compare what they compute."""
+    old = str(tmp_path / "old.h5")
+    with open(tiny_dataset, "rb") as a, open(old, "wb") as b:
+        b.write(a.read())
+    with h5py.File(old, "a") as f:
+        assert "tokens_sha256" in f.attrs
+        del f.attrs["tokens_sha256"]
+    _ok(run_hosts(TWO, *tiny_args(old, str(tmp_path / "run"), "--max-steps", 2)))

@@ -78,6 +78,7 @@ def run_mpi(options: dict) -> int:
     from mpi4py import MPI
 
     from mpitrain.topology import graph_edges, placement_table
+    from mpitrain.trainer.data_check import check_dataset_on_nodes
     from mpitrain.trainer.hierarchy import host_name
     from mpitrain.trainer.comm import MPIWorkerLink, bcast_object, make_worker_comm
     from mpitrain.trainer.plan import make_plan
@@ -95,6 +96,8 @@ def run_mpi(options: dict) -> int:
                 error = str(e)
         plan, error = bcast_object(world, (plan, error))
         _unlink_mpich_files()
+        if error is None:   # every node reads the dataset itself: the same file everywhere
+            error = check_dataset_on_nodes(world, plan.dataset_path)
     except BaseException as e:
         _abort(world, rank, e)
     if error is not None:

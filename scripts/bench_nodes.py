@@ -1,0 +1,216 @@
+"""Training across nodes: the measurements behind docs/SCALING.md's cost model, in one invocation.
+
+    python scripts/bench_nodes.py                  # everything (seed preset), ~10 min on 2 cores
+    python scripts/bench_nodes.py --no-runs        # the three micro-measurements only
+
+1. compute: seconds per training window of the seed model (forward + backward of one window of
+   seq_len tokens) on one core, from calls of MICRO_WINDOWS windows, as the workers make them;
+2. the intra-node reduction: hierarchy.node_sum of L gradient arenas of the seed model's size
+   (what a node's workers do through shared memory), seconds and bytes read per second;
+3. the inter-node path: a ping-pong between two logical nodes (`mpiexec -launcher fork -hosts
+   nodea:1,nodeb:1`: MPICH's network path, here over loopback) for 8 B to 32 MB: latency (half
+   the round trip of 8 B) and bandwidth (half the round trip of 32 MB);
+4. the trainer on logical nodes (--layouts, default 2 and 3 nodes of 3 workers), each layout
+   twice in this invocation: the two-level exchange and the flat one (MPITRAIN_HIERARCHICAL=0);
+   per layout the bytes each node sent to other nodes per step (from the end record), their ratio
+   to the parameter bytes and to the bound 2 (nodes - 1)/nodes, the mean step time of steps 2..,
+   and the model's prediction of that step time from 1.-3. (how far off).
+Prints one JSON line per measurement after the human-readable lines (--json FILE saves them).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+PING = r"""
+import sys, time, json, numpy as np
+from mpi4py import MPI
+c = MPI.COMM_WORLD; r = c.Get_rank()
+out = []
+for size in [8, 1024, 65536, 1 << 20, 8 << 20, 32 << 20]:
+    buf = np.zeros(size // 4, np.float32)
+    reps = 50 if size <= 65536 else 5
+    c.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        if r == 0:
+            c.Send(buf, 1); c.Recv(buf, 1)
+        else:
+            c.Recv(buf, 0); c.Send(buf, 0)
+    out.append((size, (time.perf_counter() - t0) / reps / 2))
+if r == 0:
+    print(json.dumps(out))
+"""
+
+
+def mpiexec():
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return here if os.path.exists(here) else "mpiexec"
+
+
+def seed_config():
+    from mpitrain import ModelConfig
+    from mpitrain.config import PRESETS
+
+    return ModelConfig(**PRESETS["seed"]["model"]), PRESETS["seed"]["train"]
+
+
+def measure_compute(repeats: int = 3) -> float:
+    """Seconds per window (one core), from forward_backward calls of MICRO_WINDOWS windows."""
+    from mpitrain import Model
+    from mpitrain.trainer.worker import MICRO_WINDOWS
+
+    cfg, tc = seed_config()
+    m = Model(cfg, seed=0, threads=1)
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(repeats + 1):
+        w = rng.integers(0, cfg.vocab_size, (MICRO_WINDOWS, tc["seq_len"] + 1)).astype(np.int32)
+        t0 = time.perf_counter()
+        m.forward_backward(w[:, :-1], w[:, 1:], grad_scale=1.0 / w.size)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:])) / MICRO_WINDOWS
+
+
+def measure_node_sum(workers: int) -> tuple:
+    """(seconds, bytes read per second) of one node's sum of `workers` seed-sized arenas."""
+    from mpitrain.model import parameter_count
+    from mpitrain.trainer.collectives import SHARED_PIECE
+    from mpitrain.trainer.hierarchy import node_sum
+
+    n = parameter_count(seed_config()[0])
+    arrays = [np.full(n, 1.0 + i, np.float32) for i in range(workers)]
+    out = np.empty(n, np.float32)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        node_sum(arrays, 0, out, 0, n, SHARED_PIECE)
+        best = min(best, time.perf_counter() - t0)
+    return best, workers * n * 4 / best
+
+
+def measure_network() -> dict:
+    """{bytes: one-way seconds} between two logical nodes."""
+    cmd = [mpiexec(), "-launcher", "fork", "-hosts", "nodea:1,nodeb:1", "-n", "2",
+           sys.executable, "-c", PING]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        sys.exit(f"bench_nodes: ping-pong failed:\n{proc.stderr}")
+    return {int(s): t for s, t in json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def run_layout(hosts: str, dataset: str, steps: int, flat: bool) -> dict:
+    from bench_scaling import run_trainer
+
+    launch = [mpiexec(), "-launcher", "fork", "-hosts", hosts,
+              "-n", str(sum(int(h.split(":")[1]) for h in hosts.split(",")))]
+    env = dict(os.environ, PYTHONPATH=REPO, MPITRAIN_HIERARCHICAL="0" if flat else "1")
+    records, end, _ = run_trainer(launch, "seed", dataset, steps + 1, env=env)
+    tokens = end["tokens"] / end["steps"]
+    seconds = [tokens / r["tokens_per_s"] for r in records if r["step"] >= 2]
+    return {"hosts": hosts, "flat": flat, "step_s": float(np.mean(seconds)),
+            "bytes_by_node": end["bytes_to_other_nodes_per_step_by_node"],
+            "peak_rss_mb": end["peak_rss_mb"]}
+
+
+def predicted_step(workers_per_node: list, batch: int, t_window: float, node_sum_bps: float,
+                   latency: float, bandwidth: float, param_bytes: int, flat: bool,
+                   cores: int) -> float:
+    """docs/SCALING.md's model, for logical nodes sharing `cores` cores: compute of the largest
+    share (oversubscribed: all windows over the cores), the node's reduction in shared memory,
+    and the exchange of the busiest node (serialised on its link)."""
+    from mpitrain.topology import assign_windows
+
+    k = sum(workers_per_node)
+    m = len(workers_per_node)
+    shares = [len(s) for s in assign_windows(k, batch)]
+    compute = max(max(shares) * t_window, batch * t_window / cores)
+    if flat:
+        per_worker = 2 * param_bytes * (k - min(workers_per_node)) / k
+        sent = max(workers_per_node) * per_worker
+        msgs = 2 * (k - 1)
+        reduce = 0.0
+    else:
+        sent = 2 * (m - 1) / m * param_bytes
+        msgs = 2 * (m - 1)
+        reduce = max(workers_per_node) * param_bytes / node_sum_bps / max(1, min(cores,
+                                                                          max(workers_per_node)))
+    return compute + reduce + msgs * latency + sent / bandwidth
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=3, help="timed trainer steps per run")
+    ap.add_argument("--layouts", default="nodea:4,nodeb:3;nodea:4,nodeb:3,nodec:3",
+                    help="mpiexec -hosts values, ';' between layouts (Node Zero is on the "
+                    "first host)")
+    ap.add_argument("--no-runs", action="store_true", help="skip the trainer runs")
+    ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from mpitrain.model import parameter_count
+
+    results = []
+    cfg, tc = seed_config()
+    p_bytes = 4 * parameter_count(cfg)
+    print(f"seed model: {p_bytes / 1e6:.1f} MB of parameters; {os.cpu_count()} CPU(s); "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    t_window = measure_compute()
+    print(f"compute: {t_window:.3f} s per window of {tc['seq_len']} tokens on one core "
+          f"({tc['seq_len'] / t_window:.0f} tokens/s a core)", flush=True)
+    results.append({"what": "compute", "seconds_per_window": t_window})
+    for workers in (2, 4):
+        s, bps = measure_node_sum(workers)
+        print(f"node sum of {workers} arenas: {s:.3f} s, {bps / 1e9:.2f} GB/s read", flush=True)
+        results.append({"what": "node_sum", "workers": workers, "seconds": s, "bytes_per_s": bps})
+    net = measure_network()
+    latency, big = net[8], max(net)
+    bandwidth = big / net[big]
+    print(f"between logical nodes: latency {latency * 1e6:.1f} us, {bandwidth / 1e9:.2f} GB/s "
+          f"({big >> 20} MB messages); " + ", ".join(f"{s} B: {t * 1e6:.0f} us"
+                                                      for s, t in sorted(net.items())), flush=True)
+    results.append({"what": "network", "latency_s": latency, "bytes_per_s": bandwidth,
+                    "one_way_s": {str(s): t for s, t in net.items()}})
+    if not args.no_runs:
+        from bench_scaling import ensure_dataset
+
+        dataset = ensure_dataset("seed")
+        node_bps = results[1]["bytes_per_s"]
+        for hosts in args.layouts.split(";"):
+            per_node = [int(h.split(":")[1]) for h in hosts.split(",")]
+            per_node[0] -= 1                                   # Node Zero
+            m = len(per_node)
+            for flat in (False, True):
+                r = run_layout(hosts, dataset, args.steps, flat)
+                pred = predicted_step(per_node, tc["batch_size"], t_window, node_bps, latency,
+                                      bandwidth, p_bytes, flat, os.cpu_count())
+                r.update(workers_per_node=per_node, param_bytes=p_bytes,
+                         bound_bytes=2 * (m - 1) / m * p_bytes, predicted_step_s=pred)
+                print(f"{hosts} {'flat     ' if flat else 'two-level'}: per node per step "
+                      + ", ".join(f"{b / 1e6:.1f} MB" for b in r["bytes_by_node"])
+                      + f" = {max(r['bytes_by_node']) / p_bytes:.2f} P (bound "
+                      f"{2 * (m - 1) / m:.2f} P); step {r['step_s']:.2f} s, predicted "
+                      f"{pred:.2f} s ({100 * (pred / r['step_s'] - 1):+.0f}%); worker peak RSS "
+                      f"{max(r['peak_rss_mb'][1:]):.0f} MB", flush=True)
+                results.append({"what": "layout", **r})
+            two, flat = results[-2], results[-1]
+            print(f"{hosts}: flat / two-level bytes per node = "
+                  f"{max(flat['bytes_by_node']) / max(two['bytes_by_node']):.2f}", flush=True)
+    for r in results:
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+
+
+if __name__ == "__main__":
+    main()

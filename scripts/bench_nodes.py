@@ -147,6 +147,44 @@ def predicted_step(workers_per_node: list, batch: int, t_window: float, node_sum
     return compute + reduce + msgs * latency + sent / bandwidth
 
 
+def cluster_table(param_bytes: float, core_tokens_per_s: float, seq_len: int, cores: int,
+                  mem_bytes_per_s: float, latency: float, workers_per_node: int = 12,
+                  windows_per_worker: int = 3) -> list:
+    """docs/SCALING.md's predictions: rows (workers, nodes, batch, windows per worker, compute s,
+    {Gb/s: (two-level s, flat s)}) for the seed model on nodes of `cores` cores."""
+    t_window = seq_len / core_tokens_per_s                  # one core
+    rows = []
+    for k in (1, 12, 144, 1728):
+        per_node = min(k, workers_per_node)
+        m = -(-k // per_node)
+        batch = 32 if k <= 12 else windows_per_worker * k
+        compute = batch / m * t_window / cores               # the node's windows on its cores
+        node_sum = per_node * param_bytes / mem_bytes_per_s if k > 1 else 0.0
+        exchange = {}
+        for gbps in (10, 25, 100):
+            bw = gbps / 8 * 1e9
+            two = node_sum + 2 * (m - 1) / m * param_bytes / bw + 2 * (m - 1) * latency
+            flat = (per_node * 2 * (k - per_node) / k * param_bytes / bw
+                    + 2 * (k - 1) * latency) if m > 1 else node_sum
+            exchange[gbps] = (two, flat)
+        rows.append((k, m, batch, -(-batch // k), compute, exchange))
+    return rows
+
+
+def print_cluster_table(param_bytes, seq_len, args) -> None:
+    print(f"predicted (seed model, {args.core_tokens_per_s:.0f} tokens/s a core, node memory "
+          f"{args.mem_gbs:.0f} GB/s, latency {args.latency_us:.0f} us, 12 workers a node):")
+    for cores in (32, 64):
+        print(f"  nodes of {cores} cores: workers nodes batch windows/worker compute_s | "
+              "two-level s (efficiency), flat s (efficiency) at 10 / 25 / 100 Gb/s")
+        for k, m, batch, w, comp, ex in cluster_table(param_bytes, args.core_tokens_per_s,
+                                                      seq_len, cores, args.mem_gbs * 1e9,
+                                                      args.latency_us * 1e-6):
+            cells = [f"{ex[g][0]:.3f} ({comp / (comp + ex[g][0]):.2f}), "
+                     f"{ex[g][1]:.3f} ({comp / (comp + ex[g][1]):.2f})" for g in (10, 25, 100)]
+            print(f"  {k:5d} {m:4d} {batch:5d} {w:3d} {comp:.3f} | " + " | ".join(cells))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=3, help="timed trainer steps per run")
@@ -155,6 +193,15 @@ def main(argv=None):
                     "first host)")
     ap.add_argument("--no-runs", action="store_true", help="skip the trainer runs")
     ap.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    ap.add_argument("--predict-only", action="store_true",
+                    help="print docs/SCALING.md's cluster table and exit")
+    ap.add_argument("--core-tokens-per-s", type=float, default=888.0,
+                    help="seed tokens/s of one core for the cluster table (default: the kernel "
+                    "alone on 2 threads in docs/BENCHMARKS.md, 1776/2)")
+    ap.add_argument("--mem-gbs", type=float, default=50.0,
+                    help="a cluster node's memory bandwidth for the node sum (assumed)")
+    ap.add_argument("--latency-us", type=float, default=20.0,
+                    help="a cluster network's message latency (assumed)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from mpitrain.model import parameter_count
@@ -162,6 +209,9 @@ def main(argv=None):
     results = []
     cfg, tc = seed_config()
     p_bytes = 4 * parameter_count(cfg)
+    if args.predict_only:
+        print_cluster_table(p_bytes, tc["seq_len"], args)
+        return
     print(f"seed model: {p_bytes / 1e6:.1f} MB of parameters; {os.cpu_count()} CPU(s); "
           f"{time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
     t_window = measure_compute()
@@ -205,6 +255,7 @@ def main(argv=None):
             two, flat = results[-2], results[-1]
             print(f"{hosts}: flat / two-level bytes per node = "
                   f"{max(flat['bytes_by_node']) / max(two['bytes_by_node']):.2f}", flush=True)
+    print_cluster_table(p_bytes, tc["seq_len"], args)
     for r in results:
         print(json.dumps(r))
     if args.json:

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -125,26 +124,21 @@ def run_layout(hosts: str, dataset: str, steps: int, flat: bool) -> dict:
 def predicted_step(workers_per_node: list, batch: int, t_window: float, node_sum_bps: float,
                    latency: float, bandwidth: float, param_bytes: int, flat: bool,
                    cores: int) -> float:
-    """docs/SCALING.md's model, for logical nodes sharing `cores` cores: compute of the largest
-    share (oversubscribed: all windows over the cores), the node's reduction in shared memory,
-    and the exchange of the busiest node (serialised on its link)."""
-    from mpitrain.topology import assign_windows
-
-    k = sum(workers_per_node)
-    m = len(workers_per_node)
-    shares = [len(s) for s in assign_windows(k, batch)]
-    compute = max(max(shares) * t_window, batch * t_window / cores)
+    """docs/SCALING.md's model, for logical nodes that share one machine's `cores` cores: every
+    node's windows, node sums and network copies run on the same cores, so their times add
+    (compute of all windows over the cores; every worker's gradient read once by a sum, over the
+    cores; every node's bytes to other nodes through the one loopback path) plus the latency of
+    each exchange's rounds."""
+    k, m = sum(workers_per_node), len(workers_per_node)
+    compute = batch * t_window / cores
+    sums = k * param_bytes / node_sum_bps / cores
     if flat:
-        per_worker = 2 * param_bytes * (k - min(workers_per_node)) / k
-        sent = max(workers_per_node) * per_worker
-        msgs = 2 * (k - 1)
-        reduce = 0.0
+        sent = sum(2 * (k - n) / k * param_bytes * n for n in workers_per_node)
+        rounds = 2 * (k - 1)
     else:
-        sent = 2 * (m - 1) / m * param_bytes
-        msgs = 2 * (m - 1)
-        reduce = max(workers_per_node) * param_bytes / node_sum_bps / max(1, min(cores,
-                                                                          max(workers_per_node)))
-    return compute + reduce + msgs * latency + sent / bandwidth
+        sent = m * 2 * (m - 1) / m * param_bytes
+        rounds = 2 * (m - 1)
+    return compute + sums + sent / bandwidth + rounds * latency
 
 
 def cluster_table(param_bytes: float, core_tokens_per_s: float, seq_len: int, cores: int,

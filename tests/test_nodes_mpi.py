@@ -22,7 +22,6 @@ import h5py
 import numpy as np
 import pytest
 
-from mpitrain.trainer.hierarchy import NodeLayout
 from test_train_support import (_env, end_record, mpirun_or_skip, read_metrics, run_train,
                                 step_losses, tiny_args, tiny_dataset)  # noqa: F401 (fixture)
 

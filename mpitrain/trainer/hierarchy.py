@@ -27,10 +27,10 @@ The exchange, for worker w (owner of slice s_w) on node n:
   2. publication: w updates s_w in the node's shared parameter arena, and sends it to its partner
      on every other node, which receives it straight into that node's shared arena.
 The partner of s_v on node n is the node's workers in turn over the slices it does not own, so
-the sending and receiving are spread over the node's workers (and their network queues) instead
-of one leader's: on this machine's logical nodes that measured no different (compute-bound), on
-a real cluster it lets several cores feed the network card and the node sums be computed in
-parallel (docs/SCALING.md).
+the summing, sending and receiving are spread over the node's workers (and cores) instead of
+one leader's: the same bytes on the node's link, computed and fed by L cores instead of one. On
+this 2-CPU machine the two cannot be told apart (compute-bound), so the choice rests on that
+reasoning (docs/SCALING.md).
 """
 import os
 import socket

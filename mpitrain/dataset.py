@@ -34,6 +34,20 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
 
 
+def tokens_sha256(tokens) -> str:
+    """SHA-256 (hex) of the token array's little-endian bytes: the root attribute
+    `tokens_sha256` (optional: files before it have none), which lets the nodes of a job check
+    that their copies of a dataset hold the same tokens. `tokens`: an array or the h5py
+    dataset, read _CHUNK tokens at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in range(0, tokens.shape[0], _CHUNK):
+        chunk = np.asarray(tokens[a:a + _CHUNK])
+        h.update(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
 def _group(parent, name):
     """create_group without creation/modification times (h5py has no track_times for groups)."""
     gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)

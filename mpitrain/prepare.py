@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpitrain import atomic, corpus, formats
-from mpitrain.dataset import FORMAT_VERSION, token_dtype, write_dataset
+from mpitrain.dataset import FORMAT_VERSION, token_dtype, tokens_sha256, write_dataset
 from mpitrain.errors import UserError
 from mpitrain.progress import bar
 from mpitrain.tokenizer import MAX_VOCAB_SIZE, PATTERN, Tokenizer, min_vocab_size
@@ -361,6 +361,7 @@ def _finish(o, tok, stream, doc_tokens, metas, n_binary, *, fallback, pretokens,
         "bytes": n_bytes,
         "documents": len(metas),
         "tokens": n_tokens,
+        "tokens_sha256": tokens_sha256(stream),
         "text_tokens": text_tokens,
         "tokens_per_byte": text_tokens / n_bytes if n_bytes else 0.0,
         "distinct_pretokens": distinct,

@@ -89,8 +89,7 @@ def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
     # abort shows in what is missing: Node Zero's closing line and the final checkpoint.
     assert proc.returncode in (0, 255, 128 + signal.SIGINT), (proc.returncode, err)
     assert "stopped by signal" not in out          # Node Zero's "saved and stopped" line
-    records = read_metrics(run_dir)
-    assert any(r.get("event") == "signal" for r in records)
+    records = read_metrics(run_dir)   # (the first signal's event may or may not be written yet)
     assert [r["step"] for r in records if r.get("event") == "checkpoint"] == [0]
     assert sorted(f for f in os.listdir(run_dir) if f.endswith(".h5")) == ["checkpoint_step_0.h5"]
 

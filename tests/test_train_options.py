@@ -69,7 +69,10 @@ def test_show_topology_prints_the_placement_table(tmp_path):
 def test_show_topology_under_mpirun(tmp_path):
     proc = run_train(4, "--show-topology", "--batch-size", 32, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == placement_table(3, 32)  # printed once, by rank 0
+    table, _, nodes = proc.stdout.strip().partition("\n1 node(s):\n")
+    assert table == placement_table(3, 32)                # printed once, by rank 0
+    assert nodes.strip().startswith("node 0 on ")         # then the nodes and their hosts
+    assert "ranks 0 (Node Zero), 1 (worker 0), 2 (worker 1), 3 (worker 2)" in nodes
 
 
 @pytest.mark.slow

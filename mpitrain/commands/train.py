@@ -136,8 +136,17 @@ def run(args) -> int:
 
         workers = size - 1 if size > 1 else threads - 1
         batch = overrides.get("batch_size", PRESETS[args.preset]["train"]["batch_size"])
+        hosts = None
+        if size > 1:
+            from mpi4py import MPI
+
+            from mpitrain.trainer.hierarchy import hosts_table
+
+            hosts = hosts_table(MPI.COMM_WORLD)
         if launch.rank == 0:
             print(placement_table(workers, batch))
+            if hosts:
+                print(hosts)
         return 0
     options = {"preset": args.preset, "dataset": args.dataset, "run_dir": args.run_dir,
                "resume": args.resume, "stop_at": args.stop_at, "quiet": args.quiet,

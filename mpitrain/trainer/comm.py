@@ -15,9 +15,16 @@ and their gradient arenas in another, where every worker can read them. Each wor
 computes on all parameters and updates its own slice, so after the update a barrier replaces the
 all-gather, and the reduce-scatter reads the others' slices in place
 (collectives.shared_reduce_scatter) instead of exchanging messages; the node's cache holds one
-copy of the weights instead of one per worker (docs/TRAINING.md has the measurements). Across
-nodes, or with MPITRAIN_SHARED_MEMORY=0, every worker keeps its own copies and the slices are
-exchanged; the two give bitwise the same state (tests/test_train_mpi.py).
+copy of the weights instead of one per worker (docs/TRAINING.md has the measurements). With
+MPITRAIN_SHARED_MEMORY=0 every worker keeps its own copies and the slices are exchanged; the two
+give bitwise the same state (tests/test_train_mpi.py).
+
+Across nodes the workers of every node share their arenas in the same way, and the reduction and
+the publication are two-level: within the node through shared memory, between nodes by messages
+carrying node sums (hierarchy.py says who sends what, and why it is one replica's all-reduce per
+node). MPITRAIN_HIERARCHICAL=0 keeps the flat exchange among all workers with private copies
+(the only scheme before; kept to measure against). Each worker counts the bytes its exchanges
+send to other nodes (`step_bytes_remote`, in the end statistics).
 """
 import os
 import pickle
@@ -26,14 +33,16 @@ import time
 
 import numpy as np
 
-from mpitrain.trainer.collectives import (pairwise_allgather, pairwise_reduce_scatter,
-                                          shared_reduce_scatter)
+from mpitrain.trainer.collectives import (SHARED_PIECE, pairwise_allgather,
+                                          pairwise_reduce_scatter, shared_reduce_scatter)
+from mpitrain.trainer.hierarchy import NodeLayout, node_sum
 from mpitrain.trainer.messages import HEADER, REPORT_SIZE, Command, Report
 from mpitrain.trainer.waiting import (NODE_ZERO_MAX_SLEEP, NODE_ZERO_SLEEP, WORKER_MAX_SLEEP,
                                       WORKER_SLEEP, Pending, _mpi, wait)
 
 TAG_COMMAND, TAG_REPORT, TAG_STATE, TAG_STOP, TAG_PROGRESS = 11, 12, 13, 14, 15
 # (collectives.py uses 99 and 100..)
+TAG_NODE_SUM, TAG_PUBLISH = 21, 22                 # the two-level exchange (hierarchy.py)
 LEAD_RANK = 1               # worker 0 reports to Node Zero and sends it state
 
 
@@ -73,8 +82,9 @@ class WorkerLink:
         raise NotImplementedError
 
     def gather_counters(self, own: tuple) -> Pending:
-        """Every rank's (kernel train_calls, kernel windows, peak RSS in KiB): int64
-        [ranks, 3], Node Zero first."""
+        """Every rank's (kernel train_calls, kernel windows, peak RSS in KiB[, bytes sent to
+        other nodes by the steps, node of the worker]): int64 [ranks, 3 or 5], Node Zero
+        first."""
         raise NotImplementedError
 
     def release(self) -> Pending:
@@ -127,7 +137,7 @@ class MPIWorkerLink(WorkerLink):
         return Pending([self.world.Ibcast(b, root=0) for b in buffers])
 
     def gather_counters(self, own: tuple) -> Pending:
-        send = np.array(own, np.int64)
+        send = np.array((*own, 0, -1), np.int64)   # Node Zero: no step bytes, no worker's node
         recv = np.empty((self.world.Get_size(), send.size), np.int64)
         return Pending([self.world.Igather(send, recv, root=0)], lambda: recv)
 
@@ -182,36 +192,59 @@ class MPIWorkerComm:
         self._reports = []
         self._windows = []             # the shared-memory windows (share_arenas)
         self._grads = None             # every worker's gradient arena, when shared
+        self._received = None          # the other nodes' sums of our slice (two-level)
         self.writes_parameters = True  # whether this worker writes whole parameter arenas
         self.node_workers = 1          # workers on this worker's node (share_arenas)
         self.stop_signal = None        # set by the signal handler (request_stop)
         self._stop_sent = False
         self._progress = 0
+        self.node = None               # the node's workers, when the exchange is two-level
+        self.step_bytes_remote = 0     # bytes sent to other nodes by the steps' exchanges
 
     def share_arenas(self, count: int):
         """Collective over the workers: (parameters, gradients), float32 arenas of `count`
-        floats in shared memory, if every worker runs on this node (see the module docstring);
-        else (None, None). The parameters are one arena for all the workers; the gradients an
-        arena each, which the others read in the reduce-scatter. The node's first worker is
-        the one that writes whole parameter arenas (initialisation, resume):
-        `writes_parameters`. Sets `node_workers`."""
+        floats in shared memory among the workers of this node (see the module docstring), or
+        (None, None). The parameters are one arena for the node's workers; the gradients an
+        arena each, which the others read in the reduction. The node's first worker is the one
+        that writes whole parameter arenas (initialisation, resume): `writes_parameters`. Sets
+        `node_workers` and `layout` (every worker's node: hierarchy.NodeLayout)."""
         MPI = _mpi()
         node = self.workers.Split_type(MPI.COMM_TYPE_SHARED)
         self.node_workers = node.Get_size()
         first = node.Get_rank() == 0
-        share = node.Get_size() == self.num_workers \
+        self.layout = NodeLayout.from_keys(
+            self.workers.allgather(node.allreduce(self.index, op=MPI.MIN)))
+        mine = self.layout.node_of[self.index]
+        self.remote = [q != mine for q in self.layout.node_of]
+        hierarchical = os.environ.get("MPITRAIN_HIERARCHICAL", "1") != "0"
+        share = (self.layout.num_nodes == 1 or hierarchical) \
             and os.environ.get("MPITRAIN_SHARED_MEMORY", "1") != "0"
-        if share:   # one look at the shared-memory file system, for every worker alike
+        if share:   # one look at the shared-memory file system per node; every node alike
             need = 4 * count * (1 + node.Get_size()) + (64 << 20)
-            share = bool(node.bcast(_shm_fits(need, warn=self.is_lead) if first else None))
+            fits = bool(node.bcast(_shm_fits(need, warn=first) if first else None))
+            share = bool(self.workers.allreduce(int(fits), op=MPI.MIN))
         if not share:
             node.Free()
+            self._slicing = NodeLayout([list(range(self.num_workers))])   # flat slices
             return None, None
+        self._slicing = self.layout
+        self.local = node.Get_rank()
         params = self._window_arenas(node, count, first)[0]
         self._grads = self._window_arenas(node, count, True)
-        node.Free()
+        if self.layout.num_nodes > 1:
+            self.node = node                    # its barrier ends the two-level exchanges
+            self._partnered = self.layout.partnered(self.index)
+        else:
+            node.Free()
         self.writes_parameters = first
-        return params, self._grads[self.index]
+        return params, self._grads[self.local]
+
+    def slices(self, n: int) -> tuple:
+        """(counts, displs) of every worker's slice of an arena of n floats (ZeRO-1): across
+        nodes with shared arenas each node owns an equal part (hierarchy.py), else each
+        worker does."""
+        self._counts, self._displs = self._slicing.slices(n)
+        return self._counts, self._displs
 
     def _window_arenas(self, node, count: int, mine: bool) -> list:
         """A shared window with an arena of `count` floats from each rank of `node` for which
@@ -238,9 +271,35 @@ class MPIWorkerComm:
         """Every worker's updated slice of the parameters to all: a barrier when they share
         one arena (share_arenas), else an all-gather of the slices."""
         if not self._windows:
-            pairwise_allgather(self.workers, array, counts, displs)
-        else:
+            self.step_bytes_remote += pairwise_allgather(self.workers, array, counts, displs,
+                                                         remote=self.remote)
+        elif self.node is None:
             self.parameters_ready()
+        else:
+            self._publish_two_level(array)
+
+    def _publish_two_level(self, array: np.ndarray) -> None:
+        """Our updated slice (in the node's shared arena) to our partner on every other node;
+        the slices we are partner of into it; then the node's barrier (hierarchy.py)."""
+        w, lay = self.index, self.layout
+        counts, displs = self._counts, self._displs
+        mine = array[displs[w]:displs[w] + counts[w]]
+        requests = []
+        for q in range(lay.num_nodes):
+            if q != lay.node_of[w]:
+                requests.append(self.workers.Isend(mine, dest=lay.partner(q, w), tag=TAG_PUBLISH))
+                self.step_bytes_remote += mine.nbytes
+        for v in self._partnered:
+            requests.append(self.workers.Irecv(array[displs[v]:displs[v] + counts[v]], source=v,
+                                               tag=TAG_PUBLISH))
+        wait(requests, WORKER_SLEEP)
+        self._node_ready()
+
+    def _node_ready(self) -> None:
+        """Every store of this node's workers into the shared arenas done and visible here."""
+        self._sync()
+        wait([self.node.Ibarrier()], WORKER_SLEEP, WORKER_MAX_SLEEP)
+        self._sync()
 
     def parameters_ready(self) -> None:
         """With a shared parameter arena: wait (asleep) until every worker's writes to it are
@@ -290,12 +349,40 @@ class MPIWorkerComm:
         it at different times."""
         if self._grads is None:
             self._arrive()
-            pairwise_reduce_scatter(self.workers, array, shard, counts)
-        else:   # every gradient is written and visible: read the others' in place
+            self.step_bytes_remote += pairwise_reduce_scatter(self.workers, array, shard, counts,
+                                                              remote=self.remote)
+        elif self.node is None:   # every gradient is written and visible: read them in place
             self._sync()
             self._arrive()
             self._sync()
-            shared_reduce_scatter(self._grads, self.index, shard, counts)
+            shared_reduce_scatter(self._grads, self.local, shard, counts)
+        else:
+            self._node_ready()
+            self._reduce_two_level(shard)
+
+    def _reduce_two_level(self, shard: np.ndarray) -> None:
+        """shard = the sum of our slice: our node's sum (shared memory), then the other nodes'
+        sums as they arrive, added in the layout's fixed order; meanwhile the node sums of the
+        slices we are partner of go to their owners (hierarchy.py)."""
+        w, lay = self.index, self.layout
+        counts, displs = self._counts, self._displs
+        order = lay.sum_order(lay.node_of[w])
+        if self._received is None or self._received.shape[1] != counts[w]:
+            self._received = np.empty((len(order), counts[w]), np.float32)
+        requests = [self.workers.Irecv(buf, source=lay.partner(q, w), tag=TAG_NODE_SUM)
+                    for q, buf in zip(order, self._received)]
+        sends = []
+        own = self._grads[self.local]
+        for v in self._partnered:      # the node's sum of v's slice, in place in our arena
+            lo, hi = displs[v], displs[v] + counts[v]
+            node_sum(self._grads, self.local, own[lo:hi], lo, hi, SHARED_PIECE)
+            sends.append(self.workers.Isend(own[lo:hi], dest=v, tag=TAG_NODE_SUM))
+            self.step_bytes_remote += 4 * (hi - lo)
+        node_sum(self._grads, self.local, shard, displs[w], displs[w] + counts[w], SHARED_PIECE)
+        wait(requests, WORKER_SLEEP)
+        for buf in self._received:
+            np.add(shard, buf, out=shard)
+        wait(sends, WORKER_SLEEP)
 
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:
         """Every worker's slice [displs[w], displs[w] + counts[w]) of `array` to all."""
@@ -315,7 +402,9 @@ class MPIWorkerComm:
         wait([self.world.Ibcast(b, root=0) for b in buffers], WORKER_SLEEP, WORKER_MAX_SLEEP)
 
     def send_counters(self, counters: tuple) -> None:
-        send = np.array(counters, np.int64)
+        """counters, then the bytes sent to other nodes by the steps and this worker's node."""
+        send = np.array((*counters, self.step_bytes_remote, self.layout.node_of[self.index]),
+                        np.int64)
         wait([self.world.Igather(send, None, root=0)], WORKER_SLEEP, WORKER_MAX_SLEEP)
 
     def finish(self) -> None:
@@ -327,6 +416,8 @@ class MPIWorkerComm:
         for window in self._windows:   # every worker is past its last use of the arenas
             window.Unlock_all()
             window.Free()
+        if self.node is not None:
+            self.node.Free()
 
 
 def _shm_fits(need: int, warn: bool, path: str = "/dev/shm") -> bool:

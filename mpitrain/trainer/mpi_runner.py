@@ -36,7 +36,6 @@ pointed at /dev/null so that MPICH's "application called MPI_Abort" line does no
 last words (`_finish`).
 """
 import os
-import socket
 import sys
 import time
 import traceback
@@ -132,6 +131,8 @@ def run_mpi(options: dict) -> int:
     from mpi4py import MPI
 
     from mpitrain.topology import graph_edges, placement_table
+    from mpitrain.trainer.data_check import check_dataset_on_nodes
+    from mpitrain.trainer.hierarchy import host_name
     from mpitrain.trainer.comm import MPIWorkerLink, bcast_object, make_worker_comm
     from mpitrain.trainer.plan import make_plan
 
@@ -141,7 +142,7 @@ def run_mpi(options: dict) -> int:
 
     write_past_mpiexec()   # a closed pipe then meets this rank, not mpiexec (output.py)
     try:
-        ranks = world.gather((socket.gethostname(), os.getpid()), root=0)
+        ranks = world.gather((host_name(), os.getpid()), root=0)
         plan = checkpoint = dataset = error = None
         if rank == 0:   # every rank is through MPI_Init: the start-up file may go
             _unlink_mpich_files()
@@ -154,6 +155,8 @@ def run_mpi(options: dict) -> int:
                 error = str(e)
         plan, error = bcast_object(world, (plan, error))
         _unlink_mpich_files()
+        if error is None:   # every node reads the dataset itself: the same file everywhere
+            error = check_dataset_on_nodes(world, plan.dataset_path)
     except BaseException as e:
         _abort(world, rank, e)
     if error is not None:

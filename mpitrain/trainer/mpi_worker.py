@@ -64,8 +64,7 @@ class MPIWorker(Worker):
         self.calls = call_ranges(len(self.share), self.tail)
         # This worker's slice of the arenas: [lo, hi); counts/displs of every worker's slice.
         n, k = self.model.num_params, comm.num_workers
-        self.counts = [n // k + (1 if w < n % k else 0) for w in range(k)]
-        self.displs = [sum(self.counts[:w]) for w in range(k)]
+        self.counts, self.displs = comm.slices(n)   # by node across nodes (hierarchy.py)
         self.lo = self.displs[comm.index]
         self.hi = self.lo + self.counts[comm.index]
         # One worker: its slice is the whole arena, and the gradient buffer itself (136 MB

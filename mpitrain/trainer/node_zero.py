@@ -30,6 +30,7 @@ import numpy as np
 
 from mpitrain import exits, formats, schedule
 from mpitrain.trainer import peak, sampling
+from mpitrain.trainer.hierarchy import traffic_statistics
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.process import injected_fault, peak_rss_kib
 from mpitrain.trainer.runlog import RunLog, fmt_duration
@@ -340,9 +341,12 @@ class NodeZero:
                  f"measured now ({sgemm:.1f} GFLOP/s on {os.cpu_count()} CPU(s))",
                  f"validation loss: final {_fmt(self.val_loss)}, best {_fmt(self.best_val_loss)}",
                  "kernel counters (training calls, windows) by rank: "
-                 + ", ".join(f"{r}: ({c}, {w})" for r, (c, w, _) in enumerate(counters.tolist())),
+                 + ", ".join(f"{r}: ({c}, {w})" for r, (c, w) in enumerate(stats["counters"])),
                  "peak RSS by rank (MB): " + ", ".join(f"{r}: {mb:.0f}" for r, mb in
                                                        enumerate(stats["peak_rss_mb"]))]
+        traffic, line = traffic_statistics(counters, steps)
+        stats.update(traffic)
+        lines += [line] if line else []
         self.log.metrics(event="end", time=time.time(), **stats)
         self.log.say("\n".join(lines))
         return stats

@@ -17,6 +17,7 @@ over the real name and the directory fsynced, so a crash never leaves a partial 
 real name (at worst a hidden `.NAME.tmp-PID` that nothing reads).
 """
 import json
+import math
 import os
 import platform
 import re
@@ -74,6 +75,21 @@ class Checkpoint:
 def crc32(arr: np.ndarray) -> int:
     """CRC32 of an array's bytes in C order (no copy when it is already contiguous)."""
     return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
+
+
+def nonfinite_problem(where: str, arr: np.ndarray):
+    """The problem of a tensor holding NaN or Inf (naming it and the counts), or None. A
+    checkpoint never holds one: save_checkpoint refuses, and a reader treats it as damaged."""
+    finite = np.isfinite(arr)
+    if finite.all():
+        return None
+    nan = int(np.isnan(arr).sum())
+    return (f"{where} is not finite: {nan} NaN and {int(arr.size - finite.sum()) - nan} Inf "
+            f"among {arr.size:,} values")
+
+
+class NonFiniteState(ValueError):
+    """save_checkpoint refused a state holding NaN or Inf (nothing was written)."""
 
 
 def _meta_crc(attrs: dict) -> int:
@@ -191,6 +207,15 @@ def save_checkpoint(path, *, model_config, train_config, params, optimizer_state
             if np.shape(d[n]) != np.shape(params[n]):
                 raise ValueError(f"optimizer {label}[{n}] has shape {np.shape(d[n])}, "
                                  f"parameter has {np.shape(params[n])}")
+    for key, tensors in (("params", params),
+                         *((state, optimizer_state[state]) for state in ADAMW.state)):
+        for n in names:
+            bad = nonfinite_problem(f"/{TENSOR_GROUPS[key]}/{n}", np.asarray(tensors[n]))
+            if bad:
+                raise NonFiniteState(f"the state of step {step} cannot be saved: {bad}")
+    # A loss that is not finite is unknown: the attribute is left out, as when there is none.
+    train_loss, val_loss = (x if x is not None and math.isfinite(x) else None
+                            for x in (train_loss, val_loss))
     attrs = _root_attrs(CHECKPOINT_FORMAT, model_config, train_config, names, params, step,
                         epoch, data_position, rng_state, train_loss, val_loss, extra)
 
@@ -270,6 +295,10 @@ def _read_tensors(f, key, names, shapes, into, problems, read=True):
             problems.append(f"/{where}/{n} has no crc32 checksum")
         elif crc32(arr) != int(ds.attrs["crc32"]):
             problems.append(f"/{where}/{n} fails its checksum: the file is damaged")
+        else:
+            bad = nonfinite_problem(f"/{where}/{n}", arr)
+            if bad:
+                problems.append(bad)
         out[n] = arr
     return out
 
@@ -415,8 +444,10 @@ def load_checkpoint(path, *, params_into=None, optimizer_into=None,
 
 
 def find_resume(run_dir):
-    """The newest valid checkpoint_step_N.h5 in run_dir (a Path), or None when there is none.
-    A damaged newer one is skipped with a warning on stderr."""
+    """The newest sound checkpoint_step_N.h5 in run_dir (a Path), or None when it holds no
+    checkpoint at all. A damaged newer one is skipped with a warning on stderr. When every
+    checkpoint there is damaged, UserError listing each and its first problem: a resume never
+    silently starts the run over (and overwrites them as it goes)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
@@ -425,12 +456,19 @@ def find_resume(run_dir):
         match = _CHECKPOINT_NAME.match(p.name)
         if match and p.is_file():
             found.append((int(match.group(1)), p))
+    damaged = []
     for _, p in sorted(found, reverse=True):
         problems = verify(p)
         if not problems:
             return p
+        damaged.append(f"{p.name}: {problems[0]}")
         print(f"mpitrain: warning: skipping damaged checkpoint {p}: {problems[0]}",
               file=sys.stderr, flush=True)
+    if damaged:
+        raise UserError(f"--resume auto: none of the {len(damaged)} checkpoint(s) in {run_dir} "
+                        f"is sound, so the run is not started over ({'; '.join(damaged)}); "
+                        f"move them away to start afresh, or resume from a file elsewhere "
+                        f"with --resume FILE")
     return None
 
 

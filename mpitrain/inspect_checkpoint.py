@@ -218,7 +218,7 @@ def _verify_one(path):
     problems = verify(path)
     if fmt is not None:
         try:
-            problems += nonfinite(path)
+            problems += [q for q in nonfinite(path) if q not in problems]  # verify's own
         except OSError as e:  # damaged beyond what verify already reported
             problems.append(f"cannot read its tensors ({str(e).splitlines()[0]})")
     return (1 if problems else 0), problems

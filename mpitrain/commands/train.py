@@ -69,6 +69,10 @@ def add_arguments(p):
     p.add_argument("--show-topology", action="store_true",
                    help="print who sits where on the icosahedron and which groups each worker "
                    "takes, for this world size, and exit")
+    p.add_argument("--on-save-error", choices=("stop", "retry"), default="stop",
+                   help="when a checkpoint cannot be written (a full disk, ...): stop with "
+                   "status 3, resumable from the previous checkpoint, or train on and try again "
+                   "at the next save")
     p.add_argument("--quiet", action="store_true", help="no progress output on the terminal")
 
 
@@ -132,7 +136,8 @@ def run(args) -> int:
         return 0
     options = {"preset": args.preset, "dataset": args.dataset, "run_dir": args.run_dir,
                "resume": args.resume, "stop_at": args.stop_at, "quiet": args.quiet,
-               "threads_per_rank": args.threads_per_rank, "overrides": overrides}
+               "threads_per_rank": args.threads_per_rank, "overrides": overrides,
+               "on_save_error": args.on_save_error}
     if size > 1:
         from mpitrain.trainer.mpi_runner import run_mpi
 

@@ -31,6 +31,7 @@ import time
 import traceback
 
 from mpitrain.errors import UserError
+from mpitrain.exits import Fault
 
 
 ABORT_GRACE = 0.3  # s between our last words and MPI_Abort (see _end)
@@ -100,6 +101,7 @@ def run_mpi(options: dict) -> int:
     if error is not None:
         raise UserError(error)  # on every rank; the command line prints it on rank 0 only
 
+    fault = None
     try:
         tc = plan.train_config
         comm = make_worker_comm(world, tc.batch_size, graph_edges(size - 1))
@@ -111,6 +113,7 @@ def run_mpi(options: dict) -> int:
                                                                            tc.batch_size))
             del checkpoint
             run_node_zero(node_zero, _signal_abort(world, rank))
+            fault = node_zero.fault
         else:
             from mpitrain.trainer.mpi_worker import MPIWorker
             from mpitrain.trainer.signals import install_signals
@@ -119,4 +122,6 @@ def run_mpi(options: dict) -> int:
             MPIWorker(plan, comm, rank).run()
     except BaseException as e:
         _abort(world, rank, e)
+    if fault is not None:   # every rank has finished in order; mpirun passes on rank 0's 3
+        raise Fault(fault)
     return 0

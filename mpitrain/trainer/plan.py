@@ -44,6 +44,7 @@ class Plan:
     best_val_loss: float = None  # carried over from the checkpoint on resume
     threads_per_rank: int = 1
     quiet: bool = False
+    on_save_error: str = "stop"  # a checkpoint write fails: "stop" (status 3) or "retry"
 
 
 def parse_value(key: str, text: str):
@@ -206,5 +207,5 @@ def make_plan(options: dict):
                 total_steps=total, start_step=start, stop_step=stop, position=position,
                 resume_path=None if checkpoint is None else os.fspath(checkpoint.path),
                 best_val_loss=best, threads_per_rank=options["threads_per_rank"],
-                quiet=options["quiet"])
+                quiet=options["quiet"], on_save_error=options.get("on_save_error", "stop"))
     return plan, checkpoint, ds

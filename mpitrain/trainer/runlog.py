@@ -1,7 +1,7 @@
 """What Node Zero writes about a run besides checkpoints: train.log, metrics.jsonl, heartbeat.json,
 and what the person at the terminal sees (a progress bar on a terminal, plain lines otherwise).
 
-metrics.jsonl holds one JSON object a line: every step {"step", "loss", "lr", "grad_norm",
+metrics.jsonl holds one strict JSON object a line (a NaN or Inf is null): every step {"step", "loss", "lr", "grad_norm",
 "tokens_per_s", "time"}, every evaluation {"step", "val_loss", "val_ppl", "sample"}, and events
 {"event": "start" | "resume" | "checkpoint" | "signal" | "end", ...}. heartbeat.json is replaced
 atomically every few seconds: Node Zero's host, every rank's PID, the last step, the time.
@@ -46,7 +46,8 @@ class RunLog:
 
     # --- sinks -------------------------------------------------------------------------------
     def metrics(self, **record) -> None:
-        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+        """One strict JSON line: a NaN or Inf (a diverged step's loss) is written as null."""
+        self._metrics.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
     def log(self, text: str) -> None:
         """train.log only."""
@@ -117,6 +118,18 @@ class RunLog:
         self.bar.close()
         self._metrics.close()
         self._log.close()
+
+
+def strict_json(x):
+    """x with every non-finite float (NumPy's too) replaced by None, so json.dumps can refuse
+    NaN (JSON has no NaN: readers other than Python's reject the line)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
 
 
 def fmt_duration(seconds: float) -> str:

@@ -24,7 +24,8 @@ def sample_prompt(val_tokens: np.ndarray, eod_id: int) -> np.ndarray:
 
 def generate(model, prompt: np.ndarray, seed: int, step: int, context: int,
              new_tokens: int = NEW_TOKENS, temperature: float = TEMPERATURE) -> np.ndarray:
-    """Continue `prompt` (int32 [P]) by `new_tokens` ids (int32 [new_tokens])."""
+    """Continue `prompt` (int32 [P]) by `new_tokens` ids (int32 [new_tokens]; fewer, possibly
+    none, when the logits are not finite)."""
     rng = np.random.default_rng((seed, step))
     ids = list(int(t) for t in prompt)
     out = []
@@ -33,6 +34,8 @@ def generate(model, prompt: np.ndarray, seed: int, step: int, context: int,
         logits = np.asarray(model.forward(x, last_only=True)[0], np.float64)   # [V]
         if temperature <= 0:
             nxt = int(np.argmax(logits))
+        elif not np.isfinite(logits).all():
+            break   # parameters gone NaN or Inf: no distribution to draw from; the sample ends
         else:
             z = (logits - logits.max()) / temperature
             p = np.exp(z)

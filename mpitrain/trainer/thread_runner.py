@@ -16,6 +16,7 @@ import sys
 import traceback
 
 from mpitrain.errors import UserError
+from mpitrain.exits import Fault
 from mpitrain.topology import placement_table
 
 MAX_THREADS = 145   # Node Zero + 144 workers: the placement is tested up to 144 workers
@@ -69,4 +70,6 @@ def run_threads(options: dict, threads: int) -> int:
               file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
+    if node_zero.fault is not None:   # stopped in order after a fault: status 3
+        raise Fault(node_zero.fault)
     return 0

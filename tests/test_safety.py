@@ -1,0 +1,221 @@
+"""No completed checkpoint is lost or replaced by a worse one: non-finite values (skipped steps,
+the stop after max_bad_steps, refused saves, find_resume), a resume that finds only damaged
+files, pruning, strict metrics.jsonl. Fault injection through MPITRAIN_NONFINITE
+(trainer/process.py). docs/RELIABILITY.md lists what each test covers."""
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import mpitrain.checkpoint as ckpt
+from conftest import assert_user_error, run_cli
+from mpitrain.errors import UserError
+from mpitrain.trainer import saver
+from test_checkpoint import _flip_byte_in, _save, _tensors
+from test_train_support import _env, run_train, tiny_dataset  # noqa: F401 (fixture)
+
+
+def thread_train(dataset, run_dir, *extra, env=None, timeout=180):
+    """Thread mode, tiny preset, 20 planned steps, a checkpoint every 5."""
+    args = ["train", "--preset", "tiny", "--dataset", dataset, "--run-dir", run_dir,
+            "--max-steps", 20, "--epochs", 100, "--eval-every", 5, "--save-every", 5,
+            "--threads", 3, "--quiet", *extra]
+    return subprocess.run([sys.executable, "-m", "mpitrain", *map(str, args)], env=_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def strict_records(run_dir):
+    """metrics.jsonl read by a strict JSON reader (NaN/Infinity refused)."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+def checkpoints(run_dir):
+    return sorted((int(n[len("checkpoint_step_"):-3]), os.path.join(run_dir, n))
+                  for n in os.listdir(run_dir) if n.startswith("checkpoint_step_"))
+
+
+def assert_all_sound(run_dir):
+    found = checkpoints(run_dir)
+    assert found
+    for _, path in found:
+        assert ckpt.verify(path) == [], path
+    assert not [n for n in os.listdir(run_dir) if ".tmp" in n]   # no temporary left
+    return found
+
+
+def state(path):
+    ck = ckpt.load_checkpoint(path)
+    return ck.params, ck.optimizer_state
+
+
+def same_state(a, b):
+    (pa, oa), (pb, ob) = a, b
+    for x, y in [(pa, pb)] + [(oa[s], ob[s]) for s in oa]:
+        assert list(x) == list(y)
+        for n in x:
+            assert x[n].tobytes() == y[n].tobytes(), n
+
+
+# --- non-finite values ------------------------------------------------------------------------
+
+def test_nonfinite_steps_are_skipped_counted_and_resume_bitwise(tiny_dataset, tmp_path):
+    """Steps 6-8 report NaN: their updates are skipped (the state after step 8 is that after
+    step 5, bitwise), each is logged, metrics.jsonl stays strict JSON, every checkpoint is
+    finite, and a run split at step 10 continues to the same final state bitwise."""
+    env = {"MPITRAIN_NONFINITE": "6-8"}
+    straight = str(tmp_path / "straight")
+    r = thread_train(tiny_dataset, straight, "--save-every", 1, env=env)
+    assert r.returncode == 0, r.stderr
+    assert_all_sound(straight)
+    same_state(state(f"{straight}/checkpoint_step_5.h5"), state(f"{straight}/checkpoint_step_8.h5"))
+    records = strict_records(straight)
+    assert [x["step"] for x in records if x.get("event") == "nonfinite"] == [6, 7, 8]
+    losses = {x["step"]: x["loss"] for x in records if "loss" in x and "event" not in x}
+    assert sorted(losses) == list(range(1, 21))          # the skipped steps still count
+    assert [s for s, v in losses.items() if v is None] == [6, 7, 8]   # NaN written as null
+
+    split = str(tmp_path / "split")
+    first = thread_train(tiny_dataset, split, "--stop-at", 10, env=env)
+    assert first.returncode == 0, first.stderr
+    second = thread_train(tiny_dataset, split, "--resume", "auto", env=env)
+    assert second.returncode == 0, second.stderr
+    same_state(state(f"{straight}/checkpoint_step_20.h5"), state(f"{split}/checkpoint_step_20.h5"))
+
+
+def test_max_bad_steps_in_a_row_stop_with_status_3_and_resume(tiny_dataset, tmp_path):
+    run = str(tmp_path / "run")
+    r = thread_train(tiny_dataset, run, "--set", "max_bad_steps=3",
+                     env={"MPITRAIN_NONFINITE": "7-100"})
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mpitrain: stopped after step 9:"), r.stderr
+    assert "3 steps in a row" in lines[0] and "checkpoint_step_5.h5" in lines[0]
+    assert "--resume auto" in lines[0] and "Traceback" not in r.stderr
+    found = assert_all_sound(run)
+    assert [s for s, _ in found] == [0, 5]
+    assert any(x.get("event") == "fault" for x in strict_records(run))
+    resumed = thread_train(tiny_dataset, run, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s for s, _ in assert_all_sound(run)] == [0, 5, 10, 15, 20]
+
+
+def test_fault_status_3_under_mpirun(tiny_dataset, tmp_path):
+    run = str(tmp_path / "run")
+    r = run_train(3, "--preset", "tiny", "--dataset", tiny_dataset, "--run-dir", run,
+                  "--max-steps", 20, "--epochs", 100, "--save-every", 5, "--quiet",
+                  "--set", "max_bad_steps=2", env={"MPITRAIN_NONFINITE": "3-100"})
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "mpitrain: stopped after step 4:" in r.stderr and "Traceback" not in r.stderr
+    assert [s for s, _ in assert_all_sound(run)] == [0]
+
+
+def test_save_refuses_a_nonfinite_state_and_readers_treat_one_as_damaged(tmp_path):
+    params = _tensors(1)
+    params["lm_head.weight"][3, 1] = np.nan
+    with pytest.raises(ckpt.NonFiniteState, match="lm_head.weight is not finite: 1 NaN"):
+        _save(tmp_path / "checkpoint_step_7.h5", params=params)
+    assert list(tmp_path.iterdir()) == []
+    # A loss that is not finite is left out rather than stored.
+    _save(tmp_path / "checkpoint_step_3.h5", train_loss=float("nan"), val_loss=float("inf"))
+    ck = ckpt.load_checkpoint(tmp_path / "checkpoint_step_3.h5")
+    assert ck.train_loss is None and ck.val_loss is None
+    # A non-finite tensor written by another program (checksums consistent) is damage.
+    path = tmp_path / "checkpoint_step_9.h5"
+    _save(path)
+    with h5py.File(path, "r+") as f:
+        ds = f["optimizer/v/lm_head.weight"]
+        a = ds[()]
+        a[0, 0] = np.inf
+        ds[...] = a
+        ds.attrs["crc32"] = np.uint32(ckpt.crc32(a))
+    problems = ckpt.verify(path)
+    assert problems == ["/optimizer/v/lm_head.weight is not finite: 0 NaN and 1 Inf among "
+                        f"{a.size:,} values"]
+    with pytest.raises(UserError, match="not finite"):
+        ckpt.load_checkpoint(path)
+    assert ckpt.find_resume(tmp_path).name == "checkpoint_step_3.h5"
+
+
+def test_resume_auto_refuses_when_no_checkpoint_is_sound(tiny_dataset, tmp_path):
+    run = str(tmp_path / "run")
+    r = thread_train(tiny_dataset, run, "--stop-at", 5)
+    assert r.returncode == 0, r.stderr
+    for _, path in checkpoints(run):
+        _flip_byte_in(path, "params/lm_head.weight")
+    before = {p: open(p, "rb").read() for _, p in checkpoints(run)}
+    with pytest.raises(UserError) as e:
+        ckpt.find_resume(run)
+    assert "checkpoint_step_0.h5: /params/lm_head.weight fails its checksum" in str(e.value)
+    assert "checkpoint_step_5.h5: /params/lm_head.weight fails its checksum" in str(e.value)
+    r = thread_train(tiny_dataset, run, "--resume", "auto")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("mpitrain: error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "none of the 2 checkpoint(s)" in lines[0]
+    assert "Traceback" not in r.stderr
+    assert before == {p: open(p, "rb").read() for _, p in checkpoints(run)}   # untouched
+
+
+def test_prune_keeps_the_newest_sound_checkpoint(tmp_path):
+    for s in (0, 10, 20, 30, 90):
+        (tmp_path / f"checkpoint_step_{s}.h5").write_bytes(b"x")
+    # 90 is from another timeline (newer than the checkpoint just written, 30): left alone.
+    removed = saver.prune(str(tmp_path), 1, written=30)
+    assert sorted(os.path.basename(p) for p in removed) == ["checkpoint_step_10.h5",
+                                                             "checkpoint_step_20.h5"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_step_0.h5", "checkpoint_step_30.h5",
+                                            "checkpoint_step_90.h5"]
+    assert saver.prune(str(tmp_path), 2, written=30) == []
+
+
+def test_saver_hands_back_a_refused_save_without_raising(tmp_path):
+    s = saver.Saver(str(tmp_path), keep_last=1)
+    params = _tensors(1)
+    params["transformer.wte.weight"][0, 0] = np.inf
+    from test_checkpoint import MODEL, TOK, TRAIN
+    from mpitrain.schedule import DataPosition
+
+    s.start(4, model_config=MODEL, train_config=TRAIN, params=params,
+            optimizer_state={"m": _tensors(2), "v": _tensors(3)}, epoch=0,
+            data_position=DataPosition(), rng_state={}, train_loss=None, val_loss=None,
+            tokenizer=TOK)
+    while s.busy():
+        pass
+    result = s.finished()
+    assert isinstance(result, saver.SaveFailed) and result.nonfinite
+    assert "checkpoint_step_4.h5 was not written" in result.message
+    assert os.listdir(tmp_path) == []
+
+
+def test_metrics_are_strict_json(tmp_path):
+    from mpitrain.trainer.runlog import strict_json
+
+    record = {"loss": float("nan"), "x": [np.float64("inf"), 1.5], "y": {"z": -float("inf")}}
+    assert json.dumps(strict_json(record), allow_nan=False) == \
+        '{"loss": null, "x": [null, 1.5], "y": {"z": null}}'
+
+
+def test_sample_of_nan_parameters_ends_instead_of_crashing():
+    from mpitrain.config import ModelConfig
+    from mpitrain.model import Model
+    from mpitrain.trainer import sampling
+
+    model = Model(ModelConfig.preset("tiny"), seed=0, threads=1)
+    model.param_buffer[...] = np.nan
+    out = sampling.generate(model, np.array([1, 2, 3], np.int32), 0, 5, context=16)
+    assert out.dtype == np.int32 and out.size == 0
+
+
+@pytest.mark.parametrize("option", [["--lr", "inf"], ["--set", "weight_decay=inf"],
+                                    ["--set", "clip=nan"], ["--set", "max_bad_steps=0"],
+                                    ["--on-save-error", "maybe"], ["--lr", "-1"]])
+def test_options_not_finite_or_out_of_range_are_refused(tmp_path, option):
+    r = run_cli("train", "--preset", "tiny", "--run-dir", tmp_path / "run", *option,
+                cwd=tmp_path)
+    assert_user_error(r, option[-1].split("=")[0] if option[0] == "--set" else option[0][2:])
+    assert not (tmp_path / "run").exists()

@@ -16,6 +16,7 @@ A file is written under a temporary name in the target directory, flushed, fsync
 over the real name and the directory fsynced, so a crash never leaves a partial file under the
 real name (at worst a hidden `.NAME.tmp-PID` that nothing reads).
 """
+import io
 import json
 import math
 import os
@@ -120,19 +121,44 @@ def _fsync_path(path, directory=False):
         os.close(fd)
 
 
-def _atomic_h5(path, fill) -> None:
+def _write_in_memory(tmp, fill) -> None:
+    """Build the HDF5 file in memory, then write its bytes to `tmp` with plain os.write, which
+    reports a full disk as an OSError. HDF5 writing straight to a file that runs out of space
+    fails inside its metadata cache as objects are released: each release prints an ignored
+    exception, closing the file fails ("Can't destroy cache"), and the library's state after
+    that has crashed the interpreter. Costs the file's size in memory while it is written."""
+    image = io.BytesIO()
+    with h5py.File(image, "w", track_order=True) as f:
+        fill(f)
+    view = image.getbuffer()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:done + (64 << 20)])
+    finally:
+        del view
+        os.close(fd)
+
+
+def _atomic_h5(path, fill, in_memory=False) -> None:
     """Create `path` by calling fill(h5file) on a temporary file in the same directory, then
     flush, fsync, rename over `path` and fsync the directory. On any failure the temporary
-    file is removed and nothing appears under `path` (an older file there stays untouched)."""
+    file is removed and nothing appears under `path` (an older file there stays untouched).
+    in_memory: build the file in memory first (_write_in_memory), so that a full disk is a
+    plain OSError; the saver asks for it when the free space is tight."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UserError(f"cannot write {path}: directory {directory} does not exist")
     tmp = directory / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            fill(f)
-            f.flush()
+        if in_memory:
+            _write_in_memory(tmp, fill)
+        else:
+            with h5py.File(tmp, "w", track_order=True) as f:
+                fill(f)
+                f.flush()
         _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -187,13 +213,16 @@ def _set_attrs(f, attrs):
 
 
 def save_checkpoint(path, *, model_config, train_config, params, optimizer_state, step, epoch,
-                    data_position, rng_state, train_loss, val_loss, tokenizer, extra=None):
+                    data_position, rng_state, train_loss, val_loss, tokenizer, extra=None,
+                    in_memory=False):
     """Write a training checkpoint atomically (see the module docstring for the layout).
 
     params: dict name -> float32 array, in the model's param_names order (any array views
     work, e.g. into a flat buffer received over MPI); optimizer_state: dict state -> such a
     dict, one per state tensor of mpitrain.optim.ADAMW. rng_state and extra must be
-    JSON-serialisable. tokenizer: anything with to_hdf5(h5py_group).
+    JSON-serialisable. tokenizer: anything with to_hdf5(h5py_group). in_memory: see
+    _atomic_h5. A state holding NaN or Inf is refused (NonFiniteState) before anything is
+    written; a non-finite loss is stored as unknown (absent).
     """
     names = list(params)
     if set(optimizer_state) != set(ADAMW.state):
@@ -229,7 +258,7 @@ def save_checkpoint(path, *, model_config, train_config, params, optimizer_state
         tokenizer.to_hdf5(f.create_group("vocab"))
         _checksum_unmarked(f)
 
-    _atomic_h5(path, fill)
+    _atomic_h5(path, fill, in_memory)
 
 
 # ----------------------------------------------------------------------------- reading

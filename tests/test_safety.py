@@ -219,3 +219,104 @@ def test_options_not_finite_or_out_of_range_are_refused(tmp_path, option):
                 cwd=tmp_path)
     assert_user_error(r, option[-1].split("=")[0] if option[0] == "--set" else option[0][2:])
     assert not (tmp_path / "run").exists()
+
+
+# --- a full disk ------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size): a fresh tmpfs of that size under tmp_path (root only; skipped otherwise),
+    unmounted afterwards. resize(size) remounts it larger or smaller."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(size):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def resize(where, size):
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
+
+
+def test_full_disk_while_saving_stops_with_status_3_and_resumes_bitwise(tiny_dataset, tmp_path,
+                                                                       small_fs):
+    """A tiny checkpoint is 0.65 MB: 8 MB fill after about eleven. The save that does not fit
+    is refused before HDF5 writes a byte; every earlier checkpoint verifies, no temporary is
+    left, and with more space --resume auto ends on the uninterrupted run's state, bitwise."""
+    fs = small_fs("8m")
+    run = str(fs / "run")
+    r = thread_train(tiny_dataset, run, "--save-every", 1)
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr and "Exception ignored" not in r.stderr
+    assert lines[0].startswith("mpitrain: stopped after step ")
+    assert "cannot write " in lines[0] and "not enough space" in lines[0] and "free there" in lines[0]
+    found = assert_all_sound(run)
+    last = found[-1][0]
+    assert 5 <= last < 20 and f"newest sound checkpoint is {found[-1][1]}" in lines[0]
+    resize(fs, "64m")
+    resumed = thread_train(tiny_dataset, run, "--save-every", 1, "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    straight = str(tmp_path / "straight")
+    assert thread_train(tiny_dataset, straight).returncode == 0
+    same_state(state(f"{straight}/checkpoint_step_20.h5"), state(f"{run}/checkpoint_step_20.h5"))
+
+
+def test_full_disk_under_mpirun_and_retry(tiny_dataset, small_fs):
+    fs = small_fs("8m")
+    run = str(fs / "run")
+    r = run_train(3, "--preset", "tiny", "--dataset", tiny_dataset, "--run-dir", run,
+                  "--max-steps", 20, "--epochs", 100, "--save-every", 1, "--quiet")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "not enough space" in r.stderr and "Traceback" not in r.stderr
+    assert_all_sound(run)
+    # --on-save-error retry trains on to the end; its last save failing too is status 3
+    retry = str(small_fs("4m") / "run")
+    r = thread_train(tiny_dataset, retry, "--save-every", 1, "--on-save-error", "retry")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "the last checkpoint could not be written" in r.stderr
+    records = strict_records(retry)
+    assert max(x.get("step", 0) for x in records if "loss" in x) == 20
+    assert sum(x.get("event") == "save_error" for x in records) >= 10
+    assert_all_sound(retry)
+
+
+def test_in_memory_write_reports_enospc_without_a_crash(small_fs):
+    """The path the saver takes when space is tight: HDF5 builds the file in memory and a
+    plain os.write meets the full disk -- an OSError, no temporary left, and the interpreter
+    and h5py go on working (the next save succeeds)."""
+    fs = small_fs("1m")
+    big = {n: np.zeros((600, 200), np.float32) for n in ("a", "b")}   # 0.96 MB of params
+    from test_checkpoint import MODEL, TOK, TRAIN
+    from mpitrain.schedule import DataPosition
+
+    args = dict(model_config=MODEL, train_config=TRAIN, epoch=0, data_position=DataPosition(),
+                rng_state={}, train_loss=None, val_loss=None, tokenizer=TOK, step=1)
+    with pytest.raises(OSError) as e:
+        ckpt.save_checkpoint(fs / "checkpoint_step_1.h5", params=big,
+                             optimizer_state={"m": big, "v": big}, in_memory=True, **args)
+    assert e.value.errno == 28
+    assert os.listdir(fs) == []
+    small = {n: np.ones((4, 4), np.float32) for n in ("a", "b")}
+    ckpt.save_checkpoint(fs / "checkpoint_step_2.h5", params=small,
+                         optimizer_state={"m": small, "v": small}, in_memory=True, **args)
+    assert ckpt.verify(fs / "checkpoint_step_2.h5", want_tokenizer=False) == []
+
+
+def test_full_disk_at_start_is_one_line(tiny_dataset, small_fs):
+    fs = small_fs("64k")
+    r = thread_train(tiny_dataset, str(fs / "run"))
+    assert_user_error(r, "free; one checkpoint of this model takes about")
+    assert [n for n in os.listdir(fs / "run") if n != "train.lock"] == []

@@ -64,6 +64,7 @@ class NodeZero:
         self.fault = None             # the one line of a stop by fault (exit status 3)
         self.bad_steps = 0            # steps in a row with a non-finite loss or gradient norm
         self.last_checkpoint = None   # the newest checkpoint this run wrote (or resumed from)
+        self.unsaved = None           # the SaveFailed of the last save, with --on-save-error retry
         self.stop_announced = False
         self.tokens_per_step = self.tc.batch_size * self.tc.seq_len
 
@@ -74,8 +75,7 @@ class NodeZero:
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
         p, tc = self.plan, self.tc
-        os.makedirs(p.run_dir, exist_ok=True)
-        self.tokenizer.save_txt(os.path.join(p.run_dir, "vocab.txt"))
+        os.makedirs(p.run_dir, exist_ok=True)   # vocab.txt: written by the plan (rundir.py)
         self.log = RunLog(p.run_dir, self.ranks, p.total_steps, p.start_step, p.stop_step,
                           quiet=p.quiet)
         self.saver = Saver(p.run_dir, tc.keep_last)
@@ -111,6 +111,9 @@ class NodeZero:
             self._issue_steps()
         wall = time.perf_counter() - self.t_start
         self._wait_saver()
+        if self.fault is None and self.unsaved is not None:   # retried to the end in vain
+            self.fault = (f"stopped after step {self.done}: the last checkpoint could not be "
+                          f"written: {self.unsaved.message}")
         if self.fault is not None:
             self._fault_end()
         own = (*self.model.counters(), peak_rss_kib())
@@ -176,7 +179,7 @@ class NodeZero:
         if isinstance(written, SaveFailed):
             self._save_failed(written)
         elif written is not None:
-            self.last_checkpoint = written.path
+            self.last_checkpoint, self.unsaved = written.path, None
             self.log.event("checkpoint", f"checkpoint written: {written.path} "
                            f"({written.seconds:.2f} s)", step=written.step, path=written.path,
                            seconds=written.seconds, removed=written.removed)
@@ -187,8 +190,10 @@ class NodeZero:
         self.log.event("save_error", f"checkpoint of step {failed.step} failed: "
                        f"{failed.message}" + ("; training on, the next save tries again"
                                               if retry else ""),
-                       step=failed.step, path=failed.path, message=failed.message)
-        if not retry:
+                       step=failed.step, path=failed.path, error=failed.message)
+        if retry:
+            self.unsaved = failed
+        else:
             self._stop_by_fault(failed.message)
 
     def _stop_by_fault(self, reason: str) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from mpitrain import config, schedule
 from mpitrain.config import PRESETS, ModelConfig, TrainConfig
 from mpitrain.errors import UserError
+from mpitrain.trainer import rundir
 
 MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
@@ -161,8 +162,11 @@ def make_plan(options: dict):
     dataset_path = options["dataset"] or default_dataset(preset)
     if options["dataset"] is None and not os.path.exists(dataset_path):
         prepare_default(dataset_path, preset, options["quiet"])
-    ds = Dataset.open(dataset_path)
     run_dir = options["run_dir"] or os.path.join("runs", preset)
+    rundir.check_run_dir(run_dir)
+    if os.path.isdir(run_dir):   # refused at once when another run holds it
+        rundir.lock(run_dir)
+    ds = Dataset.open(dataset_path)
 
     checkpoint = None
     resume = options["resume"]
@@ -200,6 +204,16 @@ def make_plan(options: dict):
         raise UserError(f"{checkpoint.path}: data position {position.index} is outside the "
                         f"dataset's {num_windows} training windows")
     best = (checkpoint.extra or {}).get("best_val_loss") if checkpoint is not None else None
+    # Everything checked: hold the run directory (a second launch is refused from here on),
+    # then look again -- a run started beside this one may have written its first checkpoint
+    # after the check above -- and clear what dead writers left.
+    rundir.lock(run_dir)
+    if checkpoint is None and existing_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
+                        f"that run, or choose another --run-dir")
+    rundir.remove_leftovers(run_dir)
+    rundir.check_space(run_dir, model)
+    rundir.write_vocab(run_dir, ds.tokenizer)
     plan = Plan(preset=preset, model_config=model, train_config=train,
                 dataset_path=os.path.abspath(dataset_path), run_dir=os.path.abspath(run_dir),
                 num_windows=num_windows, num_val_windows=num_val,

@@ -20,10 +20,24 @@ PRINT_EVERY = 10.0      # s between plain progress lines when no bar is shown
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Replace `path` by `text` through a temporary created exclusively (never through a link
+    planted under its name), removed when the write fails."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.unlink(tmp)   # our own leftover, or something planted: a link goes, not its target
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with open(fd, "w", closefd=True) as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 class RunLog:
@@ -37,6 +51,7 @@ class RunLog:
         self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
         self._log = open(os.path.join(run_dir, "train.log"), "a", buffering=1)
         self._heartbeat_at = 0.0
+        self._failed = set()   # files whose write failed (said once)
         self._printed_at = time.monotonic()
         self.step = start_step
         self.activity = "starting"   # what Node Zero is doing, for `mpitrain monitor`
@@ -47,13 +62,25 @@ class RunLog:
     # --- sinks -------------------------------------------------------------------------------
     def metrics(self, **record) -> None:
         """One strict JSON line: a NaN or Inf (a diverged step's loss) is written as null."""
-        self._metrics.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        self._write(self._metrics, json.dumps(strict_json(record), allow_nan=False) + "\n")
+
+    def _write(self, sink, text: str) -> None:
+        """A line to a log file. A write error (a full disk) does not stop training: it is
+        said once, and the checkpoints -- which do stop the run when they cannot be written
+        (saver.py) -- are what must not be lost."""
+        try:
+            sink.write(text)
+        except OSError as e:
+            if sink.name not in self._failed:
+                self._failed.add(sink.name)
+                print(f"mpitrain: warning: cannot write {sink.name} ({e.strerror or e}); its "
+                      f"lines are lost until the cause is fixed", file=sys.stderr, flush=True)
 
     def log(self, text: str) -> None:
         """train.log only."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         for line in text.splitlines() or [""]:
-            self._log.write(f"{stamp} {line}\n")
+            self._write(self._log, f"{stamp} {line}\n")
 
     def say(self, text: str) -> None:
         """train.log and the terminal (stdout, above the bar)."""
@@ -97,13 +124,22 @@ class RunLog:
         if not force and now - self._heartbeat_at < HEARTBEAT_EVERY:
             return
         self._heartbeat_at = now
-        _atomic_write(os.path.join(self.run_dir, "heartbeat.json"), json.dumps({
+        self._try(_atomic_write, os.path.join(self.run_dir, "heartbeat.json"), json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(),
             "ranks": [{"rank": r, "host": h, "pid": p} for r, (h, p) in enumerate(self.ranks)],
             "step": self.step, "stop_step": self.stop_step, "activity": self.activity,
             "time": now,
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
         }, indent=1) + "\n")
+
+    def _try(self, write, path: str, text: str) -> None:
+        try:
+            write(path, text)
+        except OSError as e:
+            if path not in self._failed:
+                self._failed.add(path)
+                print(f"mpitrain: warning: cannot write {path} ({e.strerror or e})",
+                      file=sys.stderr, flush=True)
 
     def set_activity(self, activity: str) -> None:
         """What Node Zero is doing now (training, evaluating after step N, ...); a change is

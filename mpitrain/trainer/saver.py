@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from mpitrain.checkpoint import NonFiniteState, save_checkpoint, verify
 
 _NAME = re.compile(r"^checkpoint_step_(\d+)\.h5$")
+SPACE_MARGIN = 1 << 20   # bytes beyond the tensors: vocabulary, attributes, HDF5 metadata
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Saver:
         self.keep_last = keep_last
         self._thread = None
         self._result = None  # Saved, SaveFailed, or an unexpected exception
+        self.last_size = 0   # bytes of the last checkpoint written
 
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -112,12 +114,29 @@ class Saver:
         self._thread.start()
 
     def _write(self, path, step, state, t0):
-        try:
-            save_checkpoint(path, step=step, **state)
+        # The space a checkpoint takes is known: this run's last one (the same tensors), or
+        # before the first, the tensors' bytes and a margin for the vocabulary and metadata.
+        need = (self.last_size + self.last_size // 100 + (64 << 10) if self.last_size else
+                SPACE_MARGIN + sum(a.nbytes for tensors in (state["params"],
+                                                            *state["optimizer_state"].values())
+                                   for a in tensors.values()))
+        free = free_bytes(self.run_dir)
+        if free is not None and free < need:
+            return SaveFailed(step, path, f"cannot write {path}: not enough space (a checkpoint "
+                              f"takes about {fmt_bytes(need)}, {fmt_bytes(free)} free there)",
+                              False)
+        try:   # tight space: build the file in memory, so a full disk is a plain OSError
+            save_checkpoint(path, step=step, in_memory=free is None or free < 2 * need, **state)
         except NonFiniteState as e:
             return SaveFailed(step, path, f"{path} was not written: {e}", True)
         except OSError as e:
             return SaveFailed(step, path, write_error(path, e), False)
+        except RuntimeError as e:   # HDF5's own report of a failed write (see checkpoint.py)
+            if "write failed" not in str(e) and "No space" not in str(e):
+                raise
+            return SaveFailed(step, path, write_error(path, OSError(str(e).splitlines()[0])),
+                              False)
+        self.last_size = os.path.getsize(path)
         removed = []
         if self.keep_last > 0:   # delete older files only once the new one reads back sound
             problems = verify(path)

@@ -320,3 +320,76 @@ def test_full_disk_at_start_is_one_line(tiny_dataset, small_fs):
     r = thread_train(tiny_dataset, str(fs / "run"))
     assert_user_error(r, "free; one checkpoint of this model takes about")
     assert [n for n in os.listdir(fs / "run") if n != "train.lock"] == []
+
+
+# --- one run per directory, leftovers ---------------------------------------------------------
+
+def test_second_launch_is_refused_naming_the_holder_and_the_lock_dies_with_its_process(
+        tiny_dataset, tmp_path):
+    import signal
+    import time
+
+    run = str(tmp_path / "run")
+    args = ["train", "--preset", "tiny", "--dataset", tiny_dataset, "--run-dir", run,
+            "--max-steps", 100000, "--epochs", 100000, "--save-every", 50, "--threads", 2,
+            "--quiet"]
+    first = subprocess.Popen([sys.executable, "-m", "mpitrain", *map(str, args)], env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not os.path.exists(os.path.join(run, "checkpoint_step_50.h5")):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.2)
+        holder = f"in use by another training run: pid {first.pid} on "
+        fresh = run_cli(*args)
+        assert_user_error(fresh, holder)
+        resumed = run_cli(*args, "--resume", "auto")
+        assert_user_error(resumed, holder)
+        under_mpi = run_train(3, *args[1:-3], "--quiet", "--resume", "auto")   # MPICH, -n 3
+        assert_user_error(under_mpi, holder)
+        looked = run_cli("inspect", "--verify", os.path.join(run, "checkpoint_step_0.h5"))
+        assert looked.returncode == 0, looked.stderr               # read-only: no lock
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    # the lock went with the process: a resume takes the directory over
+    newest = checkpoints(run)[-1][0]
+    again = run_cli(*args, "--resume", "auto", "--stop-at", newest + 10, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert_all_sound(run)
+
+
+def test_leftover_temporaries_of_dead_writers_are_removed_and_reported(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    leftovers = [".checkpoint_step_7.h5.tmp-999999", "heartbeat.json.tmp",
+                 "heartbeat.json.tmp-999998"]
+    for name in leftovers:
+        (run / name).write_bytes(b"half a file")
+    (run / "notes.tmp").write_text("not ours: stays")
+    r = thread_train(tiny_dataset, str(run), "--stop-at", 5)
+    assert r.returncode == 0, r.stderr
+    assert "removed 3 temporary file(s) left in" in r.stderr
+    assert all(name in r.stderr for name in leftovers)
+    assert sorted(p.name for p in run.iterdir() if "tmp" in p.name) == ["notes.tmp"]
+
+
+def test_heartbeat_temporary_never_follows_a_planted_link(tmp_path):
+    from mpitrain.trainer.runlog import _atomic_write
+
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    path = tmp_path / "heartbeat.json"
+    os.symlink(target, f"{path}.tmp-{os.getpid()}")
+    _atomic_write(str(path), "{}\n")
+    assert target.read_text() == "keep me" and path.read_text() == "{}\n"
+    assert not os.path.islink(path)
+
+
+def test_run_dir_naming_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    r = run_cli("train", "--preset", "tiny", "--run-dir", tmp_path / "f", cwd=tmp_path)
+    assert_user_error(r, "is a file, not a directory")
+    r = run_cli("train", "--preset", "tiny", "--run-dir", tmp_path / "f" / "sub", cwd=tmp_path)
+    assert_user_error(r, "is a file, not a directory")

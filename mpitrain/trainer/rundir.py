@@ -60,8 +60,15 @@ def lock(run_dir: str) -> None:
     """Hold run_dir for this process's training run; UserError naming the holder when another
     run holds it. Creates run_dir."""
     run_dir = os.path.abspath(run_dir)
-    if run_dir in _held:
-        return
+    fd = _held.pop(run_dir, None)
+    if fd is not None:   # held already (one process, several plans: tests) -- if still there
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(os.path.join(run_dir, LOCK_NAME))):
+                _held[run_dir] = fd
+                return
+        except OSError:
+            pass
+        os.close(fd)
     try:
         os.makedirs(run_dir, exist_ok=True)
         fd = os.open(os.path.join(run_dir, LOCK_NAME),

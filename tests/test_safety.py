@@ -393,3 +393,50 @@ def test_run_dir_naming_a_file_is_one_line(tmp_path):
     assert_user_error(r, "is a file, not a directory")
     r = run_cli("train", "--preset", "tiny", "--run-dir", tmp_path / "f" / "sub", cwd=tmp_path)
     assert_user_error(r, "is a file, not a directory")
+
+
+# --- files: every attribute read back is checksummed; only our patterns -----------------------
+
+CATASTROPHIC = r"(\w+\s?)+$"   # exponential backtracking on a long line without a match
+
+
+def _edit_vocab_attrs(path, update_crc, **attrs):
+    from mpitrain.tokenizer import attrs_crc
+
+    with h5py.File(path, "r+") as f:
+        g = f["vocab"]
+        for k, v in attrs.items():
+            if v is None:
+                del g.attrs[k]
+            else:
+                g.attrs[k] = v
+        if update_crc:
+            g.attrs["attrs_crc32"] = np.uint32(attrs_crc(g.attrs))
+
+
+def test_vocabulary_attributes_are_checksummed_and_only_our_patterns_read(tmp_path):
+    path = tmp_path / "checkpoint_step_7.h5"
+    _save(path)
+    _edit_vocab_attrs(path, False, pattern=CATASTROPHIC)
+    assert ckpt.verify(path) == ["its vocabulary is damaged: its attributes fail their checksum"]
+    _edit_vocab_attrs(path, True)      # a consistent forgery: the pattern itself is refused
+    assert ckpt.verify(path) == ["its vocabulary is damaged or not mpitrain's: its pre-token "
+                                 "pattern is not one mpitrain writes"]
+    _save(path)
+    _edit_vocab_attrs(path, False, specials='["<|pad|>"]')
+    assert ckpt.verify(path) == ["its vocabulary is damaged: its attributes fail their checksum"]
+    # a version-1 vocabulary (no attribute checksum) written by an older mpitrain still reads
+    _save(path)
+    _edit_vocab_attrs(path, False, attrs_crc32=None, format_version=np.int64(1))
+    assert ckpt.verify(path) == []
+    assert ckpt.load_checkpoint(path).tokenizer.vocab_size == 1 + 256 + 3
+
+
+def test_infer_refuses_a_tampered_pattern_at_once(tmp_path):
+    from test_generate_support import save_model, scaled_model
+
+    path = save_model(tmp_path / "model.h5", scaled_model(seed=6))
+    _edit_vocab_attrs(path, True, pattern=CATASTROPHIC)
+    r = run_cli("infer", "--model", path, "--prompt", "a" * 5000 + "!", "--max-new-tokens", 1,
+                timeout=30)
+    assert r.returncode == 2 and "pre-token pattern is not one mpitrain writes" in r.stderr

@@ -65,6 +65,7 @@ def same_state(a, b):
 
 # --- non-finite values ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_counted_and_resume_bitwise(tiny_dataset, tmp_path):
     """Steps 6-8 report NaN: their updates are skipped (the state after step 8 is that after
     step 5, bitwise), each is logged, metrics.jsonl stays strict JSON, every checkpoint is
@@ -106,6 +107,7 @@ def test_max_bad_steps_in_a_row_stop_with_status_3_and_resume(tiny_dataset, tmp_
     assert [s for s, _ in assert_all_sound(run)] == [0, 5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_fault_status_3_under_mpirun(tiny_dataset, tmp_path):
     run = str(tmp_path / "run")
     r = run_train(3, "--preset", "tiny", "--dataset", tiny_dataset, "--run-dir", run,
@@ -250,6 +252,7 @@ def resize(where, size):
     subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_stops_with_status_3_and_resumes_bitwise(tiny_dataset, tmp_path,
                                                                        small_fs):
     """A tiny checkpoint is 0.65 MB: 8 MB fill after about eleven. The save that does not fit
@@ -274,6 +277,7 @@ def test_full_disk_while_saving_stops_with_status_3_and_resumes_bitwise(tiny_dat
     same_state(state(f"{straight}/checkpoint_step_20.h5"), state(f"{run}/checkpoint_step_20.h5"))
 
 
+@pytest.mark.slow
 def test_full_disk_under_mpirun_and_retry(tiny_dataset, small_fs):
     fs = small_fs("8m")
     run = str(fs / "run")
@@ -324,6 +328,7 @@ def test_full_disk_at_start_is_one_line(tiny_dataset, small_fs):
 
 # --- one run per directory, leftovers ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_second_launch_is_refused_naming_the_holder_and_the_lock_dies_with_its_process(
         tiny_dataset, tmp_path):
     import signal
@@ -440,3 +445,55 @@ def test_infer_refuses_a_tampered_pattern_at_once(tmp_path):
     r = run_cli("infer", "--model", path, "--prompt", "a" * 5000 + "!", "--max-new-tokens", 1,
                 timeout=30)
     assert r.returncode == 2 and "pre-token pattern is not one mpitrain writes" in r.stderr
+
+
+# --- bounded requests -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("option, part", [
+    (["--batch-size", "100000000"], "activations"),
+    (["--set", "d_model=100000", "--set", "n_heads=4"], "parameters and optimizer state"),
+    (["--set", "d_ff=100000000"], "parameters and optimizer state")])
+def test_a_run_that_cannot_fit_in_memory_is_refused_with_its_estimate(tiny_dataset, tmp_path,
+                                                                      option, part):
+    r = thread_train(tiny_dataset, str(tmp_path / "run"), *option, timeout=60)
+    assert_user_error(r, "this run would need about ")
+    assert part in r.stderr and "the machine has" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_estimate_bounds_a_real_run():
+    """The tiny and seed presets fit; the estimate grows with the batch in thread mode only
+    up to MICRO_WINDOWS windows a call in MPI mode."""
+    from mpitrain.config import ModelConfig, TrainConfig
+    from mpitrain.trainer import memory
+
+    mc, tc = ModelConfig.preset("seed"), TrainConfig.preset("seed")
+    parts = memory.estimate(mc, tc, 11, False, 10 ** 7, 2)
+    assert parts["parameters and optimizer state"] == 16 * 33_785_856 * 12
+    big = memory.estimate(mc, TrainConfig.preset("seed", batch_size=3200), 11, False, 10 ** 7, 2)
+    assert big["activations"] == parts["activations"]
+    threads = memory.estimate(mc, TrainConfig.preset("seed", batch_size=3200), 11, True, 10 ** 7, 2)
+    assert threads["activations"] > 90 * parts["activations"] / 11
+
+
+def test_prepare_refuses_an_absurd_seq_len(tmp_path, corpus_dir):
+    r = run_cli("prepare", "--data", corpus_dir, "--out", tmp_path / "d.h5", "--seq-len",
+                "100000000")
+    assert_user_error(r, "--seq-len must be between 1 and 16,384")
+    assert not (tmp_path / "d.h5").exists()
+
+
+def test_node_zero_forgets_per_step_records():
+    """Node Zero's per-step tables hold only what a queued command can still ask for, so its
+    memory stays flat however long the run."""
+    from collections import deque
+    from types import SimpleNamespace
+
+    from mpitrain.trainer.messages import SAVE, STEP, Command
+    from mpitrain.trainer.node_zero import NodeZero
+
+    nz = SimpleNamespace(positions={s: s for s in range(1000)},
+                         losses={s: 1.0 for s in range(1, 998)}, done=997,
+                         queue=deque([Command(SAVE, 997), Command(STEP, 998)]))
+    NodeZero._prune_history(nz)
+    assert list(nz.positions) == [997, 998, 999] and list(nz.losses) == [997]

@@ -137,7 +137,8 @@ def run(args) -> int:
     options = {"preset": args.preset, "dataset": args.dataset, "run_dir": args.run_dir,
                "resume": args.resume, "stop_at": args.stop_at, "quiet": args.quiet,
                "threads_per_rank": args.threads_per_rank, "overrides": overrides,
-               "on_save_error": args.on_save_error}
+               "on_save_error": args.on_save_error, "thread_mode": size == 1,
+               "workers_here": max(1, launch.local_size - 1) if size > 1 else threads - 1}
     if size > 1:
         from mpitrain.trainer.mpi_runner import run_mpi
 

@@ -58,11 +58,10 @@ def free_bytes(directory: str):
 def fmt_bytes(n) -> str:
     if n is None:
         return "unknown"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
 
 
 def prune(run_dir: str, keep_last: int, written: int) -> list:

@@ -159,11 +159,11 @@ def make_plan(options: dict):
 
     preset = options["preset"]
     check_overrides(options["overrides"])
+    run_dir = options["run_dir"] or os.path.join("runs", preset)
+    rundir.check_run_dir(run_dir)
     dataset_path = options["dataset"] or default_dataset(preset)
     if options["dataset"] is None and not os.path.exists(dataset_path):
         prepare_default(dataset_path, preset, options["quiet"])
-    run_dir = options["run_dir"] or os.path.join("runs", preset)
-    rundir.check_run_dir(run_dir)
     if os.path.isdir(run_dir):   # refused at once when another run holds it
         rundir.lock(run_dir)
     ds = Dataset.open(dataset_path)

@@ -15,7 +15,9 @@ Every dataset carries a `crc32` attribute: zlib.crc32 of its C-order bytes.
 A file is written atomically (mpitrain/atomic.py): a crash never leaves a partial file under the
 real name (at worst a hidden `.NAME.tmp-PID` that nothing reads).
 """
+import io
 import json
+import math
 import os
 import platform
 import socket
@@ -72,6 +74,21 @@ def crc32(arr: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B")) & 0xFFFFFFFF
 
 
+def nonfinite_problem(where: str, arr: np.ndarray):
+    """The problem of a tensor holding NaN or Inf (naming it and the counts), or None. A
+    checkpoint never holds one: save_checkpoint refuses, and a reader treats it as damaged."""
+    finite = np.isfinite(arr)
+    if finite.all():
+        return None
+    nan = int(np.isnan(arr).sum())
+    return (f"{where} is not finite: {nan} NaN and {int(arr.size - finite.sum()) - nan} Inf "
+            f"among {arr.size:,} values")
+
+
+class NonFiniteState(ValueError):
+    """save_checkpoint refused a state holding NaN or Inf (nothing was written)."""
+
+
 def _meta_crc(attrs: dict) -> int:
     """CRC32 over the root attributes except meta_crc32, in a canonical JSON form."""
     canon = {k: _plain(v) for k, v in attrs.items() if k != "meta_crc32"}
@@ -92,14 +109,33 @@ def created_by() -> dict:
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
 
 
-def _write_h5(path, fill) -> None:
-    """Create or replace `path` atomically (mpitrain.atomic) with fill(h5file)'s content."""
+def _write_h5(path, fill, in_memory=False) -> None:
+    """Create or replace `path` atomically (mpitrain.atomic) with fill(h5file)'s content.
+
+    in_memory: build the file in memory first and write its bytes with plain writes, which
+    report a full disk as an OSError. HDF5 writing straight to a file that runs out of space
+    fails inside its metadata cache as objects are released: each release prints an ignored
+    exception, closing the file fails ("Can't destroy cache"), and the library's state after
+    that has crashed the interpreter. Costs the file's size in memory while it is written; the
+    saver asks for it when the free space is tight."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise UserError(f"cannot write {path}: directory {directory} does not exist")
-    with atomic.replacing(path, atomic.hdf5(track_order=True)) as f:
+    if not in_memory:
+        with atomic.replacing(path, atomic.hdf5(track_order=True)) as f:
+            fill(f)
+        return
+    image = io.BytesIO()
+    with h5py.File(image, "w", track_order=True) as f:
         fill(f)
+    view = image.getbuffer()
+    try:
+        with atomic.replacing(path, atomic.binary) as out:
+            for a in range(0, len(view), 64 << 20):
+                out.write(view[a:a + (64 << 20)])
+    finally:
+        del view
 
 
 def _write_tensor(group, name, arr):
@@ -145,13 +181,16 @@ def _set_attrs(f, attrs):
 
 
 def save_checkpoint(path, *, model_config, train_config, params, optimizer_state, step, epoch,
-                    data_position, rng_state, train_loss, val_loss, tokenizer, extra=None):
+                    data_position, rng_state, train_loss, val_loss, tokenizer, extra=None,
+                    in_memory=False):
     """Write a training checkpoint atomically (see the module docstring for the layout).
 
     params: dict name -> float32 array, in the model's param_names order (any array views
     work, e.g. into a flat buffer received over MPI); optimizer_state: dict state -> such a
     dict, one per state tensor of mpitrain.optim.ADAMW. rng_state and extra must be
-    JSON-serialisable. tokenizer: anything with to_hdf5(h5py_group).
+    JSON-serialisable. tokenizer: anything with to_hdf5(h5py_group). in_memory: see
+    _write_h5. A state holding NaN or Inf is refused (NonFiniteState) before anything is
+    written; a non-finite loss is stored as unknown (absent).
     """
     names = list(params)
     if set(optimizer_state) != set(ADAMW.state):
@@ -165,6 +204,15 @@ def save_checkpoint(path, *, model_config, train_config, params, optimizer_state
             if np.shape(d[n]) != np.shape(params[n]):
                 raise ValueError(f"optimizer {label}[{n}] has shape {np.shape(d[n])}, "
                                  f"parameter has {np.shape(params[n])}")
+    for key, tensors in (("params", params),
+                         *((state, optimizer_state[state]) for state in ADAMW.state)):
+        for n in names:
+            bad = nonfinite_problem(f"/{TENSOR_GROUPS[key]}/{n}", np.asarray(tensors[n]))
+            if bad:
+                raise NonFiniteState(f"the state of step {step} cannot be saved: {bad}")
+    # A loss that is not finite is unknown: the attribute is left out, as when there is none.
+    train_loss, val_loss = (x if x is not None and math.isfinite(x) else None
+                            for x in (train_loss, val_loss))
     attrs = _root_attrs(formats.CHECKPOINT, model_config, train_config, names, params, step,
                         epoch, data_position, rng_state, train_loss, val_loss, extra)
 
@@ -178,7 +226,7 @@ def save_checkpoint(path, *, model_config, train_config, params, optimizer_state
         tokenizer.to_hdf5(f.create_group("vocab"))
         _checksum_unmarked(f)
 
-    _write_h5(path, fill)
+    _write_h5(path, fill, in_memory)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -244,6 +292,10 @@ def _read_tensors(f, key, names, shapes, into, problems, read=True):
             problems.append(f"/{where}/{n} has no crc32 checksum")
         elif crc32(arr) != int(ds.attrs["crc32"]):
             problems.append(f"/{where}/{n} fails its checksum: the file is damaged")
+        else:
+            bad = nonfinite_problem(f"/{where}/{n}", arr)
+            if bad:
+                problems.append(bad)
         out[n] = arr
     return out
 
@@ -389,8 +441,10 @@ def load_checkpoint(path, *, params_into=None, optimizer_into=None,
 
 
 def find_resume(run_dir):
-    """The newest valid checkpoint_step_N.h5 in run_dir (a Path), or None when there is none.
-    A damaged newer one is skipped with a warning on stderr."""
+    """The newest sound checkpoint_step_N.h5 in run_dir (a Path), or None when it holds no
+    checkpoint at all. A damaged newer one is skipped with a warning on stderr. When every
+    checkpoint there is damaged, UserError listing each and its first problem: a resume never
+    silently starts the run over (and overwrites them as it goes)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
@@ -399,12 +453,19 @@ def find_resume(run_dir):
         step = formats.checkpoint_step(p.name)
         if step is not None and p.is_file():
             found.append((step, p))
+    damaged = []
     for _, p in sorted(found, reverse=True):
         problems = verify(p)
         if not problems:
             return p
+        damaged.append(f"{p.name}: {problems[0]}")
         print(f"mpitrain: warning: skipping damaged checkpoint {p}: {problems[0]}",
               file=sys.stderr, flush=True)
+    if damaged:
+        raise UserError(f"--resume auto: none of the {len(damaged)} checkpoint(s) in {run_dir} "
+                        f"is sound, so the run is not started over ({'; '.join(damaged)}); "
+                        f"move them away to start afresh, or resume from a file elsewhere "
+                        f"with --resume FILE")
     return None
 
 

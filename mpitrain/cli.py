@@ -11,6 +11,7 @@ import sys
 from mpitrain import launcher
 from mpitrain.commands import COMMANDS, DEFAULT_COMMAND
 from mpitrain.errors import UserError
+from mpitrain.exits import Fault
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -68,5 +69,9 @@ def main(argv=None) -> int:
         return 0
     except UserError as e:
         return fail(str(e), e.exit_code)
+    except Fault as e:   # stopped after saving what it could: one line, resumable
+        if launcher.detect().rank == 0:
+            print(f"mpitrain: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         return fail("interrupted", 130)

@@ -155,6 +155,8 @@ class TrainConfig(_Config):
     eval_windows: int = setting(64, min=1)      # fixed validation windows per evaluation
     seed: int = setting(0, min=0)               # initialisation and data-order seed
     keep_last: int = setting(0, min=0)          # checkpoints kept besides step 0 (0: keep all)
+    max_bad_steps: int = setting(10, min=1)     # steps in a row with a non-finite loss or
+                                                # gradient norm (each skipped) before a stop
 # name -> {"model": ModelConfig fields, "train": TrainConfig fields}
 PRESETS = {
     # The original design's configuration: 33.8M parameters at vocabulary 30,000.

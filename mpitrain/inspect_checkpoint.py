@@ -215,7 +215,7 @@ def _verify_one(path):
     problems = verify(path)
     if fmt is not None:
         try:
-            problems += nonfinite(path)
+            problems += [q for q in nonfinite(path) if q not in problems]  # verify's own
         except OSError as e:  # damaged beyond what verify already reported
             problems.append(f"cannot read its tensors ({first_line(e)})")
     return (1 if problems else 0), problems

@@ -42,14 +42,19 @@ class Options:
     quiet: bool = False       # no progress bars
 
 
+# The longest window prepare accepts: attention keeps seq_len x seq_len scores per thread, so
+# 16,384 is already 2 GB a thread; beyond it no model mpitrain trains could use the dataset.
+MAX_SEQ_LEN = 1 << 14
+
+
 def check_options(o: Options):
     """Refuse bad numeric options before any work (UserError, one line)."""
     lo = min_vocab_size()
     if not lo <= o.vocab_size <= MAX_VOCAB_SIZE:
         raise UserError(f"--vocab-size must be between {lo} (specials + 256 bytes + 1) and "
                         f"{MAX_VOCAB_SIZE:,}, got {o.vocab_size}")
-    if o.seq_len <= 0:
-        raise UserError(f"--seq-len must be positive, got {o.seq_len}")
+    if not 0 < o.seq_len <= MAX_SEQ_LEN:
+        raise UserError(f"--seq-len must be between 1 and {MAX_SEQ_LEN:,}, got {o.seq_len}")
     if not (0 < o.val_fraction <= 0.5) or math.isnan(o.val_fraction):
         raise UserError(f"--val-fraction must be in (0, 0.5], got {o.val_fraction}")
 

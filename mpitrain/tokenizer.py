@@ -17,6 +17,7 @@ The vocabulary is stored two ways, both exact:
 import json
 import os
 import re
+import zlib
 
 import numpy as np
 
@@ -29,7 +30,14 @@ SPECIALS = ("<|endoftext|>",)
 # tokenizer must lose nothing. `\s+` stays last so " word" keeps its leading space.
 PATTERN = r" ?[^\W\d_]+| ?\d+| ?[^\s\w]+| ?_+|\s+"
 
-FORMAT_VERSION = 1
+# The pre-token patterns mpitrain writes. A stored vocabulary names its pattern, and a reader
+# compiles it: any other is refused (a tampered pattern can make the regex engine run for
+# hours on a line of text).
+KNOWN_PATTERNS = (PATTERN,)
+
+# 2: the /vocab group's attributes carry a CRC32 (attrs_crc32); version 1 (without) is read too.
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 MAX_VOCAB_SIZE = 1_000_000
 
 
@@ -52,6 +60,14 @@ def select_pretokens(counts, n):
     candidates = [(-c, t) for t, c in counts.items() if is_multibyte(t)]
     candidates.sort()
     return [t for _, t in candidates[:max(n, 0)]]
+
+
+def attrs_crc(attrs) -> int:
+    """CRC32 over a /vocab group's attributes except attrs_crc32, in a canonical JSON form."""
+    from mpitrain.h5attrs import plain
+
+    canon = {k: plain(v) for k, v in attrs.items() if k != "attrs_crc32"}
+    return zlib.crc32(json.dumps(canon, sort_keys=True).encode()) & 0xFFFFFFFF
 
 
 class Tokenizer:
@@ -158,6 +174,7 @@ class Tokenizer:
         group.attrs["pattern"] = self.pattern
         group.attrs["order"] = ("specials, then the 256 bytes (id = byte_offset + byte), then "
                                 "pre-tokens longer than one byte by descending count, ties by bytes")
+        group.attrs["attrs_crc32"] = np.uint32(attrs_crc(group.attrs))
         # track_times=False: identical inputs give byte-identical files.
         group.create_dataset("token_bytes", data=data, track_times=False)
         group.create_dataset("token_offsets", data=offsets, track_times=False)
@@ -169,9 +186,13 @@ class Tokenizer:
             if group.attrs.get("format") != formats.VOCAB:
                 raise ValueError(f"the vocab group has no format={formats.VOCAB!r} attribute")
             version = int(group.attrs["format_version"])
-            if version != FORMAT_VERSION:
+            if version not in READS_VERSIONS:
                 raise ValueError(f"vocabulary format version {version} is not supported "
-                                 f"(this mpitrain reads version {FORMAT_VERSION})")
+                                 f"(this mpitrain reads versions "
+                                 f"{', '.join(map(str, READS_VERSIONS))})")
+            if version >= 2 and ("attrs_crc32" not in group.attrs
+                                 or attrs_crc(group.attrs) != int(group.attrs["attrs_crc32"])):
+                raise ValueError(f"{where} is damaged: its attributes fail their checksum")
             specials = json.loads(group.attrs["specials"])
             pattern = str(group.attrs["pattern"])
             data = group["token_bytes"][()].tobytes()
@@ -198,11 +219,10 @@ class Tokenizer:
             pretokens = [t.decode("utf-8") for t in tokens[s + 256:]]
         except UnicodeDecodeError:
             raise ValueError(f"{where} is damaged: a pre-token is not valid UTF-8") from None
-        try:
-            return cls(pretokens, specials, pattern)
-        except re.error as e:  # the stored pattern carries no checksum of its own
-            raise ValueError(f"{where} is damaged: its pre-token pattern does not compile "
-                             f"({e})") from None
+        if pattern not in KNOWN_PATTERNS:   # never compiled: see KNOWN_PATTERNS
+            raise ValueError(f"{where} is damaged or not mpitrain's: its pre-token pattern is "
+                             f"not one mpitrain writes")
+        return cls(pretokens, specials, pattern)
 
     # ----------------------------------------------------------------- vocab.txt
     def save_txt(self, path):
@@ -234,9 +254,10 @@ class Tokenizer:
             specials, pattern, n = header["specials"], header["pattern"], int(header["vocab_size"])
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{where}: damaged header ({e})") from None
-        if header.get("format_version") != FORMAT_VERSION:
+        if header.get("format_version") not in READS_VERSIONS:
             raise ValueError(f"{where}: vocab format version {header.get('format_version')} "
-                             f"is not supported (this mpitrain reads {FORMAT_VERSION})")
+                             f"is not supported (this mpitrain reads "
+                             f"{', '.join(map(str, READS_VERSIONS))})")
         body = lines[1:]
         if body and body[-1] == "":
             body = body[:-1]  # the final newline

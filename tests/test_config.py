@@ -28,6 +28,10 @@ TODAY_TRAIN_JSON = ('{"batch_size": 12, "beta1": 0.9, "beta2": 0.999, "clip": 1.
                     '"eps": 1e-08, "eval_every": 5, "eval_windows": 8, "keep_last": 0, '
                     '"lr": 0.003, "max_steps": 0, "save_every": 10, "seed": 5, "seq_len": 16, '
                     '"warmup": 2, "weight_decay": 0.01}')
+# Fields added since, each with the default that reproduces what older files meant: a file
+# written today holds them too, and today's strings above still load.
+ADDED_TRAIN = {"max_bad_steps": 10}
+WRITTEN_TRAIN_JSON = json.dumps({**json.loads(TODAY_TRAIN_JSON), **ADDED_TRAIN}, sort_keys=True)
 TODAY_MODEL = ModelConfig(vocab_size=260, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=16)
 TODAY_TRAIN = TrainConfig(seq_len=16, batch_size=12, lr=0.003, weight_decay=0.01, beta1=0.9,
                           beta2=0.999, eps=1e-8, clip=1.0, warmup=2, epochs=1, max_steps=0,
@@ -49,10 +53,12 @@ def _stored(path):
 
 def test_today_s_fields_and_order_are_unchanged():
     assert tuple(f.name for f in dataclasses.fields(ModelConfig)) == TODAY_MODEL_FIELDS
-    assert tuple(f.name for f in dataclasses.fields(TrainConfig)) == TODAY_TRAIN_FIELDS
-    assert tuple(TODAY_TRAIN.to_dict()) == TODAY_TRAIN_FIELDS     # metrics.jsonl, train.log
+    assert tuple(f.name for f in dataclasses.fields(TrainConfig)) == \
+        TODAY_TRAIN_FIELDS + tuple(ADDED_TRAIN)
+    assert tuple(TODAY_TRAIN.to_dict()) == TODAY_TRAIN_FIELDS + tuple(ADDED_TRAIN)  # train.log
     assert json.dumps(TODAY_MODEL.to_dict(), sort_keys=True) == TODAY_MODEL_JSON
-    assert json.dumps(TODAY_TRAIN.to_dict(), sort_keys=True) == TODAY_TRAIN_JSON
+    assert json.dumps(TODAY_TRAIN.to_dict(), sort_keys=True) == WRITTEN_TRAIN_JSON
+    assert TrainConfig.from_dict(json.loads(TODAY_TRAIN_JSON)) == TODAY_TRAIN
     # the defaults are those the fields had (the seed preset's configuration)
     assert ModelConfig().to_dict() == PRESETS["seed"]["model"]
     assert TrainConfig() == TrainConfig(**PRESETS["seed"]["train"], beta1=0.9, beta2=0.999,
@@ -63,11 +69,11 @@ def test_today_s_fields_and_order_are_unchanged():
 def test_today_s_checkpoint_and_export_read_and_write_the_same_bytes(tmp_path):
     path, out = tmp_path / "checkpoint_step_7.h5", tmp_path / "model.h5"
     _save(path, model_config=TODAY_MODEL, train_config=TODAY_TRAIN)
-    assert _stored(path) == (TODAY_MODEL_JSON, TODAY_TRAIN_JSON)
+    assert _stored(path) == (TODAY_MODEL_JSON, WRITTEN_TRAIN_JSON)
     ck = ckpt.load_checkpoint(path)
     assert ck.model_config == TODAY_MODEL and ck.train_config == TODAY_TRAIN
     ckpt.export_weights(path, out)
-    assert _stored(out) == (TODAY_MODEL_JSON, TODAY_TRAIN_JSON)
+    assert _stored(out) == (TODAY_MODEL_JSON, WRITTEN_TRAIN_JSON)
     assert ckpt.load_checkpoint(out).model_config == TODAY_MODEL
     # the file as written from the stored JSON itself (what today's main hands the writer)
     _save(path, model_config=json.loads(TODAY_MODEL_JSON),

@@ -132,15 +132,26 @@ def test_compare_two_checkpoints(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path):
-    # A diverged run saves NaN/Inf with correct CRC32s: only the finiteness check sees them.
+def test_verify_finds_nan_and_inf_behind_valid_checksums(tmp_path, monkeypatch):
+    # An older mpitrain saved a diverged run's NaN/Inf with correct CRC32s (save_checkpoint now
+    # refuses them, so the test writes around the refusal): the finiteness checks see them.
+    import h5py
+    import mpitrain.checkpoint as ckpt
+
     path = tmp_path / "checkpoint_step_7.h5"
     params, m = _tensors(1), _tensors(2)
     params["lm_head.weight"][0, :2] = np.nan
     params["lm_head.weight"][1, 0] = np.inf
     m["transformer.wpe.weight"][3, 3] = -np.inf
-    _save(path, params=params, m=m, train_loss=float("nan"))
-    assert verify(path) == []  # checksums, names and shapes are all valid
+    with monkeypatch.context() as mp:
+        mp.setattr(ckpt, "nonfinite_problem", lambda where, arr: None)
+        _save(path, params=params, m=m)
+    with h5py.File(path, "r+") as f:
+        f.attrs["train_loss"] = np.float64("nan")
+        f.attrs["meta_crc32"] = np.uint32(ckpt._meta_crc(dict(f.attrs)))
+    # checksums, names and shapes are all valid; only the values are not
+    assert [q.split(" is not finite")[0] for q in verify(path)] == \
+        ["/params/lm_head.weight", "/optimizer/m/transformer.wpe.weight"]
     p = run_cli("inspect", "--verify", path)
     assert p.returncode == 1 and p.stderr == ""
     n = params["lm_head.weight"].size

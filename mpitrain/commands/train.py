@@ -73,6 +73,10 @@ def add_arguments(p):
                    help="end the run (status 3) when no worker makes progress for this long "
                    "(default: max(60, 10 x the longest quiet interval seen so far), at least "
                    "600 until the first step)%(default).0s")
+    p.add_argument("--on-save-error", choices=("stop", "retry"), default="stop",
+                   help="when a checkpoint cannot be written (a full disk, ...): stop with "
+                   "status 3, resumable from the previous checkpoint, or train on and try again "
+                   "at the next save")
     p.add_argument("--quiet", action="store_true", help="no progress output on the terminal")
 
 
@@ -151,7 +155,9 @@ def run(args) -> int:
     options = {"preset": args.preset, "dataset": args.dataset, "run_dir": args.run_dir,
                "resume": args.resume, "stop_at": args.stop_at, "quiet": args.quiet,
                "stall_timeout": args.stall_timeout,
-               "threads_per_rank": args.threads_per_rank, "overrides": overrides}
+               "threads_per_rank": args.threads_per_rank, "overrides": overrides,
+               "on_save_error": args.on_save_error, "thread_mode": size == 1,
+               "workers_here": max(1, launch.local_size - 1) if size > 1 else threads - 1}
     if size > 1:
         from mpitrain.trainer.mpi_runner import run_mpi
 

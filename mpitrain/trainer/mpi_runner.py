@@ -175,6 +175,8 @@ def run_mpi(options: dict) -> int:
             del checkpoint
             run_node_zero(node_zero, _signal_abort(world, rank))
             status = node_zero.exit_status
+            if node_zero.fault is not None:   # stopped in order after a fault: its one line
+                print(f"mpitrain: {node_zero.fault}", file=sys.stderr, flush=True)
         else:
             from mpitrain.trainer.mpi_worker import MPIWorker
             from mpitrain.trainer.signals import install_signals

@@ -24,8 +24,8 @@ import numpy as np
 from mpitrain import optim, schedule
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import STEP, Report
-from mpitrain.trainer.process import trace_files
-from mpitrain.trainer.worker import MICRO_WINDOWS, Worker
+from mpitrain.trainer.process import injected_nonfinite, trace_files
+from mpitrain.trainer.worker import MICRO_WINDOWS, Worker, finite_step
 
 
 def tail_windows(shares, index: int, node_workers: int, cpus: int, threads: int) -> int:
@@ -94,6 +94,8 @@ class MPIWorker(Worker):
         else:
             m.grad_buffer[...] = 0.0
             self._sums[0] = 0.0
+        if injected_nonfinite(command.step):
+            self._sums[0] = float("nan")
         lo, hi = self.lo, self.hi
         self.comm.progress()   # computed: a stall from here on is in the reductions
         self.comm.reduce_scatter_sum(m.grad_buffer, self.grad_shard, self.counts)
@@ -102,7 +104,8 @@ class MPIWorker(Worker):
         norm = float(np.sqrt(self._sums[1]))
         if self.comm.is_lead:
             self.comm.report(Report(STEP, command.step, self._sums[0] * self.scale, norm))
-        optim.update(m, lr=command.lr, step=command.step, norm=norm, lo=lo, hi=hi,
-                     grads=self.grad_shard, **optim.train_settings(tc))   # clip + AdamW
+        if finite_step(self._sums[0], norm):   # every worker decides alike: global sums
+            optim.update(m, lr=command.lr, step=command.step, norm=norm, lo=lo, hi=hi,
+                         grads=self.grad_shard, **optim.train_settings(tc))   # clip + AdamW
         self.comm.publish_parameters(m.param_buffer, self.counts, self.displs)
 

@@ -21,6 +21,7 @@ While it waits, Node Zero sleeps (waiting.wait_pending: 1 ms growing to 20 ms), 
 heartbeat.json and reacts to a stop request (a signal): it then issues EVAL and SAVE for the
 last issued step and STOP, so the run ends after at most LOOKAHEAD more steps with a checkpoint.
 """
+import math
 import os
 import socket
 import time
@@ -28,13 +29,13 @@ from collections import deque
 
 import numpy as np
 
-from mpitrain import exits, formats, schedule
+from mpitrain import exits, schedule
 from mpitrain.trainer import peak, sampling
 from mpitrain.trainer.hierarchy import traffic_statistics
 from mpitrain.trainer.messages import EVAL, KIND_NAMES, SAVE, STEP, STOP, Command
 from mpitrain.trainer.process import injected_fault, peak_rss_kib
 from mpitrain.trainer.runlog import RunLog, fmt_duration
-from mpitrain.trainer.saver import Saver
+from mpitrain.trainer.saver import SaveFailed, Saver
 from mpitrain.trainer.signals import install_signals
 from mpitrain.trainer.stall import StallWatch, process_state
 from mpitrain.trainer.waiting import TestPending, wait_pending
@@ -64,6 +65,9 @@ class NodeZero:
         self.header_extra = header_extra
         self.stop_signal = None       # set by request_stop (signal handler)
         self.stop_rank = 0            # the rank that received it (a worker forwards its own)
+        self.fault = None             # the one line of a stop by fault (exit status 3)
+        self.bad_steps = 0            # steps in a row with a non-finite loss or gradient norm
+        self.unsaved = None           # the SaveFailed of the last save, with --on-save-error retry
         self.stop_announced = False
         self.tokens_per_step = self.tc.batch_size * self.tc.seq_len
         self.stall = StallWatch(stall_timeout)
@@ -75,14 +79,16 @@ class NodeZero:
 
     @property
     def exit_status(self) -> int:
-        """The status of a run that ended in order (mpitrain/exits.py)."""
+        """The status of a run that ended in order (mpitrain/exits.py): a fault's before a
+        signal's."""
+        if self.fault is not None:
+            return exits.FAULT
         return exits.OK if self.stop_signal is None else exits.signalled(self.stop_signal)
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
         p, tc = self.plan, self.tc
-        os.makedirs(p.run_dir, exist_ok=True)
-        self.tokenizer.save_txt(os.path.join(p.run_dir, formats.RUN_VOCAB_TXT))
+        os.makedirs(p.run_dir, exist_ok=True)   # vocab.txt: written by the plan (rundir.py)
         self.log = RunLog(p.run_dir, self.ranks, p.total_steps, p.start_step, p.stop_step,
                           quiet=p.quiet)
         self.saver = Saver(p.run_dir, tc.keep_last)
@@ -91,6 +97,7 @@ class NodeZero:
         self.issued = p.start_step         # last issued STEP
         self.last_command = (STEP, p.start_step)
         self.positions = {p.start_step: p.position}
+        self.last_checkpoint = p.resume_path
         self.losses = {}
         self.val_loss = None
         self.best_val_loss = p.best_val_loss
@@ -117,6 +124,11 @@ class NodeZero:
             self._issue_steps()
         wall = time.perf_counter() - self.t_start
         self._wait_saver()
+        if self.fault is None and self.unsaved is not None:   # retried to the end in vain
+            self.fault = (f"stopped after step {self.done}: the last checkpoint could not be "
+                          f"written: {self.unsaved.message}")
+        if self.fault is not None:
+            self._fault_end()
         own = (*self.model.counters(), peak_rss_kib())
         counters = self._wait(self.link.gather_counters(own)).result
         stats = self._statistics(wall, counters)
@@ -186,11 +198,35 @@ class NodeZero:
         if stalled is not None:
             self._stalled(*stalled)
         written = self.saver.finished()
-        if written is not None:
-            step, path, seconds, removed = written
-            self.last_checkpoint = path
-            self.log.event("checkpoint", f"checkpoint written: {path} ({seconds:.2f} s)",
-                           step=step, path=path, seconds=seconds, removed=removed)
+        if isinstance(written, SaveFailed):
+            self._save_failed(written)
+        elif written is not None:
+            self.last_checkpoint, self.unsaved = written.path, None
+            self.log.event("checkpoint", f"checkpoint written: {written.path} "
+                           f"({written.seconds:.2f} s)", step=written.step, path=written.path,
+                           seconds=written.seconds, removed=written.removed)
+
+    # --- faults: the run stops, resumable from its newest sound checkpoint ---------------------
+    def _save_failed(self, failed) -> None:
+        retry = not failed.nonfinite and self.plan.on_save_error == "retry"
+        self.log.event("save_error", f"checkpoint of step {failed.step} failed: "
+                       f"{failed.message}" + ("; training on, the next save tries again"
+                                              if retry else ""),
+                       step=failed.step, path=failed.path, error=failed.message)
+        if retry:
+            self.unsaved = failed
+        else:
+            self._stop_by_fault(failed.message)
+
+    def _stop_by_fault(self, reason: str) -> None:
+        """Stop after the steps already issued, without saving again: a later checkpoint could
+        only be worse than the newest sound one, which is where --resume auto continues."""
+        if self.fault is not None:
+            return
+        self.fault = f"stopped after step {self.done}: {reason}"   # completed by _fault_end
+        if not self.finished_issuing:
+            self._issue(Command(STOP, self.issued))
+            self.finished_issuing = True
 
     # --- reports -----------------------------------------------------------------------------
     def _on_step(self, r) -> None:
@@ -202,15 +238,49 @@ class NodeZero:
         self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
         self.done = r.step
         self.losses[r.step] = r.loss
+        self._prune_history()
         lr = schedule.lr_at(r.step, self.tc.lr, self.tc.warmup, self.plan.total_steps)
         self.log.step_done(r.step, r.loss, lr, r.grad_norm, self.tokens_per_step / dt,
                            (self.plan.stop_step - r.step) * self.step_time)
+        if math.isfinite(r.loss) and math.isfinite(r.grad_norm):
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        limit = self.tc.max_bad_steps
+        self.log.event("nonfinite", f"step {r.step}: loss {r.loss} and gradient norm "
+                       f"{r.grad_norm}: the update was skipped ({self.bad_steps} such step(s) "
+                       f"in a row; the run stops at {limit})", step=r.step,
+                       bad_steps=self.bad_steps)
+        if self.bad_steps >= limit:
+            self._stop_by_fault(f"{self.bad_steps} steps in a row had a non-finite loss or "
+                                f"gradient norm (max_bad_steps {limit}; a lower --lr may help)")
+
+    def _fault_end(self) -> None:
+        """The fault's one line, once the last write has ended: where to continue from."""
+        where = (f"the newest sound checkpoint is {self.last_checkpoint}"
+                 if self.last_checkpoint else "no checkpoint was written")
+        self.fault += f"; {where}; continue with --resume auto once the cause is fixed"
+        self.log.metrics(event="fault", time=time.time(), step=self.done, message=self.fault,
+                         checkpoint=self.last_checkpoint)
+        self.log.log(f"mpitrain: {self.fault}")
+
+    def _prune_history(self) -> None:
+        """Forget per-step records nothing will ask for again, so memory stays flat: the data
+        positions before the oldest step still awaiting its report (a SAVE needs its step's)
+        and the losses of reported steps before it."""
+        oldest = min((c.step for c in self.queue), default=self.done)
+        oldest = min(oldest, self.done)
+        for table in (self.positions, self.losses):
+            while table and next(iter(table)) < oldest:
+                del table[next(iter(table))]
 
     def _on_eval(self, r) -> None:
         self._wait_saver()
         self._wait(self.link.receive_state([self.model.param_buffer]))
+        if self.fault is not None:   # the run is stopping: nothing more to show
+            return
         self.val_loss = r.loss
-        if self.best_val_loss is None or r.loss < self.best_val_loss:
+        if math.isfinite(r.loss) and (self.best_val_loss is None or r.loss < self.best_val_loss):
             self.best_val_loss = r.loss
         self.log.set_activity(f"writing the sample of step {r.step}")
         ids = sampling.generate(self.model, self.prompt, self.tc.seed, r.step,
@@ -222,6 +292,8 @@ class NodeZero:
         self._wait_saver()
         m = self.model
         self._wait(self.link.receive_state([m.param_buffer, *m.optimizer_arenas]))
+        if self.fault is not None:   # stopping by fault: the newest sound checkpoint stays it
+            return
         position = self.positions[r.step]
         self.saver.start(
             r.step, model_config=self.plan.model_config, train_config=self.tc,

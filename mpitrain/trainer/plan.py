@@ -20,6 +20,7 @@ import numpy as np
 from mpitrain import config, formats, schedule
 from mpitrain.config import PRESETS, ModelConfig, TrainConfig
 from mpitrain.errors import UserError
+from mpitrain.trainer import memory, rundir
 
 MODEL_KEYS = tuple(f.name for f in fields(ModelConfig))
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig))
@@ -44,6 +45,7 @@ class Plan:
     best_val_loss: float = None  # carried over from the checkpoint on resume
     threads_per_rank: int = 1
     quiet: bool = False
+    on_save_error: str = "stop"  # a checkpoint write fails: "stop" (status 3) or "retry"
 
 
 def parse_value(key: str, text: str):
@@ -153,15 +155,18 @@ def make_plan(options: dict):
 
     options: preset, dataset, run_dir, resume, stop_at, threads_per_rank, quiet, overrides."""
     from mpitrain.checkpoint import find_resume, load_checkpoint
-    from mpitrain.dataset import Dataset
+    from mpitrain.dataset import Dataset, token_dtype
 
     preset = options["preset"]
     check_overrides(options["overrides"])
+    run_dir = options["run_dir"] or os.path.join("runs", preset)
+    rundir.check_run_dir(run_dir)
     dataset_path = options["dataset"] or default_dataset(preset)
     if options["dataset"] is None and not os.path.exists(dataset_path):
         prepare_default(dataset_path, preset, options["quiet"])
+    if os.path.isdir(run_dir):   # refused at once when another run holds it
+        rundir.lock(run_dir)
     ds = Dataset.open(dataset_path)
-    run_dir = options["run_dir"] or os.path.join("runs", preset)
 
     checkpoint = None
     resume = options["resume"]
@@ -188,6 +193,8 @@ def make_plan(options: dict):
     if num_windows < 1 or num_val < 1:
         raise UserError(f"{dataset_path}: the {'training' if num_windows < 1 else 'validation'} "
                         f"split holds no window of seq_len + 1 = {train.seq_len + 1} tokens")
+    memory.check(model, train, options.get("workers_here", 1), options.get("thread_mode", True),
+                 num_windows * train.seq_len + 1, np.dtype(token_dtype(ds.vocab_size)).itemsize)
     total = schedule.total_steps(num_windows, train.batch_size, train.epochs, train.max_steps)
     start = checkpoint.step if checkpoint is not None else 0
     stop = total if not options["stop_at"] else min(options["stop_at"], total)
@@ -199,6 +206,16 @@ def make_plan(options: dict):
         raise UserError(f"{checkpoint.path}: data position {position.index} is outside the "
                         f"dataset's {num_windows} training windows")
     best = (checkpoint.extra or {}).get("best_val_loss") if checkpoint is not None else None
+    # Everything checked: hold the run directory (a second launch is refused from here on),
+    # then look again -- a run started beside this one may have written its first checkpoint
+    # after the check above -- and clear what dead writers left.
+    rundir.lock(run_dir)
+    if checkpoint is None and existing_checkpoints(run_dir):
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume auto to continue "
+                        f"that run, or choose another --run-dir")
+    rundir.remove_leftovers(run_dir)
+    rundir.check_space(run_dir, model)
+    rundir.write_vocab(run_dir, ds.tokenizer)
     plan = Plan(preset=preset, model_config=model, train_config=train,
                 dataset_path=os.path.abspath(dataset_path), run_dir=os.path.abspath(run_dir),
                 num_windows=num_windows, num_val_windows=num_val,
@@ -206,5 +223,5 @@ def make_plan(options: dict):
                 total_steps=total, start_step=start, stop_step=stop, position=position,
                 resume_path=None if checkpoint is None else os.fspath(checkpoint.path),
                 best_val_loss=best, threads_per_rank=options["threads_per_rank"],
-                quiet=options["quiet"])
+                quiet=options["quiet"], on_save_error=options.get("on_save_error", "stop"))
     return plan, checkpoint, ds

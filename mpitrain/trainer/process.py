@@ -5,6 +5,8 @@ used by Node Zero and the workers alike.
   MPITRAIN_STALL=RANK:STEP        that worker hangs (sleeps for good) when it receives that
                                   step's first command (thread mode's stall test; rank 1 is
                                   the worker thread)
+  MPITRAIN_NONFINITE=STEPS        the workers' loss of those steps (comma-separated, or A-B)
+                                  is NaN, as if the model had diverged (tests/test_safety.py)
   MPITRAIN_TRACE_WINDOWS=DIR      each worker appends the windows it trains every step to
                                   DIR/worker_W.jsonl (tests of the placement)
 """
@@ -22,6 +24,15 @@ def injected_fault(rank: int, step: int) -> bool:
     """Test hook: MPITRAIN_FAULT=RANK:STEP makes that rank raise at that step."""
     spec = os.environ.get("MPITRAIN_FAULT", "")
     return spec == f"{rank}:{step}"
+
+
+def injected_nonfinite(step: int) -> bool:
+    """Test hook: MPITRAIN_NONFINITE=STEPS makes those steps' loss NaN."""
+    for part in filter(None, os.environ.get("MPITRAIN_NONFINITE", "").split(",")):
+        a, _, b = part.partition("-")
+        if int(a) <= step <= int(b or a):
+            return True
+    return False
 
 
 def trace_files(workers) -> dict:

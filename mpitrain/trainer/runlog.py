@@ -1,8 +1,8 @@
 """What Node Zero writes about a run besides checkpoints: train.log, metrics.jsonl, heartbeat.json,
 and what the person at the terminal sees (a progress bar on a terminal, plain lines otherwise).
 
-metrics.jsonl holds one JSON object a line: every step {"step", "loss", "lr", "grad_norm",
-"tokens_per_s", "time"}, every evaluation {"step", "val_loss", "val_ppl", "sample"}, and events
+metrics.jsonl holds one strict JSON object a line (a NaN or Inf is null): every step {"step",
+"loss", "lr", "grad_norm", "tokens_per_s", "time"}, every evaluation {"step", "val_loss", "val_ppl", "sample"}, and events
 {"event": "start" | "resume" | "checkpoint" | "signal" | "end", ...} (docs/TRAINING.md lists
 their fields). heartbeat.json is replaced atomically every few seconds: Node Zero's host,
 every rank's PID, the last step, the time.
@@ -32,6 +32,7 @@ class RunLog:
         self._metrics = open(os.path.join(run_dir, formats.METRICS), "a", buffering=1)
         self._log = open(os.path.join(run_dir, formats.TRAIN_LOG), "a", buffering=1)
         self._heartbeat_at = 0.0
+        self._failed = set()   # files whose write failed (said once)
         self._printed_at = time.monotonic()
         self.step = start_step
         self.activity = "starting"   # what Node Zero is doing, for `mpitrain monitor`
@@ -41,13 +42,26 @@ class RunLog:
 
     # --- sinks -------------------------------------------------------------------------------
     def metrics(self, **record) -> None:
-        self._metrics.write(json.dumps(record, allow_nan=True) + "\n")
+        """One strict JSON line: a NaN or Inf (a diverged step's loss) is written as null."""
+        self._write(self._metrics, json.dumps(strict_json(record), allow_nan=False) + "\n")
+
+    def _write(self, sink, text: str) -> None:
+        """A line to a log file. A write error (a full disk) does not stop training: it is
+        said once, and the checkpoints -- which do stop the run when they cannot be written
+        (saver.py) -- are what must not be lost."""
+        try:
+            sink.write(text)
+        except OSError as e:
+            if sink.name not in self._failed:
+                self._failed.add(sink.name)
+                print(f"mpitrain: warning: cannot write {sink.name} ({e.strerror or e}); its "
+                      f"lines are lost until the cause is fixed", file=sys.stderr, flush=True)
 
     def log(self, text: str) -> None:
         """train.log only."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         for line in text.splitlines() or [""]:
-            self._log.write(f"{stamp} {line}\n")
+            self._write(self._log, f"{stamp} {line}\n")
 
     def say(self, text: str) -> None:
         """train.log and the terminal (stdout, above the bar)."""
@@ -100,8 +114,22 @@ class RunLog:
         }, indent=1) + "\n"
         # Not durable: a heartbeat is worthless after a crash of the machine, and fsyncs every
         # few seconds would put disk latency into Node Zero's loop. Readers still see whole files.
-        with atomic.replacing(os.path.join(self.run_dir, formats.HEARTBEAT), durable=False) as f:
+        self._try(self._replace_heartbeat, os.path.join(self.run_dir, formats.HEARTBEAT), text)
+
+    @staticmethod
+    def _replace_heartbeat(path: str, text: str) -> None:
+        with atomic.replacing(path, durable=False) as f:
             f.write(text)
+
+    def _try(self, write, path: str, text: str) -> None:
+        """write(path, text); a failure (a full disk) is said once, then the run goes on."""
+        try:
+            write(path, text)
+        except OSError as e:
+            if path not in self._failed:
+                self._failed.add(path)
+                print(f"mpitrain: warning: cannot write {path} ({e.strerror or e})",
+                      file=sys.stderr, flush=True)
 
     def set_activity(self, activity: str) -> None:
         """What Node Zero is doing now (training, evaluating after step N, ...); a change is
@@ -116,6 +144,18 @@ class RunLog:
         self.bar.close()
         self._metrics.close()
         self._log.close()
+
+
+def strict_json(x):
+    """x with every non-finite float (NumPy's too) replaced by None, so json.dumps can refuse
+    NaN (JSON has no NaN: readers other than Python's reject the line)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
 
 
 def fmt_duration(seconds: float) -> str:

@@ -25,7 +25,10 @@ def sample_prompt(val_tokens: np.ndarray, eod_id: int) -> np.ndarray:
 
 def generate(model, prompt: np.ndarray, seed: int, step: int, context: int,
              new_tokens: int = NEW_TOKENS, temperature: float = TEMPERATURE) -> np.ndarray:
-    """Continue `prompt` (int32 [P]) by `new_tokens` ids (int32 [new_tokens])."""
+    """Continue `prompt` (int32 [P]) by `new_tokens` ids (int32 [new_tokens]; none when the
+    parameters are not finite: there is no distribution to draw from)."""
+    if not np.isfinite(model.param_buffer).all():
+        return np.zeros(0, np.int32)
     from mpitrain.generate import Decoder
     from mpitrain.sampler import Sampler
 

@@ -52,6 +52,8 @@ def run_threads(options: dict, threads: int) -> int:
         del checkpoint
         link.start(lambda comm: ThreadWorker(plan, comm, workers).run())
         run_node_zero(node_zero, _abort)
+        if node_zero.fault is not None:   # stopped in order after a fault: its one line
+            print(f"mpitrain: {node_zero.fault}", file=sys.stderr, flush=True)
         return node_zero.exit_status
     except BaseException as e:
         # As MPI mode's abort path: say which thread failed and end the process at once (an

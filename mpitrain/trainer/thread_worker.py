@@ -21,8 +21,8 @@ import numpy as np
 from mpitrain import optim, schedule
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import STEP, Report
-from mpitrain.trainer.process import trace_files
-from mpitrain.trainer.worker import Worker
+from mpitrain.trainer.process import injected_nonfinite, trace_files
+from mpitrain.trainer.worker import Worker, finite_step
 
 
 class ThreadWorker(Worker):
@@ -46,6 +46,10 @@ class ThreadWorker(Worker):
             self._trace(w, command.step, command.windows[share])
         x, y = schedule.gather_windows(self.tokens, ids, tc.seq_len)   # int32 [B, T]
         loss = m.forward_backward(x, y, grad_scale=self.scale, partition=self.partition)
+        if injected_nonfinite(command.step):
+            loss = float("nan")
         norm = optim.grad_norm(m)   # clip + AdamW run on the kernel's work parts
         self.comm.report(Report(STEP, command.step, loss, norm))
-        optim.update(m, lr=command.lr, step=command.step, norm=norm, **optim.train_settings(tc))
+        if finite_step(loss, norm):
+            optim.update(m, lr=command.lr, step=command.step, norm=norm,
+                         **optim.train_settings(tc))

@@ -16,6 +16,7 @@ The transport (`comm`) is what the loop needs of it: `index`, `num_workers`, `is
 allreduce_sum, send_counters and finish (comm.MPIWorkerComm, threads.ThreadWorkerComm).
 """
 import json
+import math
 
 import numpy as np
 
@@ -28,6 +29,14 @@ from mpitrain.trainer.process import injected_fault, injected_stall, peak_rss_ki
 # accumulating gradients, so its activations stay those of 8 windows (a seed-preset worker at
 # mpirun -n 2 or 3 otherwise held 32 or 16 windows of activations: 1.0-1.25 GB).
 MICRO_WINDOWS = 8
+
+
+def finite_step(loss: float, norm: float) -> bool:
+    """Whether a step's update is applied: a non-finite loss or gradient norm skips it, leaving
+    the parameters and the optimizer state untouched. The step still counts (its windows and
+    learning-rate step are consumed), so a resume stays bitwise; Node Zero logs it and stops
+    the run after max_bad_steps such steps in a row."""
+    return math.isfinite(loss) and math.isfinite(norm)
 
 
 class Worker:

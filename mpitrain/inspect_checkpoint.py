@@ -22,11 +22,12 @@ import numpy as np
 from mpitrain import formats
 from mpitrain.checkpoint import TENSOR_GROUPS, verify
 from mpitrain.errors import UserError
+from mpitrain.inspect_dataset import token_fields
 from mpitrain.inspect_dataset import verify as verify_dataset
 from mpitrain.hdf5_damage import (DamagedFile, file_format, first_line, hdf5_failure, is_damage,
                                    open_ours)
 from mpitrain.inspect_tree import dumps
-from mpitrain.tokenizer import Tokenizer, escape_token
+from mpitrain.tokenizer import Tokenizer
 from mpitrain.h5attrs import plain as _plain
 from mpitrain.h5attrs import shown_name
 
@@ -342,7 +343,7 @@ def vocabulary(path, top=None):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the vocabulary of {path}: {first_line(e)}") from None
     n = tok.vocab_size if top is None else min(top, tok.vocab_size)
-    rows = [{"id": i, "token": escape_token(tok.token_bytes(i)), "count": None}
+    rows = [{"id": i, **token_fields(tok.token_bytes(i)), "count": None}
             for i in range(n)]
     return {"file": path, "format": fmt, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
             "order": "id", "counts": None, "listed": n, "total_tokens": None, "tokens": rows}

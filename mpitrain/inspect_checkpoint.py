@@ -128,7 +128,9 @@ def _tensor_table(rows):
     return lines
 
 
-def format_summary(s):
+def format_summary(s, compact=False):
+    """The summary as text; compact: one line per group of tensors instead of a table
+    (`inspect --all` shows the tables)."""
     mc, tc, cb = s["model_config"] or {}, s["train_config"] or {}, s["created_by"] or {}
     loss = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     vocab = "" if s["vocab_size"] is None else f"; vocabulary {s['vocab_size']:,} ids"
@@ -146,9 +148,24 @@ def format_summary(s):
                            f"{len(s['problems'])} problem(s): " + "; ".join(s["problems"][:3])),
         "finite       " + _finite_line(s["tensors"]),
     ]
+    if compact:
+        lines += [""] + [_group_line(where, rows) for where, rows in s["tensors"].items()]
+        lines.append("(--all: per-tensor statistics)")
+        return "\n".join(lines)
     for where, rows in s["tensors"].items():
         lines += ["", f"/{where} ({len(rows)} tensors)"] + _tensor_table(rows)
     return "\n".join(lines)
+
+
+def _group_line(where, rows):
+    """One line for a group of tensors: how many, their values and their range."""
+    read = [r for r in rows if not r.get("unreadable")]
+    lo = min((r["min"] for r in read if r["min"] is not None), default=None)
+    hi = max((r["max"] for r in read if r["max"] is not None), default=None)
+    unreadable = len(rows) - len(read)
+    return (f"/{where} ({len(rows)} tensors): {sum(r['count'] for r in rows):,} values in "
+            f"[{_g(lo, '.4g')}, {_g(hi, '.4g')}]"
+            + (f", {unreadable} unreadable" if unreadable else ""))
 
 
 def _finite_line(tensors):

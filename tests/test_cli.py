@@ -20,6 +20,12 @@ def test_prepare_help_documents_every_option_and_default():
         assert default in out
 
 
+def test_required_options_say_so_in_help():
+    out = " ".join(run_cli("export", "--help").stdout.split())
+    assert "usage: mpitrain export [-h] --out OUT" in out
+    assert "new directory (--format hf); required" in out and "(default: None)" not in out
+
+
 def test_top_level_lists_prepare_and_inspect():
     out = run_cli("--help").stdout
     assert "prepare" in out and "inspect" in out
@@ -29,6 +35,13 @@ def test_top_level_lists_prepare_and_inspect():
     (["prepare", "--no-such-option"], "unrecognized arguments"),
     (["prepare", "--seq-len", "x"], "invalid int value"),
     (["inspect", "a.h5", "--top", "-1"], "--top must be >= 0"),
+    # a first word that is not an option names a command, never a misspelt one
+    (["trian"], "argument COMMAND: invalid choice: 'trian' (choose from "),
+    (["trian", "--preset", "tiny"], "invalid choice: 'trian'"),
+    # a dataset is HDF5 with its vocabulary beside it as NAME.vocab.txt
+    (["prepare", "--out", "x.txt"], "--out x.txt: a dataset file must end in .h5"),
+    (["train", "--log-every", "0"], "--log-every must be at least 1"),
+    (["train", "--progress", "fancy"], "invalid choice: 'fancy'"),
 ])
 def test_usage_mistakes_are_one_line(tmp_path, args, fragment):
     assert_user_error(run_cli(*args, cwd=tmp_path), fragment)

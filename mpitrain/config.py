@@ -18,12 +18,16 @@ TYPES = (int, float, bool, str)
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")   # --set spellings of a bool
 
 
-def setting(default, *, min=None, above=None, below=None, choices=None, text=False):
+def setting(default, *, min=None, above=None, below=None, choices=None, text=False,
+            optional=False):
     """A configuration field: its default and the values it accepts besides its type.
     min: inclusive lower bound; above, below: exclusive bounds; choices: the values of a str
-    field (required for str fields unless text=True: a str field that holds any text)."""
+    field (required for str fields unless text=True: a str field that holds any text).
+    optional: a field added after files were first written, stored (to_dict) only when it
+    differs from its default, so a file that does not use it is byte for byte what it was."""
     return field(default=default, metadata={"min": min, "above": above, "below": below,
-                                            "choices": choices, "text": text})
+                                            "choices": choices, "text": text,
+                                            "optional": optional})
 
 
 def check(f, value):
@@ -102,7 +106,12 @@ class _Config:
         return replace(cls(**PRESETS[_known(name)][cls.PRESET_PART]), **overrides)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stored form: every field, except optional ones at their default."""
+        d = asdict(self)
+        for f in fields(self):
+            if f.metadata.get("optional") and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -160,9 +169,9 @@ class TrainConfig(_Config):
     seed: int = setting(0, min=0)               # initialisation and data-order seed
     keep_last: int = setting(0, min=0)          # checkpoints kept besides step 0 (0: keep all)
     # the text sample written at each evaluation (mpitrain/trainer/sampling.py)
-    sample_tokens: int = setting(32, min=0)     # tokens generated (0: no sample)
-    sample_temperature: float = setting(0.8, min=0)  # softmax temperature (0: greedy)
-    sample_prompt: str = setting("", text=True)  # prompt text ("": the validation split's start)
+    sample_tokens: int = setting(32, min=0, optional=True)   # tokens generated (0: no sample)
+    sample_temperature: float = setting(0.8, min=0, optional=True)   # 0: greedy
+    sample_prompt: str = setting("", text=True, optional=True)   # "": the validation split's start
 # name -> {"model": ModelConfig fields, "train": TrainConfig fields}
 PRESETS = {
     # The original design's configuration: 33.8M parameters at vocabulary 30,000.

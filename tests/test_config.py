@@ -49,7 +49,10 @@ def _stored(path):
 
 def test_today_s_fields_and_order_are_unchanged():
     assert tuple(f.name for f in dataclasses.fields(ModelConfig)) == TODAY_MODEL_FIELDS
-    assert tuple(f.name for f in dataclasses.fields(TrainConfig)) == TODAY_TRAIN_FIELDS
+    # fields added since come after today's and are optional: stored only when not default
+    train_fields = dataclasses.fields(TrainConfig)
+    assert tuple(f.name for f in train_fields[:len(TODAY_TRAIN_FIELDS)]) == TODAY_TRAIN_FIELDS
+    assert all(f.metadata["optional"] for f in train_fields[len(TODAY_TRAIN_FIELDS):])
     assert tuple(TODAY_TRAIN.to_dict()) == TODAY_TRAIN_FIELDS     # metrics.jsonl, train.log
     assert json.dumps(TODAY_MODEL.to_dict(), sort_keys=True) == TODAY_MODEL_JSON
     assert json.dumps(TODAY_TRAIN.to_dict(), sort_keys=True) == TODAY_TRAIN_JSON
@@ -58,6 +61,16 @@ def test_today_s_fields_and_order_are_unchanged():
     assert TrainConfig() == TrainConfig(**PRESETS["seed"]["train"], beta1=0.9, beta2=0.999,
                                         eps=1e-8, max_steps=0, eval_windows=64, seed=0,
                                         keep_last=0)
+
+
+def test_an_optional_field_is_stored_only_when_set(tmp_path):
+    changed = dataclasses.replace(TODAY_TRAIN, sample_tokens=5)
+    assert changed.to_dict() == {**json.loads(TODAY_TRAIN_JSON), "sample_tokens": 5}
+    assert TrainConfig.from_dict(changed.to_dict()) == changed
+    path = tmp_path / "checkpoint_step_7.h5"
+    _save(path, model_config=TODAY_MODEL, train_config=changed)
+    assert json.loads(_stored(path)[1])["sample_tokens"] == 5
+    assert ckpt.load_checkpoint(path).train_config == changed
 
 
 def test_today_s_checkpoint_and_export_read_and_write_the_same_bytes(tmp_path):

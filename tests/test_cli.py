@@ -2,6 +2,7 @@
 import pytest
 
 from conftest import assert_user_error, run_cli
+from test_train_support import tiny_dataset  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["prepare", "--help"], ["inspect", "--help"]])
@@ -87,3 +88,19 @@ def test_progress_bars_only_on_a_terminal_without_quiet(tmp_path, corpus_dir):
     quiet = _run_in_terminal(["prepare", "--data", corpus_dir, "--out", tmp_path / "b.h5",
                               "--quiet"], tmp_path)
     assert "count:" not in quiet and "wrote" in quiet
+
+
+@pytest.mark.slow
+def test_train_progress_choice_on_a_terminal(tmp_path, tiny_dataset):  # noqa: F811
+    def train(run, *extra):
+        return _run_in_terminal(["train", "--preset", "tiny", "--dataset", tiny_dataset,
+                                 "--max-steps", 6, "--threads", 2, "--run-dir", tmp_path / run,
+                                 *extra], tmp_path)
+    bar = train("bar")                      # thread mode on a terminal: the bar by default
+    assert "train: " in bar and "step/s" in bar and "step 6/6  loss" not in bar
+    lines = train("lines", "--progress", "lines", "--log-every", 2)
+    assert "step/s" not in lines
+    assert [l.split()[1] for l in lines.splitlines() if l.startswith("step ") and "/" in
+            l.split()[1]] == ["1/6", "2/6", "4/6", "6/6"]
+    none = train("none", "--progress", "none")
+    assert "step/s" not in none and "/6  loss" not in none and "val_loss" in none

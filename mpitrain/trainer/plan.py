@@ -128,8 +128,8 @@ def resolve_configs(preset: str, overrides: dict, vocab_size: int, seq_len: int,
 
 def resume_warnings(checkpoint, options: dict, model, train):
     """What the user should know about a resume: a --preset given whose architecture is not
-    the checkpoint's (which wins), a world size other than the checkpoint's (results then differ from an
-    uninterrupted run at float rounding: the gradient sums group differently)."""
+    the checkpoint's (which wins), a worker count other than the checkpoint's (results then
+    differ from an uninterrupted run at float rounding: the gradient sums group differently)."""
     if checkpoint is None:
         return
     preset = options["preset"]

@@ -2,8 +2,9 @@
 and what the person at the terminal sees (a progress bar on a terminal, plain lines otherwise).
 
 metrics.jsonl holds one JSON object a line: every step {"step", "loss", "lr", "grad_norm",
-"tokens_per_s", "step_s", "time"} (tokens_per_s: the rate over the last RATE_WINDOW steps; step_s:
-the seconds since the previous step's report), every evaluation {"step", "val_loss", "val_ppl", "sample"}, and events
+"tokens_per_s", "step_s", "time"} (tokens_per_s: the rate over the last RATE_WINDOW steps;
+step_s: the seconds since the previous step's report), every evaluation {"step", "val_loss",
+"val_ppl", "sample"}, and events
 {"event": "start" | "resume" | "checkpoint" | "signal" | "end", ...} (docs/TRAINING.md lists
 their fields). heartbeat.json is replaced atomically every few seconds: Node Zero's host,
 every rank's PID, the last step, the time.

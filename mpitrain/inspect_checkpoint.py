@@ -26,7 +26,7 @@ from mpitrain.inspect_dataset import token_fields
 from mpitrain.inspect_dataset import verify as verify_dataset
 from mpitrain.hdf5_damage import (DamagedFile, file_format, first_line, hdf5_failure, is_damage,
                                    open_ours)
-from mpitrain.inspect_tree import dumps
+from mpitrain.inspect_tree import COMPACT_MAX, dumps
 from mpitrain.tokenizer import Tokenizer
 from mpitrain.h5attrs import plain as _plain
 from mpitrain.h5attrs import shown_name
@@ -129,8 +129,8 @@ def _tensor_table(rows):
 
 
 def format_summary(s, compact=False):
-    """The summary as text; compact: one line per group of tensors instead of a table
-    (`inspect --all` shows the tables)."""
+    """The summary as text; compact: a group of more than COMPACT_MAX tensors is one line
+    instead of a table (`inspect --all` shows the tables)."""
     mc, tc, cb = s["model_config"] or {}, s["train_config"] or {}, s["created_by"] or {}
     loss = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     vocab = "" if s["vocab_size"] is None else f"; vocabulary {s['vocab_size']:,} ids"
@@ -148,12 +148,15 @@ def format_summary(s, compact=False):
                            f"{len(s['problems'])} problem(s): " + "; ".join(s["problems"][:3])),
         "finite       " + _finite_line(s["tensors"]),
     ]
-    if compact:
-        lines += [""] + [_group_line(where, rows) for where, rows in s["tensors"].items()]
-        lines.append("(--all: per-tensor statistics)")
-        return "\n".join(lines)
+    folded = False
     for where, rows in s["tensors"].items():
-        lines += ["", f"/{where} ({len(rows)} tensors)"] + _tensor_table(rows)
+        if compact and len(rows) > COMPACT_MAX:
+            lines += ["", _group_line(where, rows)]
+            folded = True
+        else:
+            lines += ["", f"/{where} ({len(rows)} tensors)"] + _tensor_table(rows)
+    if folded:
+        lines.append("(--all: per-tensor statistics)")
     return "\n".join(lines)
 
 

@@ -51,7 +51,9 @@ def build_parser(modules=None):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     modules = _modules()
-    if DEFAULT_COMMAND in modules and (not argv or (argv[0] not in modules
+    # `mpitrain --preset tiny` means `mpitrain train --preset tiny`; a first word that is not
+    # an option names a command (`mpitrain trian` is refused as an invalid choice)
+    if DEFAULT_COMMAND in modules and (not argv or (argv[0].startswith("-")
                                                     and argv[0] not in ("-h", "--help"))):
         argv.insert(0, DEFAULT_COMMAND)
     try:

@@ -18,12 +18,16 @@ TYPES = (int, float, bool, str)
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")   # --set spellings of a bool
 
 
-def setting(default, *, min=None, above=None, below=None, choices=None):
+def setting(default, *, min=None, above=None, below=None, choices=None, text=False,
+            optional=False):
     """A configuration field: its default and the values it accepts besides its type.
     min: inclusive lower bound; above, below: exclusive bounds; choices: the values of a str
-    field (required for str fields)."""
+    field (required for str fields unless text=True: a str field that holds any text).
+    optional: a field added after files were first written, stored (to_dict) only when it
+    differs from its default, so a file that does not use it is byte for byte what it was."""
     return field(default=default, metadata={"min": min, "above": above, "below": below,
-                                            "choices": choices})
+                                            "choices": choices, "text": text,
+                                            "optional": optional})
 
 
 def check(f, value):
@@ -42,7 +46,9 @@ def check(f, value):
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value!r}")
-    elif not isinstance(value, str) or value not in rule.get("choices"):
+    elif not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    elif not rule.get("text") and value not in rule.get("choices"):
         raise ValueError(f"{name} must be one of {', '.join(rule['choices'])}, got {value!r}")
     if rule.get("min") is not None and not value >= rule["min"]:
         what = "not be negative" if rule["min"] == 0 else f"be at least {rule['min']}"
@@ -56,8 +62,10 @@ def check(f, value):
 
 
 def parse(f, text: str):
-    """Command-line text as field `f`'s value, checked; ValueError saying what was expected."""
-    kind, text = _kind(f), text.strip()
+    """Command-line text as field `f`'s value, checked; ValueError saying what was expected.
+    Surrounding spaces are dropped, except from a text field's value (they are text)."""
+    kind = _kind(f)
+    text = text if f.metadata.get("text") else text.strip()
     if kind is bool:
         if text.lower() not in TRUE + FALSE:
             spellings = "/".join(yes + "/" + no for yes, no in zip(TRUE, FALSE))
@@ -80,7 +88,7 @@ def _kind(f):
     if kind not in TYPES:
         raise TypeError(f"configuration field {f.name} has type {f.type!r}, not one of "
                         f"int, float, bool, str")
-    if kind is str and not f.metadata.get("choices"):
+    if kind is str and not f.metadata.get("choices") and not f.metadata.get("text"):
         raise TypeError(f"configuration field {f.name} is a str without choices")
     return kind
 
@@ -98,7 +106,12 @@ class _Config:
         return replace(cls(**PRESETS[_known(name)][cls.PRESET_PART]), **overrides)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stored form: every field, except optional ones at their default."""
+        d = asdict(self)
+        for f in fields(self):
+            if f.metadata.get("optional") and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -155,8 +168,12 @@ class TrainConfig(_Config):
     eval_windows: int = setting(64, min=1)      # fixed validation windows per evaluation
     seed: int = setting(0, min=0)               # initialisation and data-order seed
     keep_last: int = setting(0, min=0)          # checkpoints kept besides step 0 (0: keep all)
-    max_bad_steps: int = setting(10, min=1)     # steps in a row with a non-finite loss or
-                                                # gradient norm (each skipped) before a stop
+    max_bad_steps: int = setting(10, min=1, optional=True)   # steps in a row with a non-finite
+                                                # loss or gradient norm (each skipped) before a stop
+    # the text sample written at each evaluation (mpitrain/trainer/sampling.py)
+    sample_tokens: int = setting(32, min=0, optional=True)   # tokens generated (0: no sample)
+    sample_temperature: float = setting(0.8, min=0, optional=True)   # 0: greedy
+    sample_prompt: str = setting("", text=True, optional=True)   # "": the validation split's start
 # name -> {"model": ModelConfig fields, "train": TrainConfig fields}
 PRESETS = {
     # The original design's configuration: 33.8M parameters at vocabulary 30,000.

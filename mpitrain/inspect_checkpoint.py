@@ -22,11 +22,12 @@ import numpy as np
 from mpitrain import formats
 from mpitrain.checkpoint import TENSOR_GROUPS, verify
 from mpitrain.errors import UserError
+from mpitrain.inspect_dataset import token_fields
 from mpitrain.inspect_dataset import verify as verify_dataset
 from mpitrain.hdf5_damage import (DamagedFile, file_format, first_line, hdf5_failure, is_damage,
                                    open_ours)
-from mpitrain.inspect_tree import dumps
-from mpitrain.tokenizer import Tokenizer, escape_token
+from mpitrain.inspect_tree import COMPACT_MAX, dumps
+from mpitrain.tokenizer import Tokenizer
 from mpitrain.h5attrs import plain as _plain
 from mpitrain.h5attrs import shown_name
 
@@ -127,7 +128,9 @@ def _tensor_table(rows):
     return lines
 
 
-def format_summary(s):
+def format_summary(s, compact=False):
+    """The summary as text; compact: a group of more than COMPACT_MAX tensors is one line
+    instead of a table (`inspect --all` shows the tables)."""
     mc, tc, cb = s["model_config"] or {}, s["train_config"] or {}, s["created_by"] or {}
     loss = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
     vocab = "" if s["vocab_size"] is None else f"; vocabulary {s['vocab_size']:,} ids"
@@ -145,9 +148,27 @@ def format_summary(s):
                            f"{len(s['problems'])} problem(s): " + "; ".join(s["problems"][:3])),
         "finite       " + _finite_line(s["tensors"]),
     ]
+    folded = False
     for where, rows in s["tensors"].items():
-        lines += ["", f"/{where} ({len(rows)} tensors)"] + _tensor_table(rows)
+        if compact and len(rows) > COMPACT_MAX:
+            lines += ["", _group_line(where, rows)]
+            folded = True
+        else:
+            lines += ["", f"/{where} ({len(rows)} tensors)"] + _tensor_table(rows)
+    if folded:
+        lines.append("(--all: per-tensor statistics)")
     return "\n".join(lines)
+
+
+def _group_line(where, rows):
+    """One line for a group of tensors: how many, their values and their range."""
+    read = [r for r in rows if not r.get("unreadable")]
+    lo = min((r["min"] for r in read if r["min"] is not None), default=None)
+    hi = max((r["max"] for r in read if r["max"] is not None), default=None)
+    unreadable = len(rows) - len(read)
+    return (f"/{where} ({len(rows)} tensors): {sum(r['count'] for r in rows):,} values in "
+            f"[{_g(lo, '.4g')}, {_g(hi, '.4g')}]"
+            + (f", {unreadable} unreadable" if unreadable else ""))
 
 
 def _finite_line(tensors):
@@ -342,7 +363,7 @@ def vocabulary(path, top=None):
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the vocabulary of {path}: {first_line(e)}") from None
     n = tok.vocab_size if top is None else min(top, tok.vocab_size)
-    rows = [{"id": i, "token": escape_token(tok.token_bytes(i)), "count": None}
+    rows = [{"id": i, **token_fields(tok.token_bytes(i)), "count": None}
             for i in range(n)]
     return {"file": path, "format": fmt, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
             "order": "id", "counts": None, "listed": n, "total_tokens": None, "tokens": rows}

@@ -14,6 +14,18 @@ from mpitrain.dataset import SPLITS, Dataset
 from mpitrain.errors import UserError
 from mpitrain.tokenizer import escape_token
 
+
+def token_fields(b: bytes) -> dict:
+    """A token as data (what --json prints): "token" its text, bytes that are not UTF-8 shown
+    as U+FFFD, and "bytes" its exact bytes in hex. The text views print it escaped instead
+    (vocab.txt style: shown(row))."""
+    return {"token": b.decode("utf-8", errors="replace"), "bytes": b.hex()}
+
+
+def shown(row: dict) -> str:
+    """A token row's token, escaped and quoted as vocab.txt writes it."""
+    return '"' + escape_token(bytes.fromhex(row["bytes"])) + '"'
+
 COUNTS_NOTE = ("counts are occurrences in this file's token stream, computed now (the file "
                "stores no counts)")
 
@@ -32,7 +44,7 @@ def summarize(path, top=10):
     counts = per_split["train"] + per_split["val"]
     order = np.argsort(-counts, kind="stable")[:10 if top is None else top]
     total = int(counts.sum())
-    frequent = [{"id": int(i), "token": escape_token(tok.token_bytes(int(i))),
+    frequent = [{"id": int(i), **token_fields(tok.token_bytes(int(i))),
                  "count": int(counts[i]), "fraction": counts[i] / total if total else 0.0}
                 for i in order if counts[i] > 0]
     sample_ids = _window_ids(streams["train"], ds.seq_len, 0)
@@ -88,8 +100,7 @@ def format_summary(s):
         "most frequent tokens:",
     ]
     for t in s["most_frequent_tokens"]:
-        quoted = '"' + t["token"] + '"'  # already escaped (vocab.txt style)
-        lines.append(f"  {t['id']:>7}  {t['count']:>12,}  {t['fraction']:6.2%}  {quoted}")
+        lines.append(f"  {t['id']:>7}  {t['count']:>12,}  {t['fraction']:6.2%}  {shown(t)}")
     smp = s["sample"]
     lines.append(f"sample       the first {smp['tokens']} tokens of the {smp['split']} stream, "
                  "decoded:")
@@ -107,7 +118,7 @@ def _window_ids(stream, seq_len, k):
 
 def sequence(path, k, split="train"):
     """Window k of `split` as {"split", "window", "windows", "seq_len", "start", "ids",
-    "tokens" (escaped, vocab.txt style), "text"}. UserError when k is out of range."""
+    "tokens" (their text), "token_bytes" (hex), "text"}. UserError when k is out of range."""
     ds = Dataset.open(path)
     n = ds.num_windows(split)
     if not 0 <= k < n:
@@ -118,7 +129,8 @@ def sequence(path, k, split="train"):
     tok = ds.tokenizer
     return {"file": path, "split": split, "window": k, "windows": n, "seq_len": ds.seq_len,
             "start": k * ds.seq_len, "ids": ids.astype(int).tolist(),
-            "tokens": [escape_token(tok.token_bytes(int(i))) for i in ids],
+            "tokens": [token_fields(tok.token_bytes(int(i)))["token"] for i in ids],
+            "token_bytes": [tok.token_bytes(int(i)).hex() for i in ids],
             "text": tok.decode(ids)}
 
 
@@ -129,8 +141,8 @@ def format_sequence(w):
     for i in range(0, len(w["ids"]), 16):
         lines.append("  " + " ".join(f"{x:>6}" for x in w["ids"][i:i + 16]))
     lines.append("tokens:")
-    lines += [f"  {pos:>6} {i:>7}  \"{t}\""
-              for pos, (i, t) in enumerate(zip(w["ids"], w["tokens"]))]
+    lines += [f"  {pos:>6} {i:>7}  {shown({'bytes': b})}"
+              for pos, (i, b) in enumerate(zip(w["ids"], w["token_bytes"]))]
     lines.append("text:")
     lines += ["  | " + line for line in w["text"].split("\n")]
     return "\n".join(lines)
@@ -148,7 +160,7 @@ def vocabulary(path, top=None):
     if top is not None:
         order = order[:top]
     tok = ds.tokenizer
-    rows = [{"id": int(i), "token": escape_token(tok.token_bytes(int(i))), "count": int(counts[i]),
+    rows = [{"id": int(i), **token_fields(tok.token_bytes(int(i))), "count": int(counts[i]),
              "train": int(per_split["train"][i]), "val": int(per_split["val"][i])}
             for i in order]
     return {"file": path, "format": formats.DATASET, "vocab_size": ds.vocab_size,
@@ -164,11 +176,11 @@ def format_vocabulary(v):
     if v["counts"]:
         head.append(f"# {v['counts']}; {v['total_tokens']:,} tokens in all")
         head.append(f"# {'id':>7} {'count':>12} {'train':>12} {'val':>12}  token")
-        body = [f"{r['id']:>9} {r['count']:>12} {r['train']:>12} {r['val']:>12}  \"{r['token']}\""
+        body = [f"{r['id']:>9} {r['count']:>12} {r['train']:>12} {r['val']:>12}  {shown(r)}"
                 for r in v["tokens"]]
     else:
         head.append(f"# {'id':>7}  token")
-        body = [f"{r['id']:>9}  \"{r['token']}\"" for r in v["tokens"]]
+        body = [f"{r['id']:>9}  {shown(r)}" for r in v["tokens"]]
     return "\n".join(head + body)
 
 

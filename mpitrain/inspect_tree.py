@@ -112,9 +112,22 @@ def _human(n):
         n /= 1024
 
 
-def format_tree(node, indent=0):
-    """Indented listing: one line per object, its attributes below it."""
+COMPACT_MAX = 8   # compact listing: a group of more datasets than this is one line
+
+
+def format_tree(node, indent=0, compact=False):
+    """Indented listing: one line per object, its attributes below it. compact: a group holding
+    more than COMPACT_MAX datasets (and nothing else) is one line giving their count and size
+    (a checkpoint's params/ and optimizer groups); `inspect --all` lists them."""
     pad = "  " * indent
+    children = node.get("children", ())
+    if (compact and node["kind"] == "group" and len(children) > COMPACT_MAX
+            and all(c["kind"] == "dataset" for c in children)):
+        dtypes = sorted({c["dtype"] for c in children})
+        nbytes, stored = (sum(c[k] for c in children) for k in ("bytes", "stored_bytes"))
+        name = node["name"] + ("" if node["name"].endswith("/") else "/")
+        return [f"{pad}{name}  {len(children)} datasets ({', '.join(dtypes)}), "
+                f"{_human(nbytes)} (stored {_human(stored)}); --all lists them"]
     if node["kind"] == "dataset":
         shape = "x".join(map(str, node["shape"])) or "scalar"
         layout = node["layout"] + (f" {tuple(node['chunks'])}" if node["chunks"] else "")
@@ -132,8 +145,8 @@ def format_tree(node, indent=0):
                  + (f"  members {node['error']}" if node.get("error") else "")]
     for k, v in node["attrs"].items():
         lines.append(f"{pad}    @{k} = {_short(v)}")
-    for child in node.get("children", ()):
-        lines += format_tree(child, indent + 1)
+    for child in children:
+        lines += format_tree(child, indent + 1, compact)
     return lines
 
 

@@ -8,7 +8,9 @@ Sources (written by Node Zero, mpitrain/trainer/runlog.py):
                   the next read.
   heartbeat.json  {"host", "pid", "step", "stop_step", "time", ...}, replaced every few seconds.
 The epoch shown comes from the start event's "num_windows" (the dataset's training windows);
-a run written before the start event carried it shows no epoch.
+a run written before the start event carried it shows no epoch. It counts from 0, as the
+checkpoints' `epoch` does (the epoch in progress = complete passes so far): "epoch 0 of 1"
+during the first and only pass.
 
 RunReader follows metrics.jsonl incrementally (only new complete lines are parsed);
 snapshot() condenses what it read into a dict; format_snapshot() renders it as text.
@@ -189,7 +191,9 @@ def snapshot(reader, interval=2.0, now=None) -> dict:
     if step is not None and tc.get("batch_size"):
         windows = reader.num_windows()
         if windows:
-            epoch = int(step) * int(tc["batch_size"]) // windows + 1
+            # the data position's epoch after `step` (schedule.next_batch), as checkpoints
+            # record it
+            epoch = int(step) * int(tc["batch_size"]) // windows
     if tc.get("epochs"):
         epochs = int(tc["epochs"])
     warmup = tc.get("warmup")
@@ -242,7 +246,7 @@ def format_snapshot(s) -> str:
     of = f" of {s['stop_step']}" if s["stop_step"] is not None else ""
     if s["total_steps"] not in (None, s["stop_step"]):
         of += f" (schedule: {s['total_steps']})"
-    epoch = "-" if s["epoch"] is None else str(s["epoch"])
+    epoch = "-" if s["epoch"] is None else f"{s['epoch']} (from 0)"
     if s["epochs"]:
         epoch += f" of {s['epochs']}"
     sample = s["sample"]

@@ -71,6 +71,9 @@ def check_output(o: Options):
         raise UserError(f"output directory is not writable: {shown_dir}")
     if os.path.isdir(o.out):
         raise UserError(f"--out is a directory: {o.out}")
+    if not o.out.endswith(".h5"):
+        raise UserError(f"--out {o.out}: a dataset file must end in .h5 (it is HDF5, and its "
+                        f"vocabulary is written beside it as NAME.vocab.txt)")
     if os.path.exists(o.out) and not o.force:
         raise UserError(f"output exists: {o.out} (use --force to replace it)")
 

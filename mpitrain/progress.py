@@ -13,11 +13,15 @@ def shown(quiet: bool = False, enabled: bool = True) -> bool:
 
 
 def bar(total=None, desc: str = "", unit: str = "it", *, quiet: bool = False,
-        enabled: bool = True, unit_scale: bool = False, iterable=None, **kw):
+        enabled: bool = True, unit_scale: bool = False, iterable=None, force: bool = False,
+        **kw):
     """A tqdm bar (usable as a context manager or an iterable wrapper) on stderr.
 
-    unit="B" with unit_scale=True shows bytes as kB/MB/GB.
+    unit="B" with unit_scale=True shows bytes as kB/MB/GB. force: shown (when enabled and not
+    quiet) even though stderr is not a terminal: the user asked for it (`train --progress bar`
+    under mpirun, whose ranks never see a terminal).
     """
+    show = shown(quiet, enabled) or (force and enabled and not quiet)
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale,
                 unit_divisor=1024 if unit == "B" else 1000, file=sys.stderr,
-                disable=not shown(quiet, enabled), dynamic_ncols=True, leave=False, **kw)
+                disable=not show, dynamic_ncols=True, leave=False, **kw)

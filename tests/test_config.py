@@ -28,9 +28,10 @@ TODAY_TRAIN_JSON = ('{"batch_size": 12, "beta1": 0.9, "beta2": 0.999, "clip": 1.
                     '"eps": 1e-08, "eval_every": 5, "eval_windows": 8, "keep_last": 0, '
                     '"lr": 0.003, "max_steps": 0, "save_every": 10, "seed": 5, "seq_len": 16, '
                     '"warmup": 2, "weight_decay": 0.01}')
-# Fields added since, each with the default that reproduces what older files meant: a file
-# written today holds them too, and today's strings above still load.
-ADDED_TRAIN = {"max_bad_steps": 10}
+# Fields added since are optional (config.setting): each has the default that reproduces what
+# older files meant and is stored only when it differs, so a file written today with the
+# defaults holds exactly today's strings above.
+ADDED_TRAIN = {}
 WRITTEN_TRAIN_JSON = json.dumps({**json.loads(TODAY_TRAIN_JSON), **ADDED_TRAIN}, sort_keys=True)
 TODAY_MODEL = ModelConfig(vocab_size=260, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=16)
 TODAY_TRAIN = TrainConfig(seq_len=16, batch_size=12, lr=0.003, weight_decay=0.01, beta1=0.9,
@@ -53,9 +54,11 @@ def _stored(path):
 
 def test_today_s_fields_and_order_are_unchanged():
     assert tuple(f.name for f in dataclasses.fields(ModelConfig)) == TODAY_MODEL_FIELDS
-    assert tuple(f.name for f in dataclasses.fields(TrainConfig)) == \
-        TODAY_TRAIN_FIELDS + tuple(ADDED_TRAIN)
-    assert tuple(TODAY_TRAIN.to_dict()) == TODAY_TRAIN_FIELDS + tuple(ADDED_TRAIN)  # train.log
+    # fields added since come after today's and are optional: stored only when not default
+    train_fields = dataclasses.fields(TrainConfig)
+    assert tuple(f.name for f in train_fields[:len(TODAY_TRAIN_FIELDS)]) == TODAY_TRAIN_FIELDS
+    assert all(f.metadata["optional"] for f in train_fields[len(TODAY_TRAIN_FIELDS):])
+    assert tuple(TODAY_TRAIN.to_dict()) == TODAY_TRAIN_FIELDS     # metrics.jsonl, train.log
     assert json.dumps(TODAY_MODEL.to_dict(), sort_keys=True) == TODAY_MODEL_JSON
     assert json.dumps(TODAY_TRAIN.to_dict(), sort_keys=True) == WRITTEN_TRAIN_JSON
     assert TrainConfig.from_dict(json.loads(TODAY_TRAIN_JSON)) == TODAY_TRAIN
@@ -64,6 +67,16 @@ def test_today_s_fields_and_order_are_unchanged():
     assert TrainConfig() == TrainConfig(**PRESETS["seed"]["train"], beta1=0.9, beta2=0.999,
                                         eps=1e-8, max_steps=0, eval_windows=64, seed=0,
                                         keep_last=0)
+
+
+def test_an_optional_field_is_stored_only_when_set(tmp_path):
+    changed = dataclasses.replace(TODAY_TRAIN, sample_tokens=5)
+    assert changed.to_dict() == {**json.loads(TODAY_TRAIN_JSON), "sample_tokens": 5}
+    assert TrainConfig.from_dict(changed.to_dict()) == changed
+    path = tmp_path / "checkpoint_step_7.h5"
+    _save(path, model_config=TODAY_MODEL, train_config=changed)
+    assert json.loads(_stored(path)[1])["sample_tokens"] == 5
+    assert ckpt.load_checkpoint(path).train_config == changed
 
 
 def test_today_s_checkpoint_and_export_read_and_write_the_same_bytes(tmp_path):

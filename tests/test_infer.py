@@ -7,6 +7,7 @@ a checkpoint written by a real (mpirun) training run generates; the interactive 
 its commands and keeps its context until /reset; bad input ends with one line and exit 2.
 """
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -154,7 +155,10 @@ def test_bad_inputs(model_file, tiny_dataset, tmp_path, monkeypatch):  # noqa: F
         (["--model", tiny_dataset, "--prompt", "x"], "is a dataset"),
         (["--model", nan_file, "--prompt", "x"],
          "/params/transformer.h.1.mlp.c_fc.weight is not finite: 1 NaN"),
-        (["--model", path, "--prompt", ""], "--prompt is empty"),
+        (["--model", path, "--prompt", ""], "the prompt is empty"),
+        (["--model", path, "--prompt", "x", "--prompt-file", path], "not both"),
+        (["--model", path, "--prompt-file", tmp_path / "none.txt"], "no such file"),
+        (["--model", path, "--prompt", "x", "--num-samples", 0], "--num-samples must be"),
         (["--model", path], "give --prompt"),
         (["--model", path, "--prompt", "x", "--temperature", "-1"], "--temperature"),
         (["--model", path, "--prompt", "x", "--temperature", "nan"], "--temperature"),
@@ -241,3 +245,40 @@ def test_terminal_without_utf8(model_file):
     ref = reference_greedy(model.params, CONFIG, TOKENIZER.encode(PROMPT), 20,
                            stop_id=TOKENIZER.eod_id)
     assert proc.stdout.decode("ascii") == _text(ref).encode("ascii", "replace").decode() + "\n"
+
+
+def test_prompt_from_a_file_or_stdin_echo_and_several_samples(model_file, tmp_path):
+    import subprocess
+
+    path, _ = model_file
+    plain = _greedy(path)
+    assert plain.returncode == 0, plain.stderr
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(PROMPT, encoding="utf-8")
+    from_file = run_cli("infer", "--model", path, "--prompt-file", prompt_file,
+                        "--temperature", 0, "--max-new-tokens", 20)
+    assert (from_file.returncode, from_file.stdout) == (0, plain.stdout), from_file.stderr
+    from conftest import REPO
+    env = dict(os.environ, PYTHONPATH=REPO)
+    from_stdin = subprocess.run([sys.executable, "-m", "mpitrain", "infer", "--model", str(path),
+                                 "--prompt", "-", "--temperature", "0", "--max-new-tokens",
+                                 "20"], input=PROMPT, env=env, capture_output=True, text=True,
+                                timeout=120)
+    assert (from_stdin.returncode, from_stdin.stdout) == (0, plain.stdout), from_stdin.stderr
+    echoed = _greedy(path, PROMPT, 20, "--echo")
+    assert echoed.stdout == PROMPT + plain.stdout
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9")
+    assert_user_error(run_cli("infer", "--model", path, "--prompt-file", bad), "not UTF-8")
+
+    # sample i is the single run with seed S + i
+    def sampled(*extra):
+        p = run_cli("infer", "--model", path, "--prompt", PROMPT, "--temperature", 1.0,
+                    "--max-new-tokens", 15, *extra)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+    three = sampled("--seed", 4, "--num-samples", 3)
+    singles = [sampled("--seed", 4 + i) for i in range(3)]
+    assert len(set(singles)) > 1
+    assert three == "\n".join(f"--- sample {i + 1} of 3 (seed {4 + i}) ---\n{one}"
+                               for i, one in enumerate(singles))

@@ -11,7 +11,7 @@ from mpitrain.checkpoint import export_weights, verify
 from mpitrain.commands import inspect as inspect_cmd
 from mpitrain.errors import UserError
 from conftest import run_cli
-from test_checkpoint import _flip_byte_in, _save, _tensors
+from test_checkpoint import TOK, _flip_byte_in, _save, _tensors
 
 
 def _run(argv):
@@ -207,3 +207,33 @@ def test_checkpoint_inspect_through_the_command_line(tmp_path):
     assert run_cli("export", path, "--out", export).returncode == 0
     d = json.loads(run_cli("inspect", path, export, "--json").stdout)
     assert all(r["status"] == "identical" for r in d["tensors"]["params"])
+
+
+def test_default_tree_of_a_real_checkpoint_is_compact(tmp_path, capsys):
+    # A 2-layer model has 29 tensors in each of params/, optimizer/m, optimizer/v: by default
+    # each group is one line in the tree and in the summary; --all lists every tensor.
+    from mpitrain.config import ModelConfig
+    from mpitrain.model import Model
+
+    mc = ModelConfig.preset("tiny", vocab_size=TOK.vocab_size)
+    model = Model(mc, seed=0, threads=1)
+    params = {n: np.array(model.params[n]) for n in model.param_names}
+    zeros = {n: np.zeros_like(a) for n, a in params.items()}
+    path = tmp_path / "checkpoint_step_7.h5"
+    _save(path, params=params, m=zeros, v=dict(zeros), model_config=mc)
+    n = len(params)
+    assert n > 8
+    assert _run([str(path)]) == 0
+    compact = capsys.readouterr().out
+    assert f"    params/  {n} datasets (float32), " in compact
+    assert f"      m/  {n} datasets (float32), " in compact
+    assert "lm_head.weight" not in compact and "@crc32" not in compact.split("vocab/")[0]
+    assert f"/params ({n} tensors): {sum(a.size for a in params.values()):,} values in [" \
+        in compact
+    assert "/optimizer/v ({n} tensors): {:,} values in [0, 0]".format(
+        sum(a.size for a in params.values()), n=n) in compact
+    assert _run([str(path), "--all"]) == 0
+    full = capsys.readouterr().out
+    for name in params:
+        assert f"      {name}  [" in full and f"  {name}  " in full.split("summary:")[1]
+    assert len(compact.splitlines()) < 80 < 3 * n < len(full.splitlines())

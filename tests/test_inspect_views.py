@@ -9,6 +9,7 @@ import pytest
 
 from conftest import assert_user_error, run_cli, write_corpus
 from test_checkpoint import TOK, _save
+from mpitrain.tokenizer import escape_token
 
 pytestmark = pytest.mark.slow  # the command line in subprocesses
 
@@ -46,6 +47,8 @@ def test_sequence_decodes_the_training_window(dataset):
         ref = streams["train"][k * SEQ_LEN:k * SEQ_LEN + SEQ_LEN + 1]
         assert w["ids"] == ref.tolist() and len(w["ids"]) == SEQ_LEN + 1
         assert w["text"] == b"".join(table[i] for i in ref).decode("utf-8")
+        assert [bytes.fromhex(b) for b in w["token_bytes"]] == [table[i] for i in ref]
+        assert w["tokens"] == [table[i].decode("utf-8", "replace") for i in ref]
         assert (w["window"], w["windows"], w["start"], w["split"]) == (k, n, k * SEQ_LEN, "train")
     # consecutive windows overlap by exactly one token (stride seq_len)
     w0 = json.loads(run_cli("inspect", dataset, "--sequence", 0, "--json").stdout)
@@ -97,10 +100,13 @@ def test_vocab_lists_every_token_with_its_counts(dataset):
     # most frequent first, ties by id
     assert [r["id"] for r in rows] == sorted(range(V), key=lambda i: (-(train[i] + val[i]), i))
     assert v["total_tokens"] == streams["train"].size + streams["val"].size
+    # --json holds real strings (not vocab.txt escapes) and the exact bytes in hex
     by_id = {r["id"]: r["token"] for r in rows}
-    assert by_id[0] == "<|endoftext|>" and by_id[1 + ord("\n")] == "\\n"
-    assert by_id[1 + ord("\t")] == "\\t"
+    assert by_id[0] == "<|endoftext|>" and by_id[1 + ord("\n")] == "\n"
+    assert by_id[1 + ord("\t")] == "\t"
     assert all(by_id[i] == table[i].decode() for i in range(257, V))  # plain words
+    assert all(bytes.fromhex(r["bytes"]) == table[r["id"]] for r in rows)
+    assert by_id[1 + 0x80] == "\ufffd"   # a lone continuation byte is no text
     # --top N: the N most frequent; text form one line per token
     p = run_cli("inspect", dataset, "--vocab", "--top", 3)
     assert p.returncode == 0, p.stderr
@@ -108,7 +114,7 @@ def test_vocab_lists_every_token_with_its_counts(dataset):
     assert len(body) == 3
     for line, r in zip(body, rows[:3]):
         assert line.split()[:4] == [str(r["id"]), str(r["count"]), str(r["train"]), str(r["val"])]
-        assert line.endswith(f'"{r["token"]}"')
+        assert line.endswith('"' + escape_token(bytes.fromhex(r["bytes"])) + '"')
     assert "the file stores no counts" in p.stdout
     assert_user_error(run_cli("inspect", dataset, "--vocab", "--top", -1), "--top must be >= 0")
 

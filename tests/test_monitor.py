@@ -6,6 +6,7 @@ here); following a run until its end event; on hand-written run directories: sta
 stopped runs (old heartbeat, Node Zero alive or gone), a half-written last line, a resumed
 run's repeated steps; bad input ends with one line and exit 2.
 """
+import glob
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ import time
 import pytest
 
 from conftest import REPO, assert_user_error, run_cli
-from mpitrain.monitor import SPARK, sparkline
+from mpitrain.checkpoint import load_checkpoint
+from mpitrain.monitor import SPARK, format_snapshot, sparkline
 from test_generate_support import tiny_run_dir
 from test_train_support import (heartbeat, read_metrics, start_train, step_losses,  # noqa: F401
                                 tiny_dataset, val_losses)
@@ -57,12 +59,17 @@ def test_finished_run(finished_run):
     tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and "event" not in r]
     # a float64 mean of the same ten numbers, perhaps summed in another order (approx's 1e-6)
     assert s["tokens_per_s"] == pytest.approx(sum(tps[-10:]) / len(tps[-10:]))
-    # the start event carries the dataset's training windows; 10 steps stay in epoch 1
+    # the start event carries the dataset's training windows; 10 steps stay in the first
+    # epoch, which monitor counts from 0 as the checkpoint records it
     start = [r for r in records if r.get("event") == "start"][-1]
     with open(os.path.join(finished_run, "train.log")) as f:
         assert f"{start['num_windows']} training windows" in f.read()
     assert 10 * start["train_config"]["batch_size"] < start["num_windows"]
-    assert s["epoch"] == 1 and s["epochs"] == 100
+    assert s["epoch"] == 0 and s["epochs"] == 100
+    newest = sorted(glob.glob(os.path.join(finished_run, "checkpoint_step_*.h5")),
+                    key=lambda p: int(p.rsplit("_", 1)[1][:-3]))[-1]
+    assert load_checkpoint(newest).epoch == s["epoch"]
+    assert "epoch 0 (from 0) of 100" in format_snapshot(s)
     assert s["checkpoints_written"] == s["checkpoints_on_disk"] == 2
 
 
@@ -146,7 +153,7 @@ def test_stalled_and_stopped(tmp_path):
     # rates from the records' exact times, in float64 (pytest.approx's default rel 1e-6)
     assert s["step"] == 20 and s["steps_per_s"] == pytest.approx(2.0)
     assert s["eta_s"] == pytest.approx(40.0)          # 80 steps at 2 steps/s
-    assert s["epoch"] == 20 * 12 // 60 + 1            # num_windows from the start event
+    assert s["epoch"] == 20 * 12 // 60                # num_windows from the start event
     stalled = str(tmp_path / "stalled")
     _write_run(stalled, _records(range(1, 21)), beat_age=30.0, pid=os.getpid())
     s = _snapshot(stalled)

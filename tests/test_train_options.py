@@ -1,5 +1,6 @@
 """train's options: --set refused by name, the configuration precedence, user errors as one
 line with exit 2 on every rank, --show-topology."""
+import json
 import os
 from types import SimpleNamespace
 
@@ -107,3 +108,93 @@ def test_threads_per_rank_default_shares_the_node_s_cpus(monkeypatch, cpus, loca
     # one node of a 24-rank job
     launch = launcher.detect({"PMI_SIZE": "24", "MPI_LOCALNRANKS": str(local)})
     assert default_threads_per_rank(launch) == expected
+
+
+def test_sample_settings_are_typed_training_fields():
+    from mpitrain.trainer import sampling
+
+    # the defaults are what the sample always was: 32 tokens at temperature 0.8, the
+    # validation split's first tokens as the prompt
+    tc = TrainConfig()
+    assert (tc.sample_tokens, tc.sample_temperature, tc.sample_prompt) == (32, 0.8, "")
+    assert (sampling.NEW_TOKENS, sampling.TEMPERATURE) == (32, 0.8)
+    # a prompt keeps its spaces (they are text); numbers are checked by their rules
+    assert parse_sets(["sample_prompt= def main", "sample_tokens=0",
+                       "sample_temperature=0"]) == {"sample_prompt": " def main",
+                                                    "sample_tokens": 0,
+                                                    "sample_temperature": 0.0}
+    with pytest.raises(UserError, match="sample_tokens must not be negative"):
+        parse_sets(["sample_tokens=-1"])
+    with pytest.raises(UserError, match="expected float"):
+        parse_sets(["sample_temperature=warm"])
+    assert TrainConfig.from_dict({"lr": 0.5}).sample_tokens == 32   # older checkpoints
+
+
+def test_runlog_rate_window_and_log_every(tmp_path, monkeypatch, capsys):
+    from mpitrain.trainer import runlog
+
+    clock = [100.0]
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: clock[0])
+    log = runlog.RunLog(str(tmp_path), [("h", 1)], 40, 0, 40, progress="lines", log_every=7)
+    # steps 1..40 at 0.5 s each, with one slow report (an evaluation) before step 20
+    for step in range(1, 41):
+        clock[0] += 0.5 + (3.0 if step == 20 else 0.0)
+        log.step_done(step, 2.0, 1e-3, 1.0, 100, 0.5, 1.0)
+    log.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(l.split()[1].split("/")[0]) for l in lines] == [1, 7, 14, 21, 28, 35, 40]
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    rate = {r["step"]: r["tokens_per_s"] for r in records}
+    # 100 tokens a step: over the last RATE_WINDOW (10) reports, 10 steps in 5 s = 200 tok/s;
+    # a window holding the slow report: 10 steps in 8 s; exact in binary floating point
+    assert rate[10] == rate[40] == 200.0 and rate[29] == 100 * 10 / 8.0
+    assert rate[1] == 200.0 and rate[5] == 200.0   # fewer than 10 reports: the ones there are
+    assert all(r["step_s"] == 0.5 for r in records)
+    assert "200 tok/s  0.500 s/step" in lines[-1]
+
+
+def test_runlog_progress_none_and_quiet(tmp_path, capsys):
+    from mpitrain.trainer import runlog
+
+    for kw in ({"progress": "none"}, {"quiet": True, "log_every": 1}):
+        log = runlog.RunLog(str(tmp_path), [("h", 1)], 5, 0, 5, **kw)
+        for step in range(1, 6):
+            log.step_done(step, 2.0, 1e-3, 1.0, 100, 0.5, 1.0)
+        log.close()
+        assert capsys.readouterr().out == ""
+
+
+@pytest.mark.slow
+def test_log_every_record_of_the_command_and_resume_warnings(tiny_dataset, tmp_path):
+    from mpitrain.checkpoint import load_checkpoint
+    from mpitrain.hf_export import model_card
+
+    run_dir = str(tmp_path / "run")
+    args = ["--preset", "tiny", "--dataset", tiny_dataset, "--run-dir", run_dir, "--epochs", 100,
+            "--max-steps", 20, "--eval-every", 5, "--save-every", 10, "--log-every", 4,
+            "--set", "sample_tokens=3", "--set", "sample_prompt= the"]
+    first = run_train(3, *args, "--stop-at", 10)
+    assert first.returncode == 0, first.stderr
+    steps = [l.split()[1] for l in first.stdout.splitlines() if l.startswith("step ") and "/" in
+             l.split()[1]]
+    assert steps == ["1/10", "4/10", "8/10", "10/10"]   # under mpirun too; first and last
+    assert "warning" not in first.stderr
+    ck = load_checkpoint(os.path.join(run_dir, "checkpoint_step_10.h5"))
+    assert ck.extra["command"].startswith("mpitrain train --preset tiny --dataset ")
+    assert "--log-every 4" in ck.extra["command"] and ck.extra["command"].endswith("3 ranks)")
+    ds = ck.extra["dataset"]
+    assert ds["path"] == os.path.abspath(tiny_dataset) and ds["format_version"] == 1
+    assert ds["tokens"] > 0 and ds["documents"] > 0
+    card = model_card(ck, os.path.join(run_dir, "checkpoint_step_10.h5"))
+    assert "--log-every 4" in card and '"documents": ' in card
+    assert "not recorded" not in card.split("## Training")[1].split("## Provenance")[0]
+    assert (ck.train_config.sample_tokens, ck.train_config.sample_prompt) == (3, " the")
+    # resume at another world size (1 worker instead of 2) with another preset named: one
+    # warning each, once, even with --quiet
+    again = run_train(2, *args[:1], "small", *args[2:], "--resume", "auto", "--quiet")
+    assert again.returncode == 0, again.stderr
+    warnings = [l for l in again.stderr.splitlines() if "warning" in l]
+    assert len(warnings) == 2, again.stderr
+    assert "--preset small is overridden by the checkpoint" in warnings[0]
+    assert "2 worker(s), this one has 1" in warnings[1]
+    assert again.stdout == ""

@@ -19,7 +19,8 @@ HELP = "write a model for inference from a checkpoint: weights-only .h5 or a Hug
 def add_arguments(p):
     p.add_argument("checkpoint", metavar="CKPT.h5", help="checkpoint (or export) to read")
     p.add_argument("--out", metavar="OUT", required=True,
-                   help="file to write (--format h5) or new directory (--format hf)%(default).0s")
+                   help="file to write (--format h5) or new directory (--format hf); required"
+                   "%(default).0s")
     p.add_argument("--format", choices=("h5", "hf"), default="h5",
                    help="h5: mpitrain weights-only file; hf: Hugging Face transformers folder "
                    "(GPT-2 model, tokenizer, model card)")

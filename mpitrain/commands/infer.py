@@ -27,7 +27,16 @@ def add_arguments(p):
                    help="checkpoint (checkpoint_step_N.h5) or weights-only export to load"
                    "%(default).0s")
     p.add_argument("--prompt", metavar="TEXT", default=None,
-                   help="text to continue (required unless --interactive)%(default).0s")
+                   help="text to continue; '-' reads it from standard input (one of --prompt "
+                   "and --prompt-file is required unless --interactive)%(default).0s")
+    p.add_argument("--prompt-file", metavar="FILE", default=None,
+                   help="read the text to continue from FILE (UTF-8)%(default).0s")
+    p.add_argument("--echo", action="store_true",
+                   help="print the prompt before its continuation%(default).0s")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="generate N continuations of the prompt, each from the prompt alone; "
+                   "sample i (from 0) uses seed S + i, so sample 0 is what a single run with "
+                   "--seed S gives")
     p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
                    help="tokens to generate (fewer if the end-of-document token comes first)")
     p.add_argument("--temperature", type=float, default=0.8, metavar="T",
@@ -67,11 +76,41 @@ def _check_args(args):
         raise UserError(f"--threads must be in [1, {LIMITS['threads'][1]}], got {args.threads}")
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.seed + args.num_samples - 1 > LIMITS["seed"][1]:
+        raise UserError(f"--seed + --num-samples - 1 must be at most {LIMITS['seed'][1]}")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give --prompt or --prompt-file, not both")
+    if args.interactive and args.num_samples != 1:
+        raise UserError("--num-samples is for a single prompt, not --interactive")
+    if args.prompt_file is not None or args.prompt == "-":
+        args.prompt = read_prompt(args.prompt_file)
     if not args.interactive:
         if args.prompt is None:
-            raise UserError("give --prompt TEXT (or --interactive)")
+            raise UserError("give --prompt TEXT, --prompt - (standard input) or --prompt-file "
+                            "FILE (or --interactive)")
         if not args.prompt:
-            raise UserError("--prompt is empty: give some text to continue")
+            raise UserError("the prompt is empty: give some text to continue")
+
+
+def read_prompt(path):
+    """The prompt from a file, or from standard input when path is None; UserError for a file
+    that is missing or not UTF-8."""
+    where = "standard input" if path is None else path
+    try:
+        if path is None:
+            return sys.stdin.buffer.read().decode("utf-8")
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--prompt-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"--prompt-file {path}: is a directory") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"the prompt from {where} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read the prompt from {where}: {e.strerror}") from None
 
 
 def load(path, threads):
@@ -175,10 +214,18 @@ def _run(args):
     try:
         ids = session.encode(args.prompt)
     except ValueError as e:   # a lone surrogate from the command line
-        raise UserError(f"--prompt: {e}") from None
+        raise UserError(f"the prompt: {e}") from None
     if ids.size == 0:
-        raise UserError("--prompt is empty: give some text to continue")
-    session.run(ids)
+        raise UserError("the prompt is empty: give some text to continue")
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"{'' if i == 0 else chr(10)}--- sample {i + 1} of {args.num_samples} "
+                  f"(seed {args.seed + i}) ---", flush=True)
+        gen.reset()
+        session.set_sampler(seed=args.seed + i)
+        if args.echo:
+            session.out.write(args.prompt)
+        session.run(ids)
     return 0
 
 

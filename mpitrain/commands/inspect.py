@@ -38,6 +38,8 @@ def add_arguments(p):
                    help="how many tokens to list: the most frequent in a dataset's summary "
                    "(10 when not given) and with --vocab (all when not given)%(default).0s")
     p.add_argument("--no-tree", action="store_true", help="print only the summary%(default).0s")
+    p.add_argument("--all", action="store_true", help="list every object of the tree (by "
+                   "default a checkpoint's groups of tensors are one line each)%(default).0s")
     view = p.add_mutually_exclusive_group()
     view.add_argument("--verify", action="store_true", help="check soundness: for checkpoints "
                       "and exports structure, checksums and that every tensor is finite; for "
@@ -164,11 +166,13 @@ def run(args):
     size = f", {info['file_bytes']:,} bytes on disk"
     out = [f"{args.file}: format {info['format']!r}{size}" if info["format"] is not None
            else f"{args.file}: no 'format' attribute (not a file mpitrain wrote){size}"]
+    compact = info["format"] in (formats.CHECKPOINT, formats.WEIGHTS) and not args.all
     if "tree" in info:
-        out += ["", "tree:"] + format_tree(info["tree"], 1)
+        out += ["", "tree:"] + format_tree(info["tree"], 1, compact)
     if info["summary"] is not None:
         summary_text = importlib.import_module(SUMMARIES[info["format"]]).format_summary
-        out += ["", "summary:", summary_text(info["summary"])]
+        out += ["", "summary:", summary_text(info["summary"], compact=True) if compact else
+                summary_text(info["summary"])]
     if info["damage"]:
         out += ["", f"DAMAGED: {info['damage']} (exit status 1; `mpitrain inspect --verify` "
                 "checks everything)"]

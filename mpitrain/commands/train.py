@@ -7,9 +7,13 @@ thread mode: one process, Node Zero and --threads - 1 worker threads
 """
 import os
 
+import shlex
+import sys
+
 from mpitrain import launcher
 from mpitrain.config import PRESETS, TrainConfig
 from mpitrain.errors import UserError
+from mpitrain.trainer.runlog import PRINT_EVERY, PROGRESS
 
 NAME = "train"
 HELP = "train a model: Node Zero + workers (mpirun -n N python -m mpitrain train ...)"
@@ -32,8 +36,10 @@ def add_arguments(p):
                    "missing)%(default).0s")
     p.add_argument("--run-dir", metavar="DIR", default=None,
                    help="checkpoints, logs and metrics go here (default: runs/PRESET)%(default).0s")
-    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET,
-                   help="model and training configuration to start from")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help=f"model and training configuration to start from (default: "
+                   f"{DEFAULT_PRESET}; on resume the checkpoint's architecture and settings "
+                   f"win, with a warning when they are not the given preset's)%(default).0s")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="plan at most N optimizer steps (0 = all epochs)" + FROM_PRESET)
     p.add_argument("--epochs", type=int, default=None, metavar="N",
@@ -78,6 +84,15 @@ def add_arguments(p):
                    "status 3, resumable from the previous checkpoint, or train on and try again "
                    "at the next save")
     p.add_argument("--quiet", action="store_true", help="no progress output on the terminal")
+    p.add_argument("--progress", choices=PROGRESS, default=None,
+                   help="bar: a progress bar on stderr; lines: a step line now and then on "
+                   "stdout; none: neither (evaluations, checkpoints and the end are still "
+                   "printed). Default: bar on a terminal in thread mode, else lines (under "
+                   "mpirun no rank sees the terminal)%(default).0s")
+    p.add_argument("--log-every", type=int, default=None, metavar="N",
+                   help="print a step line every N steps (default: about every "
+                   f"{PRINT_EVERY:g} s; train.log and metrics.jsonl always get every step)"
+                   "%(default).0s")
 
 
 def default_threads_per_rank(launch: launcher.Launch) -> int:
@@ -110,6 +125,9 @@ def run(args) -> int:
     from mpitrain.trainer.output import guard_output
 
     guard_output()   # a closed stdout or stderr never ends a run (trainer/output.py)
+    preset_given = args.preset is not None
+    if not preset_given:
+        args.preset = DEFAULT_PRESET
     overrides = collect_overrides(args)
     launch = launcher.detect()
     size = launch.size
@@ -131,6 +149,8 @@ def run(args) -> int:
         raise UserError(f"--threads-per-rank must be at least 1, got {args.threads_per_rank}")
     if args.stall_timeout is not None and not args.stall_timeout > 0:
         raise UserError(f"--stall-timeout must be positive, got {args.stall_timeout}")
+    if args.log_every is not None and args.log_every < 1:
+        raise UserError(f"--log-every must be at least 1, got {args.log_every}")
     if args.stop_at is not None and args.stop_at < 1:
         raise UserError(f"--stop-at must be at least 1, got {args.stop_at}")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
@@ -152,12 +172,18 @@ def run(args) -> int:
             if hosts:
                 print(hosts)
         return 0
+    progress = args.progress or ("bar" if size == 1 and sys.stderr.isatty() else "lines")
     options = {"preset": args.preset, "dataset": args.dataset, "run_dir": args.run_dir,
                "resume": args.resume, "stop_at": args.stop_at, "quiet": args.quiet,
                "stall_timeout": args.stall_timeout,
                "threads_per_rank": args.threads_per_rank, "overrides": overrides,
                "on_save_error": args.on_save_error, "thread_mode": size == 1,
-               "workers_here": max(1, launch.local_size - 1) if size > 1 else threads - 1}
+               "workers_here": max(1, launch.local_size - 1) if size > 1 else threads - 1,
+               "preset_given": preset_given, "progress": progress, "log_every": args.log_every,
+               "workers": size - 1 if size > 1 else threads - 1,
+               # what checkpoints record (the exported model card shows it)
+               "command": shlex.join(["mpitrain", *sys.argv[1:]])
+               + (f"  (mpirun, {size} ranks)" if size > 1 else "")}
     if size > 1:
         from mpitrain.trainer.mpi_runner import run_mpi
 

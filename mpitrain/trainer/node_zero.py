@@ -24,6 +24,7 @@ last issued step and STOP, so the run ends after at most LOOKAHEAD more steps wi
 import math
 import os
 import socket
+import sys
 import time
 from collections import deque
 
@@ -59,7 +60,8 @@ class NodeZero:
         self.tc = plan.train_config
         self.tokenizer = dataset.tokenizer
         self.prompt = sampling.sample_prompt(dataset.split_tokens("val"),
-                                             self.tokenizer.eod_id)
+                                             self.tokenizer.eod_id, self.tc.sample_prompt,
+                                             self.tokenizer)
         self.model = Model(plan.model_config, seed=self.tc.seed, threads=1)
         self.checkpoint = checkpoint
         self.header_extra = header_extra
@@ -90,7 +92,7 @@ class NodeZero:
         p, tc = self.plan, self.tc
         os.makedirs(p.run_dir, exist_ok=True)   # vocab.txt: written by the plan (rundir.py)
         self.log = RunLog(p.run_dir, self.ranks, p.total_steps, p.start_step, p.stop_step,
-                          quiet=p.quiet)
+                          quiet=p.quiet, progress=p.progress, log_every=p.log_every)
         self.saver = Saver(p.run_dir, tc.keep_last)
         self._header()
         self.done = p.start_step           # last reported step
@@ -240,7 +242,7 @@ class NodeZero:
         self.losses[r.step] = r.loss
         self._prune_history()
         lr = schedule.lr_at(r.step, self.tc.lr, self.tc.warmup, self.plan.total_steps)
-        self.log.step_done(r.step, r.loss, lr, r.grad_norm, self.tokens_per_step / dt,
+        self.log.step_done(r.step, r.loss, lr, r.grad_norm, self.tokens_per_step, dt,
                            (self.plan.stop_step - r.step) * self.step_time)
         if math.isfinite(r.loss) and math.isfinite(r.grad_norm):
             self.bad_steps = 0
@@ -284,7 +286,8 @@ class NodeZero:
             self.best_val_loss = r.loss
         self.log.set_activity(f"writing the sample of step {r.step}")
         ids = sampling.generate(self.model, self.prompt, self.tc.seed, r.step,
-                                context=self.tc.seq_len)
+                                context=self.tc.seq_len, new_tokens=self.tc.sample_tokens,
+                                temperature=self.tc.sample_temperature)
         self.log.evaluation(r.step, r.loss, self.tokenizer.decode(self.prompt),
                             self.tokenizer.decode(ids))
 
@@ -302,7 +305,8 @@ class NodeZero:
             train_loss=self.losses.get(r.step), val_loss=self.val_loss,
             tokenizer=self.tokenizer,
             extra={"best_val_loss": self.best_val_loss, "total_steps": self.plan.total_steps,
-                   "ranks": len(self.ranks), "workers": self.link.num_workers})
+                   "ranks": len(self.ranks), "workers": self.link.num_workers,
+                   **(self.plan.extra or {})})
 
     def _wait_saver(self) -> None:
         self.stall.paused = True   # the workers may idle meanwhile: not a stall
@@ -379,6 +383,9 @@ class NodeZero:
         if self.header_extra:
             lines.append(self.header_extra)
         self.log.log("\n".join(lines))
+        for warning in p.warnings:   # said once, on stderr even with --quiet
+            self.log.log(f"warning: {warning}")
+            print(f"mpitrain: warning: {warning}", file=sys.stderr, flush=True)
         self.log.metrics(event="start", time=time.time(), preset=p.preset,
                          model_config=mc.to_dict(), train_config=tc.to_dict(),
                          num_params=self.model.num_params, ranks=len(self.ranks),

@@ -46,6 +46,10 @@ class Plan:
     threads_per_rank: int = 1
     quiet: bool = False
     on_save_error: str = "stop"  # a checkpoint write fails: "stop" (status 3) or "retry"
+    progress: str = "lines"      # "bar" | "lines" | "none" (RunLog)
+    log_every: int = 0           # a step line every N steps (0: every PRINT_EVERY seconds)
+    warnings: tuple = ()         # said once when the run starts (Node Zero)
+    extra: dict = None           # recorded in every checkpoint's `extra`: command, dataset
 
 
 def parse_value(key: str, text: str):
@@ -74,7 +78,7 @@ def parse_sets(items: list) -> dict:
             raise UserError(f"--set {key}: unknown key (known: {', '.join(known)})")
         if key in out:
             raise UserError(f"--set {key} given twice")
-        out[key] = parse_value(key, value.strip())
+        out[key] = parse_value(key, value)
     return out
 
 
@@ -122,6 +126,41 @@ def resolve_configs(preset: str, overrides: dict, vocab_size: int, seq_len: int,
                         f"{model.max_seq_len} (--set max_seq_len={seq_len}, or prepare with a "
                         f"shorter --seq-len)")
     return model, train
+
+
+def resume_warnings(checkpoint, options: dict, model, train):
+    """What the user should know about a resume: a --preset given whose architecture is not
+    the checkpoint's (which wins), a worker count other than the checkpoint's (results then
+    differ from an uninterrupted run at float rounding: the gradient sums group differently)."""
+    if checkpoint is None:
+        return
+    preset = options["preset"]
+    if options.get("preset_given"):
+        ck_model = dataclasses.replace(checkpoint.model_config, vocab_size=model.vocab_size)
+        own = dataclasses.replace(ModelConfig(**PRESETS[preset]["model"]),
+                                  vocab_size=model.vocab_size)
+        if own != ck_model:
+            yield (f"--preset {preset} is overridden by the checkpoint "
+                   f"{os.fspath(checkpoint.path)}: the model and training settings are the "
+                   f"checkpoint's (--set changes training settings)")
+    before = (checkpoint.extra or {}).get("workers")
+    now = options.get("workers")
+    if isinstance(before, int) and now is not None and before != now:
+        yield (f"the checkpoint was written by a run with {before} worker(s), this one has "
+               f"{now}: training continues exactly in order, but losses differ from an "
+               f"uninterrupted run at float rounding (the gradient sums group differently)")
+
+
+def dataset_summary(ds, path: str) -> dict:
+    """The dataset as checkpoints record it (the exported model card shows it)."""
+    a = ds.attrs
+    out = {"path": os.path.abspath(path), "format_version": a.get("format_version"),
+           "tokens": int(ds.num_tokens), "documents": int(ds.num_documents),
+           "vocab_size": int(ds.vocab_size), "seq_len": int(ds.seq_len),
+           "corpus": a.get("corpus")}
+    if a.get("checksum") is not None:
+        out["checksum"] = a.get("checksum")
+    return out
 
 
 def existing_checkpoints(run_dir: str) -> list:
@@ -223,5 +262,10 @@ def make_plan(options: dict):
                 total_steps=total, start_step=start, stop_step=stop, position=position,
                 resume_path=None if checkpoint is None else os.fspath(checkpoint.path),
                 best_val_loss=best, threads_per_rank=options["threads_per_rank"],
-                quiet=options["quiet"], on_save_error=options.get("on_save_error", "stop"))
+                quiet=options["quiet"], on_save_error=options.get("on_save_error", "stop"),
+                progress=options.get("progress", "lines"),
+                log_every=options.get("log_every") or 0,
+                warnings=tuple(resume_warnings(checkpoint, options, model, train)),
+                extra={"command": options.get("command"),
+                       "dataset": dataset_summary(ds, dataset_path)})
     return plan, checkpoint, ds

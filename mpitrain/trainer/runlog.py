@@ -1,8 +1,10 @@
 """What Node Zero writes about a run besides checkpoints: train.log, metrics.jsonl, heartbeat.json,
 and what the person at the terminal sees (a progress bar on a terminal, plain lines otherwise).
 
-metrics.jsonl holds one strict JSON object a line (a NaN or Inf is null): every step {"step",
-"loss", "lr", "grad_norm", "tokens_per_s", "time"}, every evaluation {"step", "val_loss", "val_ppl", "sample"}, and events
+metrics.jsonl holds one strict JSON object a line (a NaN or Inf is null): every step {"step", "loss", "lr", "grad_norm",
+"tokens_per_s", "step_s", "time"} (tokens_per_s: the rate over the last RATE_WINDOW steps;
+step_s: the seconds since the previous step's report), every evaluation {"step", "val_loss",
+"val_ppl", "sample"}, and events
 {"event": "start" | "resume" | "checkpoint" | "signal" | "end", ...} (docs/TRAINING.md lists
 their fields). heartbeat.json is replaced atomically every few seconds: Node Zero's host,
 every rank's PID, the last step, the time.
@@ -13,22 +15,34 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 
 from mpitrain import atomic, formats
 from mpitrain.progress import bar
 
 HEARTBEAT_EVERY = 2.0   # s between heartbeat.json refreshes
-PRINT_EVERY = 10.0      # s between plain progress lines when no bar is shown
+PRINT_EVERY = 10.0      # s between plain progress lines when no --log-every is given
+RATE_WINDOW = 10        # steps over which the tokens/s of a step line is measured
+PROGRESS = ("bar", "lines", "none")   # --progress: a bar, step lines, or neither
 
 
 class RunLog:
     def __init__(self, run_dir: str, ranks: list, total_steps: int, start_step: int,
-                 stop_step: int, quiet: bool = False):
-        """ranks: [(host, pid)] by rank."""
+                 stop_step: int, quiet: bool = False, progress: str = "lines",
+                 log_every: int = 0):
+        """ranks: [(host, pid)] by rank. progress: "bar" (a bar on stderr, shown even when it
+        is not a terminal), "lines" (a step line every log_every steps, or every PRINT_EVERY s
+        when log_every is 0; the first and last step always) or "none"; quiet: no terminal
+        output at all."""
         self.run_dir = run_dir
         self.ranks = ranks
         self.stop_step = stop_step
         self.quiet = quiet
+        self.progress = progress
+        self.log_every = log_every
+        self.start_step = start_step
+        self._rate = deque(maxlen=RATE_WINDOW + 1)   # (time, step) of the newest reports
+        self._rate.append((time.perf_counter(), start_step))
         self._metrics = open(os.path.join(run_dir, formats.METRICS), "a", buffering=1)
         self._log = open(os.path.join(run_dir, formats.TRAIN_LOG), "a", buffering=1)
         self._heartbeat_at = 0.0
@@ -36,7 +50,8 @@ class RunLog:
         self._printed_at = time.monotonic()
         self.step = start_step
         self.activity = "starting"   # what Node Zero is doing, for `mpitrain monitor`
-        self.bar = bar(total=stop_step, desc="train", unit="step", initial=start_step)
+        self.bar = bar(total=stop_step, desc="train", unit="step", initial=start_step,
+                       enabled=progress == "bar" and not quiet, force=progress == "bar")
         self.bar_shown = not self.bar.disable
         self.heartbeat(force=True)
 
@@ -79,20 +94,37 @@ class RunLog:
 
     # --- progress ----------------------------------------------------------------------------
     def step_done(self, step: int, loss: float, lr: float, grad_norm: float,
-                  tokens_per_s: float, eta_s: float) -> None:
+                  tokens_per_step: int, step_s: float, eta_s: float) -> None:
+        """A reported step: step_s the seconds since the previous report. The tokens/s shown
+        and recorded is the rate over the last RATE_WINDOW reports (evaluations and
+        checkpoints between them included), not one step's, which swings with the moment
+        a report happens to arrive."""
         self.step = step
+        now = time.perf_counter()
+        self._rate.append((now, step))
+        t0, s0 = self._rate[0]
+        tokens_per_s = (step - s0) * tokens_per_step / (now - t0) if now > t0 else 0.0
         self.metrics(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
-                     tokens_per_s=tokens_per_s, time=time.time())
+                     tokens_per_s=tokens_per_s, step_s=step_s, time=time.time())
         line = (f"step {step}/{self.stop_step}  loss {loss:.4f}  lr {lr:.3e}  "
-                f"grad_norm {grad_norm:.3f}  {tokens_per_s:,.0f} tok/s  ETA {fmt_duration(eta_s)}")
+                f"grad_norm {grad_norm:.3f}  {tokens_per_s:,.0f} tok/s  {step_s:.3f} s/step  "
+                f"ETA {fmt_duration(eta_s)}")
         self.log(line)
         if self.bar_shown:
             self.bar.set_postfix_str(f"loss {loss:.4f} {tokens_per_s:,.0f} tok/s", refresh=False)
             self.bar.update(step - self.bar.n)
-        elif not self.quiet and (time.monotonic() - self._printed_at >= PRINT_EVERY
-                                 or step == self.stop_step):
+            if self.log_every and step % self.log_every == 0:
+                self.bar.write(line, file=sys.stdout)
+        elif not self.quiet and self.progress == "lines" and self._line_due(step):
             self._printed_at = time.monotonic()
             print(line, flush=True)
+
+    def _line_due(self, step: int) -> bool:
+        if step in (self.start_step + 1, self.stop_step):
+            return True
+        if self.log_every:
+            return step % self.log_every == 0
+        return time.monotonic() - self._printed_at >= PRINT_EVERY
 
     def evaluation(self, step: int, val_loss: float, prompt: str, sample: str) -> None:
         ppl = math.exp(min(val_loss, 700.0))

@@ -89,9 +89,11 @@ class Dataset:
         self.dtype = dtype
 
     @classmethod
-    def open(cls, path):
+    def open(cls, path, check_ids=True):
         """Read the metadata and vocabulary. UserError (one line) for a missing, damaged or
-        foreign file."""
+        foreign file. check_ids=False skips the pass over the token array that refuses ids
+        outside the vocabulary (a worker opening the file its Node Zero has checked; the
+        windows it reads are checked as they are read)."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise UserError(f"no such dataset file: {path}")
@@ -125,7 +127,7 @@ class Dataset:
                 # The token array has no checksum: a damaged id must be refused here, before a
                 # trainer starts workers, not when a worker reads its split.
                 max_id = max((int(tokens[a:a + _CHUNK].max()) for a in
-                              range(0, num_tokens, _CHUNK)), default=0)
+                              range(0, num_tokens, _CHUNK)), default=0) if check_ids else 0
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
@@ -162,6 +164,15 @@ class Dataset:
             raise UserError(f"{self.path} is damaged: token id {int(out.max())} >= vocabulary "
                             f"size {self.vocab_size}; prepare it again")
         return out
+
+    def stream(self, split: str):
+        """The token stream of `split` read in place (tokenstream.SplitStream): windows and
+        pieces on demand, no copy of the whole stream."""
+        from mpitrain.tokenstream import SplitStream
+
+        if split not in self.ranges:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return SplitStream(self.path, self.ranges[split], self.vocab_size)
 
     def num_windows(self, split: str, seq_len=None) -> int:
         """Training windows of `split`: seq_len + 1 tokens at stride seq_len."""

@@ -50,14 +50,21 @@ def write_dataset(f, *, tokens, doc_offsets, splits, sources, tokenizer, attrs):
     """Write a complete dataset into the new, empty h5py.File `f`, opened with
     libver="earliest" (prepare opens it through mpitrain.atomic and renames it into place).
 
-    tokens: 1-D uint16/uint32; doc_offsets: [D+1] int64; splits: {"train"|"val": [k,2] int64};
+    tokens: 1-D uint16/uint32 array, or an object with .size, .dtype and .blocks() yielding
+    (start, array) pieces in order (written block by block: the same bytes); doc_offsets: [D+1] int64; splits: {"train"|"val": [k,2] int64};
     sources: dict of equal-length lists name/size/sha256/replaced; attrs: root attributes
     (written in sorted order).
     """
     str_t = h5py.string_dtype("utf-8")
     for key in sorted(attrs):
         f.attrs[key] = attrs[key]
-    _dataset(f, "tokens", tokens)
+    if isinstance(tokens, np.ndarray):
+        _dataset(f, "tokens", tokens)
+    else:
+        out = f.create_dataset("tokens", shape=(tokens.size,), dtype=tokens.dtype,
+                               track_times=False)
+        for a, block in tokens.blocks():
+            out[a:a + block.size] = block
     docs = _group(f, "documents")
     _dataset(docs, "offsets", np.asarray(doc_offsets, dtype=np.int64))
     sp = _group(f, "splits")

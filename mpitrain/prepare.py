@@ -409,8 +409,8 @@ def _run(o, c, mine, counts, raw, workdir, show, t0, timings):
                if o.data is not None else "the default corpus found no text")
     c.agree(err)
     vocab = _vocabulary(o, c, counts, spill)
-    counts.remove_runs()
     pretokens = c.bcast(vocab[0] if c.rank == 0 else None)
+    counts.remove_runs()   # after the broadcast: rank 0 has read every rank's runs
     tok = Tokenizer(pretokens)
     timings["vocab"] = time.perf_counter() - t0
     # 4. encode (pass 2) into this rank's raw file

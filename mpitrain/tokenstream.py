@@ -72,6 +72,21 @@ class SplitStream:
             return np.zeros(0, dtype=self.dtype)
         return self._check(self._gather(np.arange(lo, hi, dtype=np.int64)))
 
+    def chunks(self, size: int = 1 << 22):
+        """The whole stream as consecutive arrays of at most `size` tokens (each checked)."""
+        starts = np.concatenate([[0], self.ends[:-1]]) if len(self.ends) else []
+        for lo, hi in zip(np.asarray(starts).tolist(), self.ends.tolist()):
+            for a in range(lo, hi, size):
+                b = min(hi, a + size)
+                shift = int(self.shift[np.searchsorted(self.ends, a, side="right")])
+                if self._map is not None:
+                    out = np.array(self._map[a + shift:b + shift])
+                    self._release()
+                else:
+                    with reading(self.path, "; prepare it again"):
+                        out = self._tokens[a + shift:b + shift]
+                yield self._check(out)
+
     def windows(self, ids, seq_len: int):
         """Windows `ids` of seq_len + 1 tokens at stride seq_len (schedule.gather_windows's
         rule on the stream). Returns (inputs, targets), int32 [len(ids), seq_len], C-contiguous."""

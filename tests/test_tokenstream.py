@@ -55,6 +55,7 @@ def _check_all_windows(ds, split, mapped):
     np.testing.assert_array_equal(s.read(0, len(ref)), ref)
     np.testing.assert_array_equal(s.read(5, 11), ref[5:11])
     assert s.read(len(ref), len(ref) + 3).size == 0
+    np.testing.assert_array_equal(np.concatenate(list(s.chunks(7))), ref)
     s.close()
 
 

@@ -37,7 +37,7 @@ class Counts:
     start, unique per writer (e.g. per rank)."""
 
     def __init__(self, budget: int, directory: str, prefix: str = "run"):
-        self.limit = max(1024, int(budget) // ENTRY_BYTES)
+        self.limit = max(64, int(budget) // ENTRY_BYTES)
         self.directory = directory
         self.prefix = prefix
         self.table = {}

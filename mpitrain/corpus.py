@@ -166,3 +166,81 @@ def decode(data: bytes):
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# Reading a source in pieces (streaming `prepare`): a piece ends right after a "\n" that is
+# followed by a printable, non-space ASCII byte (0x21-0x7E). No pre-token (tokenizer.PATTERN)
+# and no UTF-8 sequence, valid or not, spans such a point: the "\n" ends a whitespace run (the
+# next character is not whitespace) and the next character starts a pre-token of its own; "\n"
+# is never part of a multi-byte sequence. So decoding and pre-tokenizing the pieces one by one
+# gives exactly what the whole text gives. A source without such a point is one piece.
+PIECE_BYTES = 1 << 21
+
+
+def _cut_point(buf: bytes) -> int:
+    """The last position p > 0 with buf[p-1] == "\\n" and buf[p] in 0x21..0x7E, else 0."""
+    i = len(buf) - 1
+    while i > 0:
+        j = buf.rfind(b"\n", 0, i)
+        if j < 0:
+            return 0
+        if 0x21 <= buf[j + 1] <= 0x7E:
+            return j + 1
+        i = j
+    return 0
+
+
+def scan_source(src: Source, piece_bytes: int = PIECE_BYTES):
+    """(size in bytes, sha256 hex, binary?, the bytes or None) of a source, read once in
+    blocks; the bytes are kept (to be used as the only piece) when there are at most
+    piece_bytes of them. Raises UserError when the file cannot be read."""
+    if src.topic:
+        data = read_source(src)
+        return len(data), sha256_hex(data), b"\x00" in data, data
+    h, size, binary, first = hashlib.sha256(), 0, False, None
+    try:
+        with open(src.path, "rb") as f:
+            while True:
+                block = f.read(piece_bytes + 1 if first is None else piece_bytes)
+                if not block:
+                    break
+                if first is None:
+                    first = block
+                h.update(block)
+                size += len(block)
+                binary = binary or b"\x00" in block
+    except OSError as e:
+        raise UserError(f"cannot read {src.path}: {e.strerror}") from None
+    return size, h.hexdigest(), binary, (first or b"") if size <= piece_bytes else None
+
+
+def source_pieces(src: Source, data=None, piece_bytes: int = PIECE_BYTES):
+    """The bytes of a source as consecutive pieces of about piece_bytes (see PIECE_BYTES);
+    `data`, when given, is the source's whole bytes (read already). Raises UserError when the
+    file cannot be read."""
+    if data is None and src.topic:
+        data = read_source(src)
+    if data is not None:
+        while len(data) > piece_bytes:
+            p = _cut_point(data[:piece_bytes])
+            if not p:
+                break
+            yield data[:p]
+            data = data[p:]
+        yield data
+        return
+    try:
+        with open(src.path, "rb") as f:
+            buf = b""
+            while True:
+                block = f.read(piece_bytes)
+                if not block:
+                    break
+                buf += block
+                p = _cut_point(buf)
+                if p:
+                    yield buf[:p]
+                    buf = buf[p:]
+            yield buf
+    except OSError as e:
+        raise UserError(f"cannot read {src.path}: {e.strerror}") from None

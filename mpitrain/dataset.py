@@ -38,12 +38,15 @@ def tokens_sha256(tokens) -> str:
     """SHA-256 (hex) of the token array's little-endian bytes: the root attribute
     `tokens_sha256` (optional: files before it have none), which lets the nodes of a job check
     that their copies of a dataset hold the same tokens. `tokens`: an array or the h5py
-    dataset, read _CHUNK tokens at a time."""
+    dataset, read _CHUNK tokens at a time, or prepare's stream of blocks (`.blocks()`)."""
     import hashlib
 
     h = hashlib.sha256()
-    for a in range(0, tokens.shape[0], _CHUNK):
-        chunk = np.asarray(tokens[a:a + _CHUNK])
+    if hasattr(tokens, "blocks"):
+        chunks = (block for _, block in tokens.blocks())
+    else:
+        chunks = (np.asarray(tokens[a:a + _CHUNK]) for a in range(0, tokens.shape[0], _CHUNK))
+    for chunk in chunks:
         h.update(chunk.astype(chunk.dtype.newbyteorder("<"), copy=False).tobytes())
     return h.hexdigest()
 
@@ -64,14 +67,21 @@ def write_dataset(f, *, tokens, doc_offsets, splits, sources, tokenizer, attrs):
     """Write a complete dataset into the new, empty h5py.File `f`, opened with
     libver="earliest" (prepare opens it through mpitrain.atomic and renames it into place).
 
-    tokens: 1-D uint16/uint32; doc_offsets: [D+1] int64; splits: {"train"|"val": [k,2] int64};
+    tokens: 1-D uint16/uint32 array, or an object with .size, .dtype and .blocks() yielding
+    (start, array) pieces in order (written block by block: the same bytes); doc_offsets: [D+1] int64; splits: {"train"|"val": [k,2] int64};
     sources: dict of equal-length lists name/size/sha256/replaced; attrs: root attributes
     (written in sorted order).
     """
     str_t = h5py.string_dtype("utf-8")
     for key in sorted(attrs):
         f.attrs[key] = attrs[key]
-    _dataset(f, "tokens", tokens)
+    if isinstance(tokens, np.ndarray):
+        _dataset(f, "tokens", tokens)
+    else:
+        out = f.create_dataset("tokens", shape=(tokens.size,), dtype=tokens.dtype,
+                               track_times=False)
+        for a, block in tokens.blocks():
+            out[a:a + block.size] = block
     docs = _group(f, "documents")
     _dataset(docs, "offsets", np.asarray(doc_offsets, dtype=np.int64))
     sp = _group(f, "splits")
@@ -103,9 +113,11 @@ class Dataset:
         self.dtype = dtype
 
     @classmethod
-    def open(cls, path):
+    def open(cls, path, check_ids=True):
         """Read the metadata and vocabulary. UserError (one line) for a missing, damaged or
-        foreign file."""
+        foreign file. check_ids=False skips the pass over the token array that refuses ids
+        outside the vocabulary (a worker opening the file its Node Zero has checked; the
+        windows it reads are checked as they are read)."""
         path = os.fspath(path)
         if not os.path.exists(path):
             raise UserError(f"no such dataset file: {path}")
@@ -139,7 +151,7 @@ class Dataset:
                 # The token array has no checksum: a damaged id must be refused here, before a
                 # trainer starts workers, not when a worker reads its split.
                 max_id = max((int(tokens[a:a + _CHUNK].max()) for a in
-                              range(0, num_tokens, _CHUNK)), default=0)
+                              range(0, num_tokens, _CHUNK)), default=0) if check_ids else 0
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - HDF5 reports damage under several types
@@ -176,6 +188,15 @@ class Dataset:
             raise UserError(f"{self.path} is damaged: token id {int(out.max())} >= vocabulary "
                             f"size {self.vocab_size}; prepare it again")
         return out
+
+    def stream(self, split: str):
+        """The token stream of `split` read in place (tokenstream.SplitStream): windows and
+        pieces on demand, no copy of the whole stream."""
+        from mpitrain.tokenstream import SplitStream
+
+        if split not in self.ranges:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return SplitStream(self.path, self.ranges[split], self.vocab_size)
 
     def num_windows(self, split: str, seq_len=None) -> int:
         """Training windows of `split`: seq_len + 1 tokens at stride seq_len."""

@@ -31,15 +31,21 @@ COUNTS_NOTE = ("counts are occurrences in this file's token stream, computed now
 
 
 def _counts(ds, streams):
-    """{"train"|"val": [V] int64 occurrences of each id in that split's stream}."""
-    return {s: np.bincount(streams[s], minlength=ds.vocab_size).astype(np.int64) for s in SPLITS}
+    """{"train"|"val": [V] int64 occurrences of each id in that split's stream}, counted
+    chunk by chunk (the streams are tokenstream.SplitStream: never read whole)."""
+    out = {}
+    for s in SPLITS:
+        out[s] = np.zeros(ds.vocab_size, dtype=np.int64)
+        for chunk in streams[s].chunks():
+            out[s] += np.bincount(chunk, minlength=ds.vocab_size)
+    return out
 
 
 def summarize(path, top=10):
     ds = Dataset.open(path)
     a = ds.attrs
     tok = ds.tokenizer
-    streams = {s: ds.split_tokens(s) for s in SPLITS}
+    streams = {s: ds.stream(s) for s in SPLITS}
     per_split = _counts(ds, streams)
     counts = per_split["train"] + per_split["val"]
     order = np.argsort(-counts, kind="stable")[:10 if top is None else top]
@@ -55,7 +61,7 @@ def summarize(path, top=10):
         "corpus": a.get("corpus"), "data_dir": a.get("data_dir"),
         "python_version": a.get("python_version"),
         "tokens": ds.num_tokens, "documents": ds.num_documents,
-        "splits": {s: {"tokens": int(streams[s].size),
+        "splits": {s: {"tokens": len(streams[s]),
                        "documents": a.get(f"{s}_documents"),
                        "windows": ds.num_windows(s)} for s in SPLITS},
         "sources": a.get("files"), "bytes": a.get("bytes"),
@@ -111,9 +117,10 @@ def format_summary(s):
 # ----------------------------------------------------------------------------- --sequence K
 
 def _window_ids(stream, seq_len, k):
-    """Training window k of a split's stream: seq_len + 1 tokens from k * seq_len (the model
-    reads the first seq_len as inputs and predicts the last seq_len as targets)."""
-    return stream[k * seq_len:k * seq_len + seq_len + 1]
+    """Training window k of a split's stream (tokenstream.SplitStream): seq_len + 1 tokens
+    from k * seq_len (the model reads the first seq_len as inputs and predicts the last
+    seq_len as targets)."""
+    return stream.read(k * seq_len, k * seq_len + seq_len + 1)
 
 
 def sequence(path, k, split="train"):
@@ -125,7 +132,7 @@ def sequence(path, k, split="train"):
         raise UserError(f"--sequence {k} is out of range: the {split} split of {path} has {n} "
                         f"windows (0 to {n - 1}) of {ds.seq_len}+1 tokens" if n else
                         f"--sequence {k}: the {split} split of {path} has no windows")
-    ids = _window_ids(ds.split_tokens(split), ds.seq_len, k)
+    ids = _window_ids(ds.stream(split), ds.seq_len, k)
     tok = ds.tokenizer
     return {"file": path, "split": split, "window": k, "windows": n, "seq_len": ds.seq_len,
             "start": k * ds.seq_len, "ids": ids.astype(int).tolist(),
@@ -154,7 +161,7 @@ def vocabulary(path, top=None):
     """Every id (or the `top` most frequent) with its token and its counts in the train and
     val streams, most frequent first (ties by id)."""
     ds = Dataset.open(path)
-    per_split = _counts(ds, {s: ds.split_tokens(s) for s in SPLITS})
+    per_split = _counts(ds, {s: ds.stream(s) for s in SPLITS})
     counts = per_split["train"] + per_split["val"]
     order = np.argsort(-counts, kind="stable")
     if top is not None:
@@ -192,14 +199,14 @@ def verify(path):
     the stored arrays. (Datasets carry no checksums; those are the checkpoints'.)"""
     try:
         ds = Dataset.open(path)
-        streams = {s: ds.split_tokens(s) for s in SPLITS}
+        streams = {s: ds.stream(s) for s in SPLITS}
     except UserError as e:  # its messages begin with the path, which the caller prints too
         msg = str(e)
         return [msg[len(path) + 2:] if msg.startswith(f"{path}: ") else msg]
     a, problems = ds.attrs, []
     found = {"tokens": ds.num_tokens, "documents": ds.num_documents}
     for s in SPLITS:
-        found[f"{s}_tokens"] = int(streams[s].size)
+        found[f"{s}_tokens"] = len(streams[s])
         found[f"{s}_windows"] = ds.num_windows(s)
     for key, value in found.items():
         if a.get(key) != value:

@@ -1,20 +1,29 @@
-"""`mpitrain prepare`: text sources -> vocabulary + tokenized dataset file.
+"""`mpitrain prepare`: text sources -> vocabulary + tokenized dataset file, in bounded memory.
 
-Pipeline (each rank handles a contiguous block of sources, balanced by bytes; rank 0 merges):
-  1. read     bytes of each source; NUL -> binary (skipped), invalid UTF-8 -> U+FFFD (counted)
-  2. count    pre-tokens (PATTERN) per document; each document is kept as an int32 array of
-              indices into the rank's table of distinct pre-tokens (U entries)
-  3. vocab    rank 0 sums the counts of all ranks and picks the vocabulary; broadcast
-  4. encode   per distinct pre-token its id(s) (one id, or its UTF-8 bytes' ids); the
-              document arrays expand through that table in NumPy; + end-of-document id
-  5. write    rank 0 gathers the streams in rank order (= document order), splits, writes the
-              file under a temporary name and renames it
-The result depends only on the sources, so any number of ranks gives the same bytes.
+Pipeline (each rank handles a contiguous block of sources, balanced by bytes):
+  1. read     each source in pieces (corpus.source_pieces: cut where no pre-token and no UTF-8
+              sequence spans); NUL -> binary (skipped), invalid UTF-8 -> U+FFFD (counted)
+  2. count    pre-tokens (PATTERN) of each piece into a table of distinct pre-tokens, kept in
+              memory up to the memory budget and spilled to sorted runs on disk beyond it
+              (pretoken_counts)
+  3. vocab    rank 0 merges every rank's counts -- in memory, or by a sort-merge of the runs --
+              and picks the exact top pre-tokens (tokenizer.select_pretokens's rule); broadcast
+  4. encode   a second pass over the sources: each piece's pre-tokens become ids (one id, or
+              their UTF-8 bytes' ids) through a per-piece table in NumPy, + end-of-document id,
+              written to the rank's raw token file
+  5. write    rank 0 splits and writes the file under a temporary name, copying the ranks' raw
+              files in rank order (= document order) into /tokens block by block, and renames it
+The result depends only on the sources, so any number of ranks and any budget give the same
+bytes. The scratch files (runs, raw tokens) live in `.NAME.prepare-PID` beside the output,
+which every rank must see (with several nodes: a shared directory); about the output's size
+is needed there while it is written.
 """
+import hashlib
 import itertools
 import math
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -22,13 +31,35 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpitrain import atomic, corpus, formats
+from mpitrain import atomic, corpus, formats, pretoken_counts
 from mpitrain.dataset import FORMAT_VERSION, token_dtype, tokens_sha256, write_dataset
 from mpitrain.errors import UserError
 from mpitrain.progress import bar
-from mpitrain.tokenizer import MAX_VOCAB_SIZE, PATTERN, Tokenizer, min_vocab_size
+from mpitrain.tokenizer import MAX_VOCAB_SIZE, PATTERN, SPECIALS, Tokenizer, min_vocab_size
 
 DEFAULT_OUT = os.path.join("hdf5_data", "default.h5")
+# The memory budget (per rank) covers the interpreter and libraries, a piece's pre-tokens and
+# the encoding tables (FIXED_BYTES, measured at about 120 MB on CPython 3.11 with NumPy and
+# h5py, plus margin); the rest is the count table's.
+FIXED_BYTES = 192 << 20
+MIN_TABLE_BYTES = 16 << 10  # a tiny budget still works (spilling often): tests use it
+
+
+def default_memory_budget(ranks: int = 1) -> int:
+    """A quarter of the machine's memory, shared by the ranks (at least 256 MiB each)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 4 << 30
+    return max(256 << 20, total // 4 // max(1, ranks))
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size like 800M, 2G, 1.5G or 100000 (K, M, G, T are powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise UserError(f"--memory-budget must be a size like 800M or 2G, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
 @dataclass
@@ -40,6 +71,7 @@ class Options:
     val_fraction: float = 0.01  # validation share (whole documents; see choose_split)
     force: bool = False       # replace an existing output
     quiet: bool = False       # no progress bars
+    memory_budget: int = 0    # bytes per rank (see FIXED_BYTES); 0 = default_memory_budget()
 
 
 # The longest window prepare accepts: attention keeps seq_len x seq_len scores per thread, so
@@ -57,6 +89,8 @@ def check_options(o: Options):
         raise UserError(f"--seq-len must be between 1 and {MAX_SEQ_LEN:,}, got {o.seq_len}")
     if not (0 < o.val_fraction <= 0.5) or math.isnan(o.val_fraction):
         raise UserError(f"--val-fraction must be in (0, 0.5], got {o.val_fraction}")
+    if o.memory_budget < 0:
+        raise UserError(f"--memory-budget must be positive, got {o.memory_budget}")
 
 
 def check_output(o: Options):
@@ -121,72 +155,77 @@ class _Comm:
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0) if self.comm else obj
 
-    def gather_stream(self, local, dtype):
-        """Rank-order concatenation of every rank's 1-D array, on rank 0."""
-        if not self.comm:
-            return local.astype(dtype, copy=False)
-        local = np.ascontiguousarray(local, dtype=dtype)
-        counts = self.comm.gather(local.size, root=0)
-        out = np.empty(sum(counts), dtype=dtype) if self.rank == 0 else None
-        from mpi4py import MPI
-        mpi_t = MPI.UINT16_T if dtype == np.uint16 else MPI.UINT32_T
-        self.comm.Gatherv([local, mpi_t], [out, counts, mpi_t] if self.rank == 0 else None, root=0)
-        return out
+    def allgather(self, obj):
+        return self.comm.allgather(obj) if self.comm else [obj]
 
 
-def _local(fn, *args):
-    """Run one phase's local work; a UserError becomes the rank's error message."""
+def _local(fn, *args, out=None):
+    """Run one phase's local work; a UserError becomes the rank's error message, and so does
+    an OSError of the scratch files beside `out` (a full disk)."""
     try:
         return fn(*args), None
     except UserError as e:
         return None, str(e)
+    except OSError as e:
+        if out is None:
+            raise
+        return None, f"cannot write {out}: {_os_reason(e)}; nothing was written"
 
 
-def _read(sources, show):
-    """[(name, bytes, sha256 hex, replacements, text or None if binary)] of this rank's
-    sources."""
-    out = []
-    with bar(sum(s.size for s in sources), "read", "B", unit_scale=True, enabled=show) as b:
+def _count(sources, regex, counts, show):
+    """Pass 1 over this rank's sources: read each in pieces, decode, pre-tokenize and count
+    into `counts`. Returns ([(name, bytes, sha256 hex, replacements)] of the text sources,
+    their Sources, binary sources skipped, seconds spent reading and decoding)."""
+    metas, texts, n_binary, reading = [], [], 0, 0.0
+    with bar(sum(s.size for s in sources), "count", "B", unit_scale=True, enabled=show) as b:
         for s in sources:
-            data = corpus.read_source(s)
-            text, replaced = corpus.decode(data)
-            out.append((s.name, len(data), corpus.sha256_hex(data), replaced, text))
+            t = time.perf_counter()
+            size, sha, binary, data = corpus.scan_source(s)
+            reading += time.perf_counter() - t
+            if binary:
+                n_binary += 1
+                b.update(s.size)
+                continue
+            replaced = 0
+            pieces = corpus.source_pieces(s, data)
+            del data
+            while True:
+                t = time.perf_counter()
+                piece = next(pieces, None)
+                if piece is None:
+                    break
+                text, r = corpus.decode(piece)
+                reading += time.perf_counter() - t
+                replaced += r
+                counts.add(regex.findall(text))
+                del text
+            metas.append((s.name, size, sha, replaced))
+            texts.append(s)
             b.update(s.size)
-    return out
+    return metas, texts, n_binary, reading
 
 
-def _count(texts, regex, show):
-    """Distinct pre-tokens (list, U, first-seen order), their counts [U] int64 and one int32
-    array of indices into them per document."""
-    index, docs = {}, []
+def encode_pretokens(pretokens, tok):
+    """(int32 ids of a list of pre-tokens, how many of them fell back to bytes): per distinct
+    pre-token its id(s) -- one id, or its UTF-8 bytes' ids -- expanded through that table in
+    NumPy."""
+    n = len(pretokens)
+    if not n:
+        return np.zeros(0, dtype=np.int32), 0
+    index = {}
     position = itertools.count()
-    with bar(sum(len(t) for t in texts), "count", "char", unit_scale=True, enabled=show) as b:
-        for text in texts:
-            toks = regex.findall(text)
-            # One C-level pass per token: a new pre-token gets the running position of its
-            # first occurrence as its provisional id (setdefault's default), a known one its id.
-            docs.append(np.fromiter(map(index.setdefault, toks, position), dtype=np.int64,
-                                    count=len(toks)))
-            b.update(len(text))
-    # Provisional ids (first-occurrence positions) -> 0..U-1 in first-seen order.
-    remap = np.zeros(next(position), dtype=np.int32)
-    remap[np.fromiter(index.values(), dtype=np.int64, count=len(index))] = np.arange(
-        len(index), dtype=np.int32)
-    docs = [remap[d] for d in docs]
-    del remap
-    counts = np.bincount(np.concatenate(docs), minlength=len(index)) if docs else np.zeros(0)
-    return list(index), counts.astype(np.int64), docs
-
-
-def _encode(distinct, counts, docs, tok, show):
-    """(stream of this rank's documents, token count per document, pre-tokens that fell back
-    to bytes). Entry U of the table is the end-of-document id appended to every document."""
-    u = len(distinct)
+    # A new pre-token gets the position of its first occurrence as its provisional id.
+    prov = np.fromiter(map(index.setdefault, pretokens, position), dtype=np.int64, count=n)
+    u = len(index)
+    remap = np.zeros(n, dtype=np.int64)
+    remap[np.fromiter(index.values(), dtype=np.int64, count=u)] = np.arange(u)
+    d = remap[prov]
+    del remap, prov
     get = tok.ids.get
-    single = np.fromiter((get(t, -1) for t in distinct), dtype=np.int64, count=u)
+    single = np.fromiter((get(t, -1) for t in index), dtype=np.int64, count=u)
     miss = np.flatnonzero(single < 0)
-    miss_bytes = [distinct[i].encode("utf-8") for i in miss.tolist()]
-    lengths = np.ones(u + 1, dtype=np.int64)
+    miss_bytes = [t.encode("utf-8") for t, m in zip(index, single.tolist()) if m < 0]
+    lengths = np.ones(u, dtype=np.int64)
     lengths[miss] = [len(b) for b in miss_bytes]
     starts = np.cumsum(lengths) - lengths
     table = np.empty(int(lengths.sum()), dtype=np.int32)  # ids < 1,000,000
@@ -195,18 +234,82 @@ def _encode(distinct, counts, docs, tok, show):
     if len(miss):
         raw = np.frombuffer(b"".join(miss_bytes), dtype=np.uint8)
         table[expand_ranges(starts[miss], lengths[miss])] = raw.astype(np.int32) + tok.byte_offset
-    table[starts[u]] = tok.eod_id
-    eod = np.array([u], dtype=np.int32)
-    with bar(len(docs), "encode", "doc", enabled=show) as b:
-        parts, doc_tokens = [], np.empty(len(docs), dtype=np.int64)
-        for k, d in enumerate(docs):
-            d = np.concatenate([d, eod])
-            ids = table[expand_ranges(starts[d], lengths[d])]
-            parts.append(ids)
-            doc_tokens[k] = ids.size
-            b.update(1)
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    return stream, doc_tokens, int(counts[miss].sum())
+    ids = table[expand_ranges(starts[d], lengths[d])]
+    return ids, int(np.count_nonzero(single[d] < 0))
+
+
+def _encode(sources, metas, tok, regex, dtype, path, show):
+    """Pass 2 over this rank's text sources: encode each, append the end-of-document id and
+    write the ids (dtype) to the raw file `path`. Returns (token count per document,
+    pre-tokens that fell back to bytes). A source whose bytes changed since pass 1 is refused."""
+    doc_tokens, fallback = np.empty(len(sources), dtype=np.int64), 0
+    eod = np.array([tok.eod_id], dtype=dtype)
+    with open(path, "wb") as f, \
+            bar(sum(m[1] for m in metas), "encode", "B", unit_scale=True, enabled=show) as b:
+        for k, (s, m) in enumerate(zip(sources, metas)):
+            h, n = hashlib.sha256(), 0
+            for piece in corpus.source_pieces(s):
+                h.update(piece)
+                text, _ = corpus.decode(piece)
+                ids, fb = encode_pretokens(regex.findall(text), tok)
+                del text
+                f.write(ids.astype(dtype).data)  # (tofile loses the errno)
+                n += ids.size
+                fallback += fb
+                b.update(len(piece))
+            f.write(eod.data)
+            if h.hexdigest() != m[2]:
+                raise UserError(f"{s.path or s.name} changed while it was being prepared; "
+                                "run prepare again")
+            doc_tokens[k] = n + 1
+    return doc_tokens, fallback
+
+
+class RawTokens:
+    """The token stream as the ranks wrote it: their raw files in rank order (what
+    dataset.write_dataset copies into /tokens block by block)."""
+
+    BLOCK = 1 << 22  # tokens copied at a time
+
+    def __init__(self, paths, dtype):
+        self.paths = list(paths)
+        self.dtype = np.dtype(dtype)
+        self.size = sum(os.path.getsize(p) for p in self.paths) // self.dtype.itemsize
+
+    def blocks(self):
+        """(start, array) blocks covering the stream in order."""
+        at = 0
+        for p in self.paths:
+            n = os.path.getsize(p) // self.dtype.itemsize
+            with open(p, "rb") as f:
+                for a in range(0, n, self.BLOCK):
+                    block = np.fromfile(f, dtype=self.dtype, count=min(self.BLOCK, n - a))
+                    yield at, block
+                    at += block.size
+
+
+def _vocabulary(o, c, counts, spill):
+    """Rank 0's (pretokens, distinct pre-tokens, pre-tokens counted) from every rank's counts:
+    merged in memory, or (spill) through the sorted runs every rank has written."""
+    if spill:
+        counts.spill()
+        runs = c.gather(counts.runs)
+        tables = None
+    else:
+        tables = c.gather(counts.table)
+    if c.rank != 0:
+        return None
+    n = o.vocab_size - len(SPECIALS) - 256
+    tally = pretoken_counts.Tally()
+    if spill:
+        items = pretoken_counts.merged_runs([p for r in runs for p in r])
+    else:
+        table = tables[0] if len(tables) == 1 else merge_counts(
+            [(list(t), np.fromiter(t.values(), np.int64, len(t))) for t in tables])
+        del tables
+        items = pretoken_counts.table_items(table)
+    pretokens = pretoken_counts.top_pretokens(tally.watch(items), n)
+    return pretokens, tally.distinct, tally.total
 
 
 def merge_counts(gathered):
@@ -269,64 +372,72 @@ def prepare(o: Options, comm=None):
     show = c.rank == 0 and not o.quiet
     t0 = time.perf_counter()
     timings = {}  # phase -> seconds since the start when that phase ended (rank 0's clock)
-    err = None
+    err = workdir = None
     if c.rank == 0:
         try:
             check_options(o)
             sources = list_sources(o)
             check_output(o)
+            workdir = _make_workdir(o)
         except UserError as e:
             err, sources = str(e), None
     c.agree(c.bcast(err))
-    sources = c.bcast(sources if c.rank == 0 else None)
+    sources, workdir = c.bcast((sources, workdir) if c.rank == 0 else None)
     owner = partition([s.size for s in sources], c.size)
     mine = [s for s, r in zip(sources, owner.tolist()) if r == c.rank]
+    budget = o.memory_budget or default_memory_budget(c.size)
+    counts = pretoken_counts.Counts(max(budget - FIXED_BYTES, MIN_TABLE_BYTES), workdir,
+                                    prefix=f"counts-{c.rank}")
+    raw = os.path.join(workdir, f"tokens-{c.rank}.bin")
+    try:
+        return _run(o, c, mine, counts, raw, workdir, show, t0, timings)
+    finally:
+        counts.remove_runs()
+        _unlink(raw)
+        if c.rank == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
 
-    # 1. read
-    records, err = _local(_read, mine, show)
+
+def _run(o, c, mine, counts, raw, workdir, show, t0, timings):
+    regex = re.compile(PATTERN)
+    # 1-2. read and count (pass 1)
+    got, err = _local(_count, mine, regex, counts, show, out=o.out)
     c.agree(err)
-    texts = [r[4] for r in records if r[4] is not None]
-    meta = [r[:4] for r in records if r[4] is not None]
-    n_binary = len(records) - len(texts)
-    del records  # the texts live only in `texts` now, freed after counting
-    timings["read"] = time.perf_counter() - t0
-    # 2. count
-    distinct, counts, docs = _count(texts, re.compile(PATTERN), show)
-    del texts
+    metas, texts, n_binary, reading = got
+    timings["read"] = reading            # time spent reading and decoding, within the pass
     timings["count"] = time.perf_counter() - t0
-    # 3. vocabulary
-    gathered = c.gather((distinct, counts, meta, n_binary))
+    # 3. vocabulary: merged in memory when every rank's table fits in rank 0's, else through
+    # the sorted runs on disk
+    sizes = c.allgather((len(counts.table), bool(counts.runs), len(metas), n_binary))
+    spill = any(r for _, r, _, _ in sizes) or sum(n for n, _, _, _ in sizes) > counts.limit
+    n_text, n_binary_all = sum(s[2] for s in sizes), sum(s[3] for s in sizes)
     err = tok = None
-    if c.rank == 0:
-        metas = [m for g in gathered for m in g[2]]
-        n_binary_all = sum(g[3] for g in gathered)
-        if not metas:
-            err = (f"no text files in {o.data} ({n_binary_all} binary file(s) skipped)"
-                   if o.data is not None else "the default corpus found no text")
-        else:
-            totals = merge_counts([(g[0], g[1]) for g in gathered])
-            tok = Tokenizer.from_counts(totals, o.vocab_size)
-    c.agree(c.bcast(err))
-    if c.comm:
-        pretokens = c.bcast(tok.pretokens if c.rank == 0 else None)
-        tok = tok or Tokenizer(pretokens)
+    if n_text == 0:
+        err = (f"no text files in {o.data} ({n_binary_all} binary file(s) skipped)"
+               if o.data is not None else "the default corpus found no text")
+    c.agree(err)
+    vocab = _vocabulary(o, c, counts, spill)
+    pretokens = c.bcast(vocab[0] if c.rank == 0 else None)
+    counts.remove_runs()   # after the broadcast: rank 0 has read every rank's runs
+    tok = Tokenizer(pretokens)
     timings["vocab"] = time.perf_counter() - t0
-    # 4. encode
-    stream, doc_tokens, fallback = _encode(distinct, counts, docs, tok, show)
-    del docs
+    # 4. encode (pass 2) into this rank's raw file
     dtype = token_dtype(tok.vocab_size)
-    stream = c.gather_stream(stream, dtype)
-    per_rank = c.gather((doc_tokens, fallback, int(counts.sum())))
+    os.makedirs(workdir, exist_ok=True)
+    got, err = _local(_encode, texts, metas, tok, regex, dtype, raw, show, out=o.out)
+    c.agree(err)
+    doc_tokens, fallback = got
+    per_rank = c.gather((metas, doc_tokens, fallback, raw))
     timings["encode"] = time.perf_counter() - t0
     # 5. split and write (rank 0)
     summary = err = None
     if c.rank == 0:
         try:
-            doc_tokens = np.concatenate([p[0] for p in per_rank])
-            summary = _finish(o, tok, stream, doc_tokens, metas, n_binary_all,
-                              fallback=sum(p[1] for p in per_rank),
-                              pretokens=sum(p[2] for p in per_rank),
-                              distinct=len(totals))
+            summary = _finish(o, tok, RawTokens([p[3] for p in per_rank], dtype),
+                              np.concatenate([p[1] for p in per_rank]),
+                              [m for p in per_rank for m in p[0]], n_binary_all,
+                              fallback=sum(p[2] for p in per_rank),
+                              pretokens=vocab[2], distinct=vocab[1])
         except UserError as e:
             err = str(e)
     c.agree(c.bcast(err))
@@ -334,10 +445,34 @@ def prepare(o: Options, comm=None):
         timings["write"] = time.perf_counter() - t0
         summary["timings"] = timings
         summary["ranks"] = c.size
+        summary["memory_budget"] = counts.limit * pretoken_counts.ENTRY_BYTES + FIXED_BYTES
+        summary["spilled"] = spill
     return summary
 
 
+def _make_workdir(o) -> str:
+    """Rank 0's scratch directory beside the output, `.NAME.prepare-PID` (the count runs and
+    the ranks' raw token files; removed at the end)."""
+    if o.out == DEFAULT_OUT:
+        os.makedirs(os.path.dirname(o.out), exist_ok=True)
+    directory, name = os.path.split(os.path.abspath(o.out))
+    path = os.path.join(directory, f".{name}.prepare-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write {directory}: {_os_reason(e)}") from None
+    return path
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _finish(o, tok, stream, doc_tokens, metas, n_binary, *, fallback, pretokens, distinct):
+    """Split, describe and write the dataset; stream: the tokens (RawTokens)."""
     splits, split_docs = choose_split(doc_tokens, o.val_fraction)
     offsets = np.zeros(len(doc_tokens) + 1, dtype=np.int64)
     np.cumsum(doc_tokens, out=offsets[1:])

@@ -202,7 +202,7 @@ def _bad_cases(tmp_path, corpus_dir):
         (["--data", binary], "no text files"),
         (["--data", corpus_dir, "--vocab-size", 257], "--vocab-size must be between 258"),
         (["--data", corpus_dir, "--vocab-size", 1_000_001], "--vocab-size must be between"),
-        (["--data", corpus_dir, "--seq-len", 0], "--seq-len must be positive"),
+        (["--data", corpus_dir, "--seq-len", 0], "--seq-len must be between 1 and"),
         (["--data", corpus_dir, "--val-fraction", 0], "--val-fraction must be in (0, 0.5]"),
         (["--data", corpus_dir, "--val-fraction", 0.6], "--val-fraction must be in (0, 0.5]"),
         (["--data", corpus_dir, "--val-fraction", "nan"], "--val-fraction must be in (0, 0.5]"),

@@ -7,7 +7,7 @@ import traceback
 
 from mpitrain import launcher
 from mpitrain.errors import UserError
-from mpitrain.prepare import DEFAULT_OUT, Options, prepare
+from mpitrain.prepare import DEFAULT_OUT, Options, parse_size, prepare
 
 NAME = "prepare"
 HELP = "turn a folder of text into a vocabulary and a tokenized HDF5 dataset"
@@ -32,6 +32,10 @@ def add_arguments(p):
                    help="validation share, in (0, 0.5]: round(documents * fraction) whole "
                         "documents (at least one) of about fraction * tokens in total; a single "
                         "document gives the tail of its tokens")
+    p.add_argument("--memory-budget", metavar="SIZE", default="0",
+                   help="memory each rank may use, like 800M or 4G: pre-token counts beyond it "
+                        "are spilled to sorted files beside the output and merged (default: a "
+                        "quarter of this machine's memory, shared by the ranks)")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars and a one-line report")
@@ -49,7 +53,7 @@ def mpi_world():
 def run(args):
     opts = Options(data=getattr(args, "data", None), out=args.out, vocab_size=args.vocab_size,
                    seq_len=args.seq_len, val_fraction=args.val_fraction, force=args.force,
-                   quiet=args.quiet)
+                   quiet=args.quiet, memory_budget=parse_size(args.memory_budget))
     comm = mpi_world()
     try:
         summary = prepare(opts, comm)
@@ -93,7 +97,7 @@ def report(s, quiet=False) -> str:
         f"in {s['val_documents']:,} documents ({s['val_windows']:,} windows)",
         f"wrote        {s['out']} ({s['file_bytes']:,} bytes) and {s['vocab_txt']}",
         f"time         {t['write']:.2f} s (read {t['read']:.2f}, count "
-        f"{t['count'] - t['read']:.2f}, vocabulary {t['vocab'] - t['count']:.2f}, encode "
+        f"{t['count'] - t['read']:.2f}{', spilled to disk' if s.get('spilled') else ''}, vocabulary {t['vocab'] - t['count']:.2f}, encode "
         f"{t['encode'] - t['vocab']:.2f}, write {t['write'] - t['encode']:.2f}) on "
         f"{s['ranks']} rank(s)",
     ]

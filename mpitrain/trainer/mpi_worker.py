@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from mpitrain import optim, schedule
+from mpitrain import optim
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import STEP, Report
 from mpitrain.trainer.process import injected_nonfinite, trace_files
@@ -82,7 +82,7 @@ class MPIWorker(Worker):
         ids = command.windows[self.share]                 # global window ids, [B_w]
         self._trace(self.comm.index, command.step, ids)
         if ids.size:
-            x, y = schedule.gather_windows(self.tokens, ids, tc.seq_len)   # int32 [B_w, T]
+            x, y = self.tokens.windows(ids, tc.seq_len)   # int32 [B_w, T]
             loss_sum = 0.0
             for a, b in self.calls:                       # gradients accumulate, in order
                 if self.tail:

@@ -59,9 +59,11 @@ class NodeZero:
         self.ranks = ranks
         self.tc = plan.train_config
         self.tokenizer = dataset.tokenizer
-        self.prompt = sampling.sample_prompt(dataset.split_tokens("val"),
+        val = dataset.stream("val")   # only the prompt's tokens are read
+        self.prompt = sampling.sample_prompt(val.read(0, sampling.PROMPT_TOKENS),
                                              self.tokenizer.eod_id, self.tc.sample_prompt,
                                              self.tokenizer)
+        val.close()
         self.model = Model(plan.model_config, seed=self.tc.seed, threads=1)
         self.checkpoint = checkpoint
         self.header_extra = header_extra

@@ -18,7 +18,7 @@ covers every validation window, and nothing is gathered before a SAVE.
 """
 import numpy as np
 
-from mpitrain import optim, schedule
+from mpitrain import optim
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import STEP, Report
 from mpitrain.trainer.process import injected_nonfinite, trace_files
@@ -44,7 +44,7 @@ class ThreadWorker(Worker):
         ids = command.windows[self.order]            # global window ids, worker by worker
         for w, share in enumerate(self.shares):
             self._trace(w, command.step, command.windows[share])
-        x, y = schedule.gather_windows(self.tokens, ids, tc.seq_len)   # int32 [B, T]
+        x, y = self.tokens.windows(ids, tc.seq_len)   # int32 [B, T]
         loss = m.forward_backward(x, y, grad_scale=self.scale, partition=self.partition)
         if injected_nonfinite(command.step):
             loss = float("nan")

@@ -20,7 +20,6 @@ import math
 
 import numpy as np
 
-from mpitrain import schedule
 from mpitrain.topology import assign_windows
 from mpitrain.trainer.messages import EVAL, SAVE, STEP, STOP, Report
 from mpitrain.trainer.process import injected_fault, injected_stall, peak_rss_kib
@@ -53,15 +52,17 @@ class Worker:
         self.model = Model(plan.model_config, seed=tc.seed, threads=plan.threads_per_rank,
                            param_arena=params, grad_arena=grads,
                            initialize=comm.writes_parameters)
-        ds = Dataset.open(plan.dataset_path)
-        # The whole training stream stays in memory: any window can fall to this worker.
-        self.tokens = np.ascontiguousarray(ds.split_tokens("train"))
+        ds = Dataset.open(plan.dataset_path, check_ids=False)  # Node Zero checked it
+        # The training stream is read in place (mapped: one copy per node, in the page cache);
+        # each step reads just its windows.
+        self.tokens = ds.stream("train")
         # j in [0, batch_size): the positions in each step's batch that belong to our groups.
         self.share = np.array(assign_windows(comm.num_workers, tc.batch_size)[comm.index],
                               np.int64)
         eval_share = assign_windows(comm.num_workers, len(plan.eval_ids))[comm.index]
-        self.eval_x, self.eval_y = schedule.gather_windows(
-            ds.split_tokens("val"), plan.eval_ids[eval_share], tc.seq_len)
+        val = ds.stream("val")
+        self.eval_x, self.eval_y = val.windows(plan.eval_ids[eval_share], tc.seq_len)
+        val.close()
         self.scale = 1.0 / (tc.batch_size * tc.seq_len)
         self._sums = np.zeros(2, np.float64)
         self.traces = {}   # test hook: {worker index: trace file} (process.trace_files)

@@ -105,6 +105,8 @@ def run(args):
     try:
         web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
                     shutdown_timeout=args.shutdown_timeout, handler_cancellation=True)
+    except web.GracefulExit:     # a second signal while shutting down: stop now
+        pass
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print("mpitrain serve: stopped", file=sys.stderr, flush=True)

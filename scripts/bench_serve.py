@@ -14,7 +14,8 @@ token (p50/p99), per-token latency (gaps between a stream's chunks, p50/p99), th
 this process (the load generator: one asyncio process, aiohttp client) and of the server, and
 the aggregate as a fraction of the SGEMM peak measured in the same run (decode FLOPs per token:
 the forward third of mpitrain.trainer.peak.flops_per_token at the mean context length).
-Goals checked: 16 clients >= 6x one client's aggregate tokens/s; one client >= 85% of infer's.
+The last column, tokens per CPU-second of the server, is what batching buys independently of
+how much of the machine other jobs leave the server. Goals checked: 16 clients >= 6x one client's aggregate tokens/s; one client >= 85% of infer's.
 """
 import argparse
 import asyncio
@@ -190,7 +191,8 @@ def main(argv=None):
         print(f"SGEMM peak ({args.threads} thread(s)): {peak:.1f} GFLOP/s; decode "
               f"{fwd_flops / 1e6:.1f} MFLOP/token")
         print(f"{'clients':>7} {'tok/s':>8} {'x1':>5} {'%peak':>6} {'ttft p50':>9} "
-              f"{'ttft p99':>9} {'tok p50':>8} {'tok p99':>8} {'gen CPU':>8} {'srv CPU':>8}")
+              f"{'ttft p99':>9} {'tok p50':>8} {'tok p99':>8} {'gen CPU':>8} {'srv CPU':>8} "
+              f"{'tok/srv-CPU-s':>13}")
         rates = {}
         for c in levels:
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -208,7 +210,8 @@ def main(argv=None):
                   f"{100 * rates[c] * fwd_flops / (peak * 1e9):>5.1f}% "
                   f"{1e3 * pct(ttft, 50):>7.0f}ms {1e3 * pct(ttft, 99):>7.0f}ms "
                   f"{1e3 * pct(gaps, 50):>6.1f}ms {1e3 * pct(gaps, 99):>6.1f}ms "
-                  f"{100 * gen_cpu:>7.0f}% {100 * srv_cpu:>7.0f}%")
+                  f"{100 * gen_cpu:>7.0f}% {100 * srv_cpu:>7.0f}% "
+                  f"{rates[c] / max(srv_cpu, 1e-9):>13.1f}")
         if 1 in rates:
             print(f"goal: one client / infer = {rates[1] / r_inf:.2f} (>= 0.85)")
             if 16 in rates:

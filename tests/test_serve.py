@@ -350,3 +350,17 @@ def test_without_the_extra_says_how_to_install(model_path):
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "pip install 'mpitrain[serve]'" in proc.stderr
+
+
+def test_port_in_use_is_one_line(model_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=REPO)
+        proc = subprocess.run([sys.executable, "-m", "mpitrain", "serve", "--model", model_path,
+                               "--port", str(port)], env=env, capture_output=True, text=True,
+                              timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("mpitrain: error: cannot listen on") and \
+        proc.stderr.count("\n") == 1

@@ -91,6 +91,8 @@ def run(args):
 
     async def start(app):
         scheduler.start(asyncio.get_running_loop())
+
+    def listening(_aiohttp_message):      # called once the socket is bound
         auth = "bearer key required" if svc.api_key else "no authentication"
         print(f"mpitrain serve: {svc.model_id} ({dec.model.num_params:,} parameters, context "
               f"{dec.max_context}) on http://{args.host}:{args.port} (max batch "
@@ -103,7 +105,7 @@ def run(args):
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
     try:
-        web.run_app(app, host=args.host, port=args.port, print=None, access_log=None,
+        web.run_app(app, host=args.host, port=args.port, print=listening, access_log=None,
                     shutdown_timeout=args.shutdown_timeout, handler_cancellation=True)
     except web.GracefulExit:     # a second signal while shutting down: stop now
         pass

@@ -131,10 +131,6 @@ class Scheduler:
         with self._cv:
             self._cv.notify()
 
-    def idle(self):
-        with self._cv:
-            return not self.waiting and not self.running
-
     def close(self, timeout=10.0):
         """Stop the decode thread; sequences still waiting or running end "cancelled"."""
         with self._cv:

@@ -86,3 +86,10 @@ def sample(logits, samplers):
         u = np.array([samplers[b].rng.random() for b in drawn])
         out[drawn] = (cdf <= u[:, None]).sum(axis=1)
     return out
+
+
+def sample_seed(seed, i):
+    """The seed of sample i when one prompt is continued several times (the server's `n`):
+    seed + i, so sample 0 is exactly the one-sample run with that seed. None (a random seed)
+    stays None."""
+    return None if seed is None else int(seed) + int(i)

@@ -14,6 +14,7 @@ COMMANDS = (
     "train",
     "export",
     "infer",
+    "serve",
     "monitor",
     "plot",
 )

@@ -89,7 +89,7 @@ def test_a_killed_worker_is_named_at_12_ranks(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="a survivor is named instead in about 1 of 5 kills in "
+@pytest.mark.xfail(strict=False, reason="a survivor is named instead in 1 of 9 kills measured in "
                    "this layout (docs/TRAINING.md, 'Signals and faults')")
 def test_a_killed_worker_is_named_on_two_nodes(tiny_dataset, tmp_path):
     _kill_one(tiny_dataset, str(tmp_path / "run"), 12, 9, hosts="nodea:6,nodeb:6")

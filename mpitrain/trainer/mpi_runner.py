@@ -40,11 +40,13 @@ import sys
 import time
 import traceback
 
-from mpitrain import exits
+from mpitrain import exits, formats
 from mpitrain.errors import UserError
+from mpitrain.trainer import watcher
 
 
 ABORT_GRACE = 0.3  # s between our last words and MPI_Abort (see _end)
+_watcher = None    # this rank's watcher.Link, once connected
 
 
 def _unlink_mpich_files() -> None:
@@ -67,6 +69,8 @@ def _end(world, rank: int, what: str, status: int, details: str = "") -> None:
     """Our last words -- `details`, then one line naming the rank -- and end every rank with
     `status`. The pause lets mpirun forward this stderr first: without it the launcher lost the
     last line in 1 of 15 aborts (measured), as it tears the job down."""
+    if _watcher is not None:
+        _watcher.end()   # these are the last words, not the watcher's
     sys.stderr.write(f"{details}mpitrain: rank {rank}: {what}\n")
     sys.stderr.flush()
     time.sleep(ABORT_GRACE)
@@ -78,7 +82,11 @@ def _finish(world, status: int) -> int:
     """Rank 0, after a run that ended in order: make mpiexec return `status` (see the module
     docstring)."""
     if status == exits.OK:
+        if _watcher is not None:
+            _watcher.bye()
         return status
+    if _watcher is not None:
+        _watcher.end()
     sys.stdout.flush()
     sys.stderr.flush()
     time.sleep(ABORT_GRACE)   # let mpiexec forward our last lines first (as _end)
@@ -112,11 +120,28 @@ def _reap_later(pids) -> None:
 def _abort(world, rank: int, exc: BaseException) -> None:
     """An exception on this rank: its traceback and the error, then end every rank. A Fault
     (a stalled worker) is no bug: its one line, and its status."""
+    if _watcher is not None and _is_mpi_error(exc):
+        _quiet_exit(world, exc)
     if isinstance(exc, exits.Fault):
         _reap_later(getattr(exc, "stopped_pids", ()))
         _end(world, rank, str(exc), exc.exit_code)
     text = "" if isinstance(exc, KeyboardInterrupt) else traceback.format_exc()
     _end(world, rank, f"{type(exc).__name__}: {exc}", exits.INTERNAL, text)
+
+
+def _is_mpi_error(exc: BaseException) -> bool:
+    from mpi4py import MPI
+
+    return isinstance(exc, MPI.Exception)
+
+
+def _quiet_exit(world, exc: BaseException) -> None:
+    """An MPI call failed, most likely because a peer rank died: no traceback that would look
+    like a cause. The watcher says what happened (watcher.py); this rank leaves silently."""
+    _watcher.fail(f"{type(exc).__name__}: {exc}")
+    time.sleep(ABORT_GRACE)   # the watcher has its word first
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    world.Abort(exits.INTERNAL)
 
 
 def _signal_abort(world, rank: int):
@@ -127,6 +152,7 @@ def _signal_abort(world, rank: int):
 def run_mpi(options: dict) -> int:
     """options: see plan.make_plan. Returns the exit status (rank 0: the run's, the workers: 0)
     or raises the agreed UserError."""
+    global _watcher
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # our kernel threads, not BLAS's
     from mpi4py import MPI
 
@@ -143,7 +169,7 @@ def run_mpi(options: dict) -> int:
     write_past_mpiexec()   # a closed pipe then meets this rank, not mpiexec (output.py)
     try:
         ranks = world.gather((host_name(), os.getpid()), root=0)
-        plan = checkpoint = dataset = error = None
+        plan = checkpoint = dataset = error = address = None
         if rank == 0:   # every rank is through MPI_Init: the start-up file may go
             _unlink_mpich_files()
             warning = hangup_warning()
@@ -153,10 +179,19 @@ def run_mpi(options: dict) -> int:
                 plan, checkpoint, dataset = make_plan(options)
             except UserError as e:
                 error = str(e)
-        plan, error = bcast_object(world, (plan, error))
+            if error is None:
+                from mpitrain.trainer.output import mpiexec_pid
+
+                address = watcher.start(os.path.join(plan.run_dir, formats.TRAIN_LOG),
+                                        mpiexec_pid())
+        plan, error, address = bcast_object(world, (plan, error, address))
         _unlink_mpich_files()
+        if address is not None:
+            _watcher = watcher.Link(address, rank)
         if error is None:   # every node reads the dataset itself: the same file everywhere
             error = check_dataset_on_nodes(world, plan.dataset_path)
+            if error is not None and _watcher is not None:
+                _watcher.end()   # a user's error is said by rank 0, not blamed on a rank
     except BaseException as e:
         _abort(world, rank, e)
     if error is not None:
@@ -183,6 +218,7 @@ def run_mpi(options: dict) -> int:
 
             install_signals(comm.request_stop, _signal_abort(world, rank))
             MPIWorker(plan, comm, rank).run()
+            _watcher.bye()
             return exits.OK
     except BaseException as e:
         _abort(world, rank, e)

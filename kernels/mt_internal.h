@@ -126,6 +126,19 @@ void linear_fixed_portable(float *out, const float *inp, const float *w, const f
                            const float *add, int n, int IC, int OC, int o0, int o1);
 
 /* ---- attention.c: one (batch, head) item; att and datt are (T,T) scratch ------------------ */
+/* A model's attention options, prepared once (model.c); NULL where a caller has none means
+ * dense attention with no rotation (the single-layer test API). */
+typedef struct {
+    const float *rope;   /* rotary: (max_seq_len, half) cosines then as many sines; or NULL */
+    int half;            /* head_dim / 2 */
+    int ulam, window;    /* the Ulam pattern and its w */
+    const int *primes;   /* the primes <= max_seq_len, increasing */
+    int nprimes;
+} mt_attn;
+/* Rotary position embedding of n rows (row stride ld) of one head at positions p0..p0+n-1:
+ * pairs (x[i], x[i+half]) turn by angle pos * 10000^(-i/half); inverse: the opposite turn
+ * (the backward pass's map of gradients). */
+void rope_rows(float *x, int ld, int p0, int n, const mt_attn *o, int inverse);
 /* Causal attention of one head for the query rows at positions p0..p0+n-1 of one sequence:
  * y[r] = sum over keys j <= p0+r of softmax_j(q_r . k_j / sqrt(hs)) v_j. q, y: the n query
  * rows (row strides ldq, ldy); k, v: keys and values of positions 0..p0+n-1 (row strides ldk,
@@ -134,13 +147,18 @@ void linear_fixed_portable(float *out, const float *inp, const float *w, const f
  * OpenBLAS in blocks of query rows (training, evaluation; att is scratch of row stride
  * ldatt >= p0+n with n rows); blas == 0: fixed-order row products (decoding; a row's result
  * does not depend on the other rows; att needs p0+n floats). */
-void attention_rows(float *y, int ldy, float *lse, const float *q, int ldq, const float *k,
+/* With options o: rotary turns the n query rows and the keys at positions p0..p0+n-1 in place
+ * first (q and those k rows are overwritten: training keeps the turned q, k for its backward
+ * pass, decoding caches turned keys at their absolute positions); the Ulam pattern weighs
+ * only its keys, each row through fixed-order products whatever `blas` says. */
+void attention_rows(float *y, int ldy, float *lse, float *q, int ldq, float *k,
                     int ldk, const float *v, int ldv, int p0, int n, int hs, int blas,
-                    float *att, int ldatt);
-void attention_forward_item(float *out, float *lse, const float *qkv, int b, int h,
-                            int T, int C, int NH, float *att);
+                    float *att, int ldatt, const mt_attn *o);
+void attention_forward_item(float *out, float *lse, float *qkv, int b, int h,
+                            int T, int C, int NH, float *att, const mt_attn *o);
 void attention_backward_item(float *dqkv, const float *dout, const float *qkv, const float *lse,
-                             int b, int h, int T, int C, int NH, float *att, float *datt);
+                             int b, int h, int T, int C, int NH, float *att, float *datt,
+                             const mt_attn *o);
 
 /* out (n) = gelu(x); x is overwritten by gelu'(x). */
 void gelu_forward_slope(float *out, float *x_to_slope, size_t n);
@@ -200,7 +218,10 @@ struct mt_model {
     mt_pool *pool;
     int parts_req;                 /* requested work parts, 0 = automatic */
     int parts;                     /* parts the work is split into: <= pool threads */
-    float *att_scratch;            /* per thread 2*maxT*maxT */
+    float *att_scratch;            /* per thread mt_att_floats(maxT) */
+    mt_attn attn;                  /* the attention options, prepared (model.c) */
+    float *rope;                   /* rotary table of attn.rope (owned), or NULL */
+    int *primes;                   /* attn.primes (owned) */
     mt_acts train, infer;
     float *chunk;                  /* output-layer chunk: R*(V+C+1+C*threads) floats (loss.c) */
     int chunk_rows, chunk_threads;
@@ -221,6 +242,12 @@ static inline double mt_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Attention scratch per thread: att and datt (maxT,maxT) each, and room for the Ulam
+ * pattern's key lists past either's first maxT floats even at maxT = 1. */
+static inline size_t mt_att_floats(int maxT) {
+    return 2 * (size_t)maxT * (size_t)maxT + 2 * (size_t)maxT;
 }
 
 /* Every API call that runs the pool holds the model for its duration: a second caller (another

@@ -18,12 +18,14 @@ TYPES = (int, float, bool, str)
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")   # --set spellings of a bool
 
 
-def setting(default, *, min=None, above=None, below=None, choices=None):
+def setting(default, *, min=None, above=None, below=None, choices=None, stored_if_set=False):
     """A configuration field: its default and the values it accepts besides its type.
     min: inclusive lower bound; above, below: exclusive bounds; choices: the values of a str
-    field (required for str fields)."""
+    field (required for str fields). stored_if_set: the stored form (to_dict) holds the field
+    only when it differs from its default -- for fields added after files existed, so a file
+    of the default configuration keeps its bytes and an older mpitrain still reads it."""
     return field(default=default, metadata={"min": min, "above": above, "below": below,
-                                            "choices": choices})
+                                            "choices": choices, "stored_if_set": stored_if_set})
 
 
 def check(f, value):
@@ -98,7 +100,12 @@ class _Config:
         return replace(cls(**PRESETS[_known(name)][cls.PRESET_PART]), **overrides)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The stored form: every field, but a stored_if_set field only when it is set."""
+        d = asdict(self)
+        for f in fields(self):
+            if f.metadata.get("stored_if_set") and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -124,11 +131,21 @@ class ModelConfig(_Config):
     n_layers: int = setting(6, min=1)        # transformer blocks
     n_heads: int = setting(12, min=1)        # attention heads (head_dim = d_model // n_heads)
     d_ff: int = setting(1536, min=1)         # hidden width of the MLP
+    # Options (docs/DESIGN.md, "The model"); the defaults are the GPT-2 model.
+    position: str = setting("learned", choices=("learned", "rotary"),
+                            stored_if_set=True)  # rotary: q, k turned, no wpe table
+    init: str = setting("normal", choices=("normal", "lattice"),
+                        stored_if_set=True)      # lattice: token/position tables by formula
+    attention_pattern: str = setting("dense", choices=("dense", "ulam"), stored_if_set=True)
+    attention_window: int = setting(16, min=0,
+                                    stored_if_set=True)  # ulam: distances 0..w and primes
 
     def __post_init__(self):
         super().__post_init__()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.position == "rotary" and self.head_dim % 2:
+            raise ValueError(f"position rotary needs an even head_dim, got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:

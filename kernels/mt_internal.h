@@ -51,6 +51,13 @@ static inline void mt_split(int total, int tid, int n, int align, int *lo, int *
 }
 
 /* ---- fast vectorisable exp / tanh (accuracy tested in tests/test_ops.py) ------------------- */
+/* Build switch: MPITRAIN_CFLAGS=-DMT_LIBM_MATH uses libm's expf and tanhf instead (measured
+ * against these in docs/BENCHMARKS.md, "exp and tanh"; the default is the winner). */
+#ifdef MT_LIBM_MATH
+#include <math.h>
+static inline float mt_expf(float x) { return expf(x); }
+static inline float mt_tanhf(float x) { return tanhf(x); }
+#else
 /* exp(x) = 2^n * e^r with n = round(x/ln2), |r| <= ln2/2, r's polynomial from Cephes expf.
  * Written branch-free (clamps, a magic-number round, bit casts) so GCC vectorises loops
  * calling it. Relative error ~2 ulp on [-87.3, 88]. Below -87.3 (where exp leaves the normal
@@ -88,6 +95,7 @@ static inline float mt_tanhf(float x) {
     float e = mt_expf(2.0f * x);
     return (e - 1.0f) / (e + 1.0f);
 }
+#endif
 
 /* ---- layers.c: row-range and column-range pieces used by the threaded step ---------------- */
 /* out rows [r0,r1) of (N,OC) = inp (N,IC) @ w(OC,IC)^T + bias (+ add (N,OC) if not NULL). */

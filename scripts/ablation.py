@@ -109,12 +109,19 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--plot")
+    p.add_argument("--report", action="store_true",
+                   help="only print the table and plot from --out's results.json")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": REPO}
+    results = {}
+    if args.report:
+        with open(os.path.join(args.out, "results.json")) as f:
+            results = json.load(f)
+        args.seeds = sorted({s for by_seed in results.values() for s in by_seed})
+        return report(results, args)
     data = prepare(args, env)
     val = Dataset.open(data).split_tokens("val")
-    results = {}
     for seed in args.seeds:          # seeds outermost: a stopped run still has every variant
         for v in args.variants:
             run = train(args, env, data, v, seed)
@@ -125,6 +132,10 @@ def main():
                   f"context {r['context']}", flush=True)
             with open(os.path.join(args.out, "results.json"), "w") as f:
                 json.dump(results, f, indent=1)
+    report(results, args)
+
+
+def report(results, args):
     print(f"\n| variant | seeds | final val loss (mean ± spread) | ms/step | "
           f"val 1x | val 2x | val 4x |\n|---|---|---|---|---|---|---|")
     for v, by_seed in results.items():

@@ -55,6 +55,77 @@ MT_HOT static void causal_weights(float *att, int ldatt, float *lse_out, const f
     }
 }
 
+/* ---- options: rotary position embedding, the Ulam pattern ---------------------------------- */
+
+void rope_rows(float *x, int ld, int p0, int n, const mt_attn *o, int inverse) {
+    int H = o->half;
+    for (int r = 0; r < n; r++) {
+        const float *c = o->rope + (size_t)(p0 + r) * 2 * H, *sn = c + H;
+        float *a = x + (size_t)r * ld, *b = a + H;
+        if (!inverse)
+            for (int i = 0; i < H; i++) {
+                float x1 = a[i], x2 = b[i];
+                a[i] = x1 * c[i] - x2 * sn[i];
+                b[i] = x2 * c[i] + x1 * sn[i];
+            }
+        else
+            for (int i = 0; i < H; i++) {
+                float x1 = a[i], x2 = b[i];
+                a[i] = x1 * c[i] + x2 * sn[i];
+                b[i] = x2 * c[i] - x1 * sn[i];
+            }
+    }
+}
+
+/* The Ulam pattern's keys of query position i, increasing: i - p for the primes p > w with
+ * p <= i, then max(0, i-w)..i. Returns their count (at most i+1). */
+static int ulam_keys(int *keys, int i, const mt_attn *o) {
+    int n = 0, w = o->window;
+    for (int t = o->nprimes - 1; t >= 0 && o->primes[t] > w; t--)
+        if (o->primes[t] <= i) keys[n++] = i - o->primes[t];
+    for (int j = i - w < 0 ? 0 : i - w; j <= i; j++) keys[n++] = j;
+    return n;
+}
+
+/* One query row at position i under the Ulam pattern: only its keys' scores, weights and
+ * values are touched. att: room for i+1 floats; keys: i+1 ints. */
+MT_HOT static void ulam_row(float *y, float *lse, const float *q, const float *k, int ldk,
+                            const float *v, int ldv, int i, int hs, float scale, float *att,
+                            int *keys, const mt_attn *o) {
+    int nk = ulam_keys(keys, i, o);
+    for (int t = 0; t < nk; t++) att[t] = scale * dot_fixed(q, k + (size_t)keys[t] * ldk, hs);
+    float l = causal_softmax_row(att, nk - 1, nk);
+    if (lse) *lse = l;
+    for (int d = 0; d < hs; d++) y[d] = 0.0f;
+    for (int t = 0; t < nk; t++) fma_row(y, att[t], v + (size_t)keys[t] * ldv, hs);
+}
+
+/* The backward pass of ulam_row for query rows 0..T-1 of one head (strides ld for q, k, v and
+ * their gradients, ldy for dy), adding into dq, dk, dv in row order. */
+MT_HOT static void ulam_backward(float *dq, float *dk, float *dv, const float *dy, int ldy,
+                                 const float *q, const float *k, const float *v, int ld,
+                                 const float *lse, int T, int hs, float scale, float *a,
+                                 float *d, int *keys, const mt_attn *o) {
+    for (int i = 0; i < T; i++) {
+        const float *qi = q + (size_t)i * ld, *dyi = dy + (size_t)i * ldy;
+        int nk = ulam_keys(keys, i, o);
+        float dot = 0.0f;
+        for (int t = 0; t < nk; t++) {
+            size_t j = (size_t)keys[t] * ld;
+            a[t] = mt_expf(scale * dot_fixed(qi, k + j, hs) - lse[i]);
+            d[t] = dot_fixed(dyi, v + j, hs);
+            dot += a[t] * d[t];
+        }
+        for (int t = 0; t < nk; t++) {
+            size_t j = (size_t)keys[t] * ld;
+            float ds = a[t] * (d[t] - dot) * scale;
+            fma_row(dq + (size_t)i * ld, ds, k + j, hs);
+            fma_row(dk + j, ds, qi, hs);
+            fma_row(dv + j, a[t], dyi, hs);
+        }
+    }
+}
+
 /* Decoding's row: the same weights from fixed-order products (rowdot.c), so the result
  * depends on this row's query and its keys/values alone. att has room for last+1 floats. */
 MT_HOT static void attention_row_fixed(float *y, float *lse, const float *q, const float *k,
@@ -67,10 +138,21 @@ MT_HOT static void attention_row_fixed(float *y, float *lse, const float *q, con
     for (int j = 0; j <= last; j++) fma_row(y, att[j], v + (size_t)j * ldv, hs);
 }
 
-void attention_rows(float *y, int ldy, float *lse, const float *q, int ldq, const float *k,
+void attention_rows(float *y, int ldy, float *lse, float *q, int ldq, float *k,
                     int ldk, const float *v, int ldv, int p0, int n, int hs, int blas,
-                    float *att, int ldatt) {
+                    float *att, int ldatt, const mt_attn *o) {
     float scale = 1.0f / sqrtf((float)hs);
+    if (o && o->rope) {
+        rope_rows(q, ldq, p0, n, o, 0);
+        rope_rows(k + (size_t)p0 * ldk, ldk, p0, n, o, 0);
+    }
+    if (o && o->ulam) {
+        int *keys = (int *)(att + p0 + n);   /* att's scratch has room for 2 (p0+n) floats */
+        for (int r = 0; r < n; r++)
+            ulam_row(y + (size_t)r * ldy, lse ? lse + r : NULL, q + (size_t)r * ldq, k, ldk, v,
+                     ldv, p0 + r, hs, scale, att, keys, o);
+        return;
+    }
     if (!blas) {
         for (int r = 0; r < n; r++)
             attention_row_fixed(y + (size_t)r * ldy, lse ? lse + r : NULL, q + (size_t)r * ldq,
@@ -89,29 +171,51 @@ void attention_rows(float *y, int ldy, float *lse, const float *q, int ldq, cons
 }
 
 /* qkv (B,T,3C) -> out (B,T,C) columns h*hs..(h+1)*hs of batch b; lse (B,NH,T). */
-void attention_forward_item(float *out, float *lse, const float *qkv, int b, int h,
-                            int T, int C, int NH, float *att) {
+void attention_forward_item(float *out, float *lse, float *qkv, int b, int h,
+                            int T, int C, int NH, float *att, const mt_attn *o) {
     int hs = C / NH;
-    const float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * hs;
+    float *q = qkv + (size_t)b * T * 3 * C + (size_t)h * hs;
     attention_rows(out + (size_t)b * T * C + (size_t)h * hs, C, lse + ((size_t)b * NH + h) * T,
-                   q, 3 * C, q + C, 3 * C, q + 2 * C, 3 * C, 0, T, hs, 1, att, T);
+                   q, 3 * C, q + C, 3 * C, q + 2 * C, 3 * C, 0, T, hs, 1, att, T, o);
 }
+
+static void dense_backward(float *dq, float *dk, float *dv, const float *dy, int C,
+                           const float *q, const float *k, const float *v, int ld,
+                           const float *lse, int T, int hs, float scale, float *att,
+                           float *datt);
 
 /* dout (B,T,C); adds into dqkv (B,T,3C) the q,k,v gradients of item (b,h). Blocks are
  * visited in order, so the sums into dk and dv have a fixed order. */
 void attention_backward_item(float *dqkv, const float *dout, const float *qkv, const float *lse,
-                             int b, int h, int T, int C, int NH, float *att, float *datt) {
+                             int b, int h, int T, int C, int NH, float *att, float *datt,
+                             const mt_attn *o) {
     int hs = C / NH, ld = 3 * C;
     size_t base = (size_t)b * T * 3 * C + (size_t)h * hs;
-    const float *q = qkv + base, *k = q + C, *v = q + 2 * C;
+    const float *q = qkv + base, *k = q + C, *v = q + 2 * C;   /* turned, if rotary */
     float *dq = dqkv + base, *dk = dq + C, *dv = dq + 2 * C;
     const float *dy = dout + (size_t)b * T * C + (size_t)h * hs;
     float scale = 1.0f / sqrtf((float)hs);
+    if (o && o->ulam)
+        ulam_backward(dq, dk, dv, dy, C, q, k, v, ld, lse + ((size_t)b * NH + h) * T, T, hs,
+                      scale, att, datt, (int *)(datt + T), o);
+    else
+        dense_backward(dq, dk, dv, dy, C, q, k, v, ld, lse + ((size_t)b * NH + h) * T, T, hs,
+                       scale, att, datt);
+    if (o && o->rope) {   /* gradients of the turned q, k -> of the q, k before the turn */
+        rope_rows(dq, ld, 0, T, o, 1);
+        rope_rows(dk, ld, 0, T, o, 1);
+    }
+}
+
+/* The dense pattern's backward pass over query rows 0..T-1 of one head; att, datt (T,T). */
+static void dense_backward(float *dq, float *dk, float *dv, const float *dy, int C,
+                           const float *q, const float *k, const float *v, int ld,
+                           const float *lse, int T, int hs, float scale, float *att,
+                           float *datt) {
     for (int i0 = 0; i0 < T; i0 += ATT_BLOCK) {
         int i1 = T - i0 < ATT_BLOCK ? T : i0 + ATT_BLOCK, n = i1 - i0;
         float *a = att + (size_t)i0 * T, *d = datt + (size_t)i0 * T;
-        causal_weights(att, T, NULL, lse + ((size_t)b * NH + h) * T, q, ld, k, ld, 0, i0, i1, hs,
-                       scale);
+        causal_weights(att, T, NULL, lse, q, ld, k, ld, 0, i0, i1, hs, scale);
         /* dv[0:i1] (i1,hs) += a (n,i1)^T @ dy[i0:i1] (n,hs);  d (n,i1) = dy[i0:i1] @ v[0:i1]^T */
         scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, i1, hs, n, 1.0f, a, T,
                           dy + (size_t)i0 * C, C, 1.0f, dv, ld);
@@ -139,7 +243,7 @@ int attention_forward(float *out, float *lse, const float *qkv, int B, int T, in
     float *att = malloc(sizeof(float) * (size_t)T * T);
     if (!att) return MT_ENOMEM;
     for (int i = 0; i < B * NH; i++)
-        attention_forward_item(out, lse, qkv, i / NH, i % NH, T, C, NH, att);
+        attention_forward_item(out, lse, (float *)qkv, i / NH, i % NH, T, C, NH, att, NULL);
     free(att);
     return MT_OK;
 }
@@ -150,7 +254,7 @@ int attention_backward(float *dqkv, const float *dout, const float *qkv, const f
     if (!att) return MT_ENOMEM;
     for (int i = 0; i < B * NH; i++)
         attention_backward_item(dqkv, dout, qkv, lse, i / NH, i % NH, T, C, NH, att,
-                                att + (size_t)T * T);
+                                att + (size_t)T * T, NULL);
     free(att);
     return MT_OK;
 }

@@ -13,7 +13,9 @@
  * Context rule, per slot: when appending would pass the slot's context limit (max_seq_len, or
  * less if asked), only the newest half of its context is kept (fewer if the new tokens need the
  * room) and its cache is rebuilt from position 0: the kept tokens are computed again with the
- * new ones (positions are learned, so cached keys of the old positions would be stale).
+ * new ones (learned positions are added to the input, rotary ones turn the keys: either way
+ * cached keys of the old positions would be stale). The cache holds keys as attention uses
+ * them: turned to their absolute position under rotary positions.
  *
  * Work split (pool threads, forward.c's column split): linear layers by output columns, so for
  * a few rows each thread streams its own part of the weights (decoding is bound by memory
@@ -63,18 +65,17 @@ static void attend_cache(const mt_fwd *f, int l, int h0, int h1) {
     const pass *p = f->ctx;
     mt_batch *b = p->b;
     int C = b->m->cfg.d_model, hs = C / b->m->cfg.n_heads;
-    float *att = b->m->att_scratch + (size_t)f->tid * 2 * b->m->cfg.max_seq_len *
-                                         b->m->cfg.max_seq_len;
+    float *att = b->m->att_scratch + (size_t)f->tid * mt_att_floats(b->m->cfg.max_seq_len);
     for (int h = h0; h < h1; h++)
         for (int r = 0; r < p->n; r++) {
             size_t off = cache_off(b, b->row_slot[r], l, h);
             int pos = b->row_pos[r];
-            const float *q = b->qkv + (size_t)r * 3 * C + (size_t)h * hs;
+            float *q = b->qkv + (size_t)r * 3 * C + (size_t)h * hs;
             float *kc = b->kc + off, *vc = b->vc + off;
             memcpy(kc + (size_t)pos * hs, q + C, sizeof(float) * hs);
             memcpy(vc + (size_t)pos * hs, q + 2 * C, sizeof(float) * hs);
             attention_rows(b->atty + (size_t)r * C + (size_t)h * hs, C, NULL, q, 3 * C, kc, hs,
-                           vc, hs, pos, 1, hs, 0, att, 0);
+                           vc, hs, pos, 1, hs, 0, att, 0, &b->m->attn);
         }
 }
 

@@ -18,9 +18,12 @@
 
 #define LN_EPS 1e-5f
 
-/* Embedding of one token at one position: o (C) = wte[tok] + wpe[pos]. */
+/* Embedding of one token at one position: o (C) = wte[tok] + wpe[pos]; wte[tok] alone when
+ * positions are rotary (no table: attention turns q and k, attention.c). */
 void embed_row(float *o, int tok, int pos, const mt_views *P, int C) {
-    const float *e = P->wte + (size_t)tok * C, *p = P->wpe + (size_t)pos * C;
+    const float *e = P->wte + (size_t)tok * C;
+    if (!P->wpe) { memcpy(o, e, sizeof(float) * (size_t)C); return; }
+    const float *p = P->wpe + (size_t)pos * C;
     for (int i = 0; i < C; i++) o[i] = e[i] + p[i];
 }
 

@@ -19,10 +19,19 @@ static const char *BLOCK_NAMES[BLOCK_TENSORS] = {
 
 static int config_ok(const mt_config *c) {
     return c->vocab_size > 0 && c->max_seq_len > 0 && c->d_model > 0 && c->n_layers > 0 &&
-           c->n_heads > 0 && c->d_ff > 0 && c->d_model % c->n_heads == 0;
+           c->n_heads > 0 && c->d_ff > 0 && c->d_model % c->n_heads == 0 &&
+           (c->position == 0 || (c->position == 1 && (c->d_model / c->n_heads) % 2 == 0)) &&
+           (c->init == 0 || c->init == 1) && (c->attention == 0 || c->attention == 1) &&
+           c->attention_window >= 0;
 }
 
-static int num_tensors(const mt_config *cfg) { return 5 + BLOCK_TENSORS * cfg->n_layers; }
+/* Rotary positions have no table: the GPT-2 table without transformer.wpe.weight. */
+static int num_tensors(const mt_config *cfg) {
+    return 5 + BLOCK_TENSORS * cfg->n_layers - (cfg->position == 1);
+}
+
+/* Tensor i of this config's table as an index of the full GPT-2 table. */
+static int gpt2_index(const mt_config *c, int i) { return c->position == 1 && i >= 1 ? i + 1 : i; }
 
 int mt_num_tensors(const mt_config *cfg, int *out) {
     if (!config_ok(cfg)) return MT_EINVAL;
@@ -36,6 +45,7 @@ static size_t tensor_at(const mt_config *c, int i, char *name, int cap, int *ndi
     char buf[96];
     int d = 2, s0 = 0, s1 = 0;
     if (i < 0 || i >= num_tensors(c)) return 0;
+    i = gpt2_index(c, i);
     if (i == 0) { snprintf(buf, sizeof buf, "transformer.wte.weight"); s0 = c->vocab_size; s1 = C; }
     else if (i == 1) { snprintf(buf, sizeof buf, "transformer.wpe.weight"); s0 = c->max_seq_len; s1 = C; }
     else if (i < 2 + BLOCK_TENSORS * L) {
@@ -80,9 +90,11 @@ int mt_tensor_info(const mt_config *cfg, int i, char *name, int name_cap, size_t
 /* Points the views at an arena laid out as the table says. */
 static void make_views(const mt_config *c, float *base, mt_views *v) {
     size_t off = 0;
-    for (int i = 0; i < num_tensors(c); i++) {
+    v->wpe = NULL;
+    for (int t = 0; t < num_tensors(c); t++) {
         float *p = base + off;
-        off += tensor_at(c, i, NULL, 0, NULL, NULL);
+        off += tensor_at(c, t, NULL, 0, NULL, NULL);
+        int i = gpt2_index(c, t);
         if (i == 0) v->wte = p;
         else if (i == 1) v->wpe = p;
         else if (i < 2 + BLOCK_TENSORS * c->n_layers) {
@@ -119,6 +131,57 @@ static double normal_next(normal_rng *r) {
     return rad * cos(th);
 }
 
+/* The standard normal quantile: Acklam's rational approximation (relative error < 1.2e-9)
+ * and one Halley step on erfc, so the result is accurate to double rounding. u in (0,1). */
+static double normal_quantile(double u) {
+    static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02,
+                               -2.759285104469687e+02, 1.383577518672690e+02,
+                               -3.066479806614716e+01, 2.506628277459239e+00};
+    static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02,
+                               -1.556989798598866e+02, 6.680131188771972e+01,
+                               -1.328068155288572e+01};
+    static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01,
+                               -2.400758277161838e+00, -2.549732539343734e+00,
+                               4.374664141464968e+00, 2.938163982698783e+00};
+    static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01,
+                               2.445134137142996e+00, 3.754408661907416e+00};
+    double x;
+    if (u < 0.02425 || u > 1 - 0.02425) {
+        double q = sqrt(-2 * log(u < 0.5 ? u : 1 - u));
+        x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+            ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1);
+        if (u > 0.5) x = -x;
+    } else {
+        double q = u - 0.5, r = q * q;
+        x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+            (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1);
+    }
+    double e = 0.5 * erfc(-x / sqrt(2.0)) - u, g = e * sqrt(2 * M_PI) * exp(x * x / 2);
+    return x - g / (1 + x * g / 2);
+}
+
+/* The m-th prime, m = 0, 1, ... (2, 3, 5, ...): trial division, for tables of a few thousand. */
+static int prime_at(int m) {
+    for (int p = 2, found = -1;; p++) {
+        int is = 1;
+        for (int q = 2; q * q <= p && is; q++) is = p % q != 0;
+        if (is && ++found == m) return p;
+    }
+}
+
+/* The lattice embeddings (docs/DESIGN.md, "The model"): row n (token id or position), column
+ * k of a (rows, d) table is lambda * PhiInv(frac((n + 1) * sqrt(p_{k + o}))), p_m the m-th
+ * prime, o = 0 for the token table and d for the position table (distinct primes). */
+static void lattice_fill(float *t, int rows, int d, int o, double lambda) {
+    for (int k = 0; k < d; k++) {
+        double g = sqrt((double)prime_at(k + o));
+        for (int n = 0; n < rows; n++) {
+            double x = (n + 1) * g;
+            t[(size_t)n * d + k] = (float)(lambda * normal_quantile(x - floor(x)));
+        }
+    }
+}
+
 int mt_model_init(mt_model *model, uint64_t seed) {
     const mt_config *c = &model->cfg;
     normal_rng rng = {seed, 0, 0.0};
@@ -140,6 +203,12 @@ int mt_model_init(mt_model *model, uint64_t seed) {
             float val = (len > 6 && strcmp(name + len - 6, "weight") == 0) ? 1.0f : 0.0f;
             for (size_t j = 0; j < n; j++) p[j] = val;
         }
+    }
+    /* Lattice embeddings replace the normal draws (made anyway, so every other tensor is the
+     * normal initialisation's, draw for draw). */
+    if (c->init == 1) {
+        lattice_fill(model->P.wte, c->vocab_size, c->d_model, 0, 0.02);
+        if (model->P.wpe) lattice_fill(model->P.wpe, c->max_seq_len, c->d_model, c->d_model, 0.02);
     }
     return MT_OK;
 }
@@ -239,7 +308,7 @@ static int set_threads(mt_model *m, int threads) {
     if (threads < 1 || threads > 1024) return MT_EINVAL;
     if (m->pool && pool_size(m->pool) == threads) return MT_OK;
     size_t T = (size_t)m->cfg.max_seq_len;
-    float *scratch = malloc(sizeof(float) * 2 * T * T * (size_t)threads);
+    float *scratch = malloc(sizeof(float) * mt_att_floats((int)T) * (size_t)threads);
     uint64_t *tw = calloc((size_t)threads, sizeof(uint64_t));
     mt_pool *pool = scratch && tw ? pool_create(threads) : NULL;
     if (!pool) { free(scratch); free(tw); return MT_ENOMEM; }
@@ -309,6 +378,40 @@ int mt_model_chunk_rows(const mt_model *m, int *out) {
     return MT_OK;
 }
 
+/* The attention options: the rotary table, (pos, i) -> cos and sin of pos * 10000^(-i/half)
+ * computed in double, and the primes up to max_seq_len for the Ulam pattern. */
+static int attn_prepare(mt_model *m) {
+    const mt_config *c = &m->cfg;
+    int T = c->max_seq_len, H = c->d_model / c->n_heads / 2;
+    m->attn.half = H;
+    if (c->position == 1) {
+        m->rope = malloc(sizeof(float) * (size_t)T * 2 * (size_t)H);
+        if (!m->rope) return MT_ENOMEM;
+        for (int pos = 0; pos < T; pos++)
+            for (int i = 0; i < H; i++) {
+                double ang = pos * pow(10000.0, -(double)i / H);
+                m->rope[(size_t)pos * 2 * H + i] = (float)cos(ang);
+                m->rope[(size_t)pos * 2 * H + H + i] = (float)sin(ang);
+            }
+        m->attn.rope = m->rope;
+    }
+    if (c->attention == 1) {
+        m->primes = malloc(sizeof(int) * ((size_t)T + 1));
+        if (!m->primes) return MT_ENOMEM;
+        int n = 0;
+        for (int p = 2; p <= T; p++) {
+            int is = 1;
+            for (int q = 2; q * q <= p && is; q++) is = p % q != 0;
+            if (is) m->primes[n++] = p;
+        }
+        m->attn.primes = m->primes;
+        m->attn.nprimes = n;
+        m->attn.ulam = 1;
+        m->attn.window = c->attention_window;
+    }
+    return MT_OK;
+}
+
 int mt_model_new(const mt_config *cfg, float *params, float *grads, int threads,
                  mt_model **out) {
     if (!config_ok(cfg) || !params || !grads || threads < 1 || threads > 1024) return MT_EINVAL;
@@ -328,6 +431,10 @@ int mt_model_new(const mt_config *cfg, float *params, float *grads, int threads,
     }
     make_views(cfg, params, &m->P);
     make_views(cfg, grads, &m->G);
+    if (attn_prepare(m) != MT_OK) {
+        mt_model_free(m);
+        return MT_ENOMEM;
+    }
     *out = m;
     return MT_OK;
 }
@@ -342,6 +449,8 @@ void mt_model_free(mt_model *m) {
     free(m->chunk);
     free(m->P.h);
     free(m->G.h);
+    free(m->rope);
+    free(m->primes);
     free(m);
 }
 

@@ -23,6 +23,11 @@ typedef struct mt_config {
     int n_layers;
     int n_heads;
     int d_ff;
+    /* The options (docs/DESIGN.md, "The model"); 0 everywhere is the GPT-2 model. */
+    int position;          /* 0: learned table transformer.wpe.weight; 1: rotary on q and k */
+    int init;              /* 0: normal embeddings; 1: lattice embeddings (mt_model_init) */
+    int attention;         /* 0: dense causal; 1: Ulam pattern (attention_window, primes) */
+    int attention_window;  /* the Ulam pattern's w: distances 0..w, then prime distances */
 } mt_config;
 typedef struct mt_model mt_model;
 

@@ -51,6 +51,13 @@ static inline void mt_split(int total, int tid, int n, int align, int *lo, int *
 }
 
 /* ---- fast vectorisable exp / tanh (accuracy tested in tests/test_ops.py) ------------------- */
+/* Build switch: MPITRAIN_CFLAGS=-DMT_LIBM_MATH uses libm's expf and tanhf instead (measured
+ * against these in docs/BENCHMARKS.md, "exp and tanh"; the default is the winner). */
+#ifdef MT_LIBM_MATH
+#include <math.h>
+static inline float mt_expf(float x) { return expf(x); }
+static inline float mt_tanhf(float x) { return tanhf(x); }
+#else
 /* exp(x) = 2^n * e^r with n = round(x/ln2), |r| <= ln2/2, r's polynomial from Cephes expf.
  * Written branch-free (clamps, a magic-number round, bit casts) so GCC vectorises loops
  * calling it. Relative error ~2 ulp on [-87.3, 88]. Below -87.3 (where exp leaves the normal
@@ -88,6 +95,7 @@ static inline float mt_tanhf(float x) {
     float e = mt_expf(2.0f * x);
     return (e - 1.0f) / (e + 1.0f);
 }
+#endif
 
 /* ---- layers.c: row-range and column-range pieces used by the threaded step ---------------- */
 /* out rows [r0,r1) of (N,OC) = inp (N,IC) @ w(OC,IC)^T + bias (+ add (N,OC) if not NULL). */
@@ -126,6 +134,19 @@ void linear_fixed_portable(float *out, const float *inp, const float *w, const f
                            const float *add, int n, int IC, int OC, int o0, int o1);
 
 /* ---- attention.c: one (batch, head) item; att and datt are (T,T) scratch ------------------ */
+/* A model's attention options, prepared once (model.c); NULL where a caller has none means
+ * dense attention with no rotation (the single-layer test API). */
+typedef struct {
+    const float *rope;   /* rotary: (max_seq_len, half) cosines then as many sines; or NULL */
+    int half;            /* head_dim / 2 */
+    int ulam, window;    /* the Ulam pattern and its w */
+    const int *primes;   /* the primes <= max_seq_len, increasing */
+    int nprimes;
+} mt_attn;
+/* Rotary position embedding of n rows (row stride ld) of one head at positions p0..p0+n-1:
+ * pairs (x[i], x[i+half]) turn by angle pos * 10000^(-i/half); inverse: the opposite turn
+ * (the backward pass's map of gradients). */
+void rope_rows(float *x, int ld, int p0, int n, const mt_attn *o, int inverse);
 /* Causal attention of one head for the query rows at positions p0..p0+n-1 of one sequence:
  * y[r] = sum over keys j <= p0+r of softmax_j(q_r . k_j / sqrt(hs)) v_j. q, y: the n query
  * rows (row strides ldq, ldy); k, v: keys and values of positions 0..p0+n-1 (row strides ldk,
@@ -134,13 +155,18 @@ void linear_fixed_portable(float *out, const float *inp, const float *w, const f
  * OpenBLAS in blocks of query rows (training, evaluation; att is scratch of row stride
  * ldatt >= p0+n with n rows); blas == 0: fixed-order row products (decoding; a row's result
  * does not depend on the other rows; att needs p0+n floats). */
-void attention_rows(float *y, int ldy, float *lse, const float *q, int ldq, const float *k,
+/* With options o: rotary turns the n query rows and the keys at positions p0..p0+n-1 in place
+ * first (q and those k rows are overwritten: training keeps the turned q, k for its backward
+ * pass, decoding caches turned keys at their absolute positions); the Ulam pattern weighs
+ * only its keys, each row through fixed-order products whatever `blas` says. */
+void attention_rows(float *y, int ldy, float *lse, float *q, int ldq, float *k,
                     int ldk, const float *v, int ldv, int p0, int n, int hs, int blas,
-                    float *att, int ldatt);
-void attention_forward_item(float *out, float *lse, const float *qkv, int b, int h,
-                            int T, int C, int NH, float *att);
+                    float *att, int ldatt, const mt_attn *o);
+void attention_forward_item(float *out, float *lse, float *qkv, int b, int h,
+                            int T, int C, int NH, float *att, const mt_attn *o);
 void attention_backward_item(float *dqkv, const float *dout, const float *qkv, const float *lse,
-                             int b, int h, int T, int C, int NH, float *att, float *datt);
+                             int b, int h, int T, int C, int NH, float *att, float *datt,
+                             const mt_attn *o);
 
 /* out (n) = gelu(x); x is overwritten by gelu'(x). */
 void gelu_forward_slope(float *out, float *x_to_slope, size_t n);
@@ -200,7 +226,10 @@ struct mt_model {
     mt_pool *pool;
     int parts_req;                 /* requested work parts, 0 = automatic */
     int parts;                     /* parts the work is split into: <= pool threads */
-    float *att_scratch;            /* per thread 2*maxT*maxT */
+    float *att_scratch;            /* per thread mt_att_floats(maxT) */
+    mt_attn attn;                  /* the attention options, prepared (model.c) */
+    float *rope;                   /* rotary table of attn.rope (owned), or NULL */
+    int *primes;                   /* attn.primes (owned) */
     mt_acts train, infer;
     float *chunk;                  /* output-layer chunk: R*(V+C+1+C*threads) floats (loss.c) */
     int chunk_rows, chunk_threads;
@@ -221,6 +250,12 @@ static inline double mt_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Attention scratch per thread: att and datt (maxT,maxT) each, and room for the Ulam
+ * pattern's key lists past either's first maxT floats even at maxT = 1. */
+static inline size_t mt_att_floats(int maxT) {
+    return 2 * (size_t)maxT * (size_t)maxT + 2 * (size_t)maxT;
 }
 
 /* Every API call that runs the pool holds the model for its duration: a second caller (another

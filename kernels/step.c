@@ -15,8 +15,7 @@
 #include "mt_internal.h"
 
 static float *att_scratch(const mt_model *m, int tid) {
-    size_t T = (size_t)m->cfg.max_seq_len;
-    return m->att_scratch + (size_t)tid * 2 * T * T;
+    return m->att_scratch + (size_t)tid * mt_att_floats(m->cfg.max_seq_len);
 }
 
 /* Attention of one layer in training and evaluation: this thread's (window, head) items. */
@@ -28,7 +27,8 @@ static void attend_windows(const mt_fwd *f, int l, int h0, int h1) {
     mt_split_rows(f->m, s->B, s->T, NH, f->tid, f->nt, &r0, &r1, &i0, &i1);
     float *att = att_scratch(f->m, f->tid);
     for (int i = i0; i < i1; i++)
-        attention_forward_item(A->atty, A->lse, A->qkv, i / NH, i % NH, s->T, C, NH, att);
+        attention_forward_item(A->atty, A->lse, A->qkv, i / NH, i % NH, s->T, C, NH, att,
+                               &f->m->attn);
 }
 
 /* The forward pass (forward.c's blocks) over this thread's rows of the batch. */
@@ -128,7 +128,7 @@ static void backward(mt_step *s, int tid, int nt) {
         mt_tick(m, tid, TK_ATTENTION);
         for (int i = i0; i < i1; i++)
             attention_backward_item(a->dqkv, a->datty, A->qkv, A->lse, i / NH, i % NH, T, C, NH,
-                                    att, datt);
+                                    att, datt, &m->attn);
         mt_sync(m, tid);
         /* qkv = ln1(x) @ Wqkv^T + b */
         mt_tick(m, tid, TK_MATMUL);
@@ -154,7 +154,7 @@ static void backward(mt_step *s, int tid, int nt) {
         float *d = m->G.wte + (size_t)tok * C;
         for (int i = 0; i < C; i++) d[i] += g[i];
     }
-    for (int n = 0; n < N; n++) {
+    for (int n = 0; n < N && m->G.wpe; n++) {   /* no table under rotary positions */
         int t = n % T;
         if (t < t0 || t >= t1) continue;
         const float *g = a->dresid + (size_t)n * C;

@@ -137,11 +137,21 @@ class ModelConfig(_Config):
     n_layers: int = setting(6, min=1)        # transformer blocks
     n_heads: int = setting(12, min=1)        # attention heads (head_dim = d_model // n_heads)
     d_ff: int = setting(1536, min=1)         # hidden width of the MLP
+    # Options (docs/DESIGN.md, "The model"); the defaults are the GPT-2 model.
+    position: str = setting("learned", choices=("learned", "rotary"),
+                            optional=True)  # rotary: q, k turned, no wpe table
+    init: str = setting("normal", choices=("normal", "lattice"),
+                        optional=True)      # lattice: token/position tables by formula
+    attention_pattern: str = setting("dense", choices=("dense", "ulam"), optional=True)
+    attention_window: int = setting(16, min=0,
+                                    optional=True)  # ulam: distances 0..w and primes
 
     def __post_init__(self):
         super().__post_init__()
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.position == "rotary" and self.head_dim % 2:
+            raise ValueError(f"position rotary needs an even head_dim, got {self.head_dim}")
 
     @property
     def head_dim(self) -> int:

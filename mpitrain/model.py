@@ -57,7 +57,10 @@ def output_chunk_rows_for(budget_floats, vocab_size) -> int:
 def _c_config(config) -> dict:
     return dict(vocab_size=config.vocab_size, max_seq_len=config.max_seq_len,
                 d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
-                d_ff=config.d_ff)
+                d_ff=config.d_ff, position=("learned", "rotary").index(config.position),
+                init=("normal", "lattice").index(config.init),
+                attention=("dense", "ulam").index(config.attention_pattern),
+                attention_window=config.attention_window)
 
 
 def _check_arena(arena, n):

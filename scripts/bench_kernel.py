@@ -3,6 +3,8 @@
 
     python scripts/bench_kernel.py                                   # seed model, batch 32 x 128
     python scripts/bench_kernel.py --preset tiny --batch 4 --steps 2 # seconds, for a smoke test
+    python scripts/bench_kernel.py --patterns --preset small --batch 4 --window 16
+                                     # dense vs Ulam attention at seq_len 128 and 1,024
 
 One step = forward+backward of a batch, global-norm clip at 1.0, AdamW (as the trainer does).
 Every measurement runs in its own subprocess of this invocation, so each has its own peak RSS
@@ -222,7 +224,13 @@ def main(argv=None):
                     help="skip timing the step's matrix products one by one (the GEMM floor)")
     ap.add_argument("--json", help="also write all results to this JSON file")
     ap.add_argument("--worker", choices=["ours", "torch", "floor"], help=argparse.SUPPRESS)
+    ap.add_argument("--patterns", action="store_true",
+                    help="compare the dense and Ulam attention patterns at seq_len 128 and "
+                         "1,024 instead (FLOPs, attention and step time; one process)")
+    ap.add_argument("--window", type=int, default=16, help="the Ulam pattern's w (default 16)")
     a = ap.parse_args(argv)
+    if a.patterns:
+        return compare_patterns(a)
     if a.worker:
         a.threads = int(a.threads)
         return worker_main(a)
@@ -255,6 +263,49 @@ def main(argv=None):
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(
             {"args": vars(a), "flops_per_token": fpt, "results": rows}, indent=1))
+    return 0
+
+
+def attention_keys(T, pattern, w):
+    """Keys summed over the T query rows of one head: T(T+1)/2 causal, fewer for Ulam."""
+    if pattern == "dense":
+        return T * (T + 1) // 2
+    primes = [p for p in range(2, T) if all(p % q for q in range(2, int(p ** 0.5) + 1))]
+    return sum(min(i, w) + 1 + sum(1 for p in primes if w < p <= i) for i in range(T))
+
+
+def compare_patterns(a):
+    """Dense vs Ulam at seq_len 128 and 1,024: attention FLOPs of a training step (per (row,
+    key) pair the pattern keeps, 2*head_dim for each of 7 products: scores and the weighted sum
+    forward; recomputed scores, dV, dP, dQ, dK backward; softmax not counted; the dense kernel
+    also computes the zeros inside its 32-row diagonal blocks, not counted) and the kernel's
+    measured attention and step time."""
+    from dataclasses import replace
+
+    from mpitrain import Model
+    base = ModelConfig.preset(a.preset)
+    t = int(str(a.threads).split(",")[0])
+    print(f"# attention patterns: preset {a.preset}, batch {a.batch}, threads {t}, "
+          f"Ulam window {a.window}, {a.warmup} warmup + {a.steps} timed steps")
+    print("| seq_len | pattern | keys/row (mean) | attention GFLOP/step | attention ms/step "
+          "| step ms |\n|---|---|---|---|---|---|")
+    for T in (128, 1024):
+        x, y = (v.astype(np.int32) for v in random_batch(base, a.batch, T))
+        for pattern in ("dense", "ulam"):
+            cfg = replace(base, max_seq_len=T, attention_pattern=pattern,
+                          attention_window=a.window)
+            keys = attention_keys(T, pattern, a.window)
+            gflop = 7 * 2 * cfg.head_dim * keys * cfg.n_heads * cfg.n_layers * a.batch / 1e9
+            model = Model(cfg, seed=0, threads=t)
+            for _ in range(a.warmup):
+                model.forward_backward(x, y)
+            k0, t0 = dict(model.timers()), time.perf_counter()
+            for _ in range(a.steps):
+                model.forward_backward(x, y)
+            step = (time.perf_counter() - t0) / a.steps
+            att = (model.timers()["attention"] - k0["attention"]) / a.steps
+            print(f"| {T} | {pattern} | {keys / T:.1f} | {gflop:.2f} | {att * 1e3:.0f} | "
+                  f"{step * 1e3:.0f} |", flush=True)
     return 0
 
 

@@ -9,6 +9,10 @@ Parameters are a dict name -> array with GPT-2 state_dict names and [out, in] li
     loss, logits, grads = loss_and_grads(params, inputs, targets, config)
 grads are d(sum of token losses * grad_scale)/d(param), grad_scale defaulting to 1/(B*T),
 so with the default they are the gradients of the mean loss.
+
+Options (docs/DESIGN.md, "The model"): config.position == "rotary" turns q and k (rotate-half
+pairs, base 10,000) and drops the position table; config.attention_pattern == "ulam" lets row i
+see key j only at distance i - j <= attention_window or at a prime distance.
 """
 import numpy as np
 
@@ -43,25 +47,57 @@ def gelu_backward(x, dy):
     return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
 
 
-def attention(qkv, n_heads):
+def rope_tables(T, hs, dtype=np.float64):
+    """cos, sin (T, hs): angle pos * 10000^(-i/(hs/2)) for pair i, repeated for both halves."""
+    half = hs // 2
+    ang = np.arange(T)[:, None] * 10000.0 ** (-np.arange(half) / half)[None, :]
+    return (np.concatenate([np.cos(ang)] * 2, -1).astype(dtype),
+            np.concatenate([np.sin(ang)] * 2, -1).astype(dtype))
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], -1)
+
+
+def is_prime(n):
+    return n >= 2 and all(n % p for p in range(2, int(n ** 0.5) + 1))
+
+
+def attention_mask(T, config=None):
+    """(T,T) bool: row i sees key j."""
+    causal = np.tril(np.ones((T, T), bool))
+    if getattr(config, "attention_pattern", "dense") != "ulam":
+        return causal
+    w = config.attention_window
+    d = np.arange(T)[:, None] - np.arange(T)[None, :]
+    prime = np.array([is_prime(n) for n in range(T)])
+    return causal & ((d <= w) | prime[np.clip(d, 0, T - 1)])
+
+
+def attention(qkv, n_heads, config=None):
     """qkv (B,T,3C) -> y (B,T,C), cache. Causal softmax of q.k / sqrt(head_dim)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     hs = C // n_heads
     q, k, v = (qkv[..., i * C:(i + 1) * C].reshape(B, T, n_heads, hs).transpose(0, 2, 1, 3)
                for i in range(3))
+    rope = None
+    if getattr(config, "position", "learned") == "rotary":
+        rope = rope_tables(T, hs, q.dtype)
+        q, k = (t * rope[0] + rotate_half(t) * rope[1] for t in (q, k))
     scale = 1.0 / np.sqrt(hs)
     s = q @ k.transpose(0, 1, 3, 2) * scale                      # (B,NH,T,T)
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    s = np.where(attention_mask(T, config), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     y = (p @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
-    return y, (q, k, v, p, scale)
+    return y, (q, k, v, p, scale, rope)
 
 
 def attention_backward(dy, cache):
     """dy (B,T,C) -> dqkv (B,T,3C)."""
-    q, k, v, p, scale = cache
+    q, k, v, p, scale, rope = cache
     B, NH, T, hs = q.shape
     dyh = dy.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
     dv = p.transpose(0, 1, 3, 2) @ dyh
@@ -69,6 +105,8 @@ def attention_backward(dy, cache):
     ds = p * (dp - (p * dp).sum(-1, keepdims=True)) * scale
     dq = ds @ k
     dk = ds.transpose(0, 1, 3, 2) @ q
+    if rope is not None:   # the transpose of the turn: the opposite turn
+        dq, dk = (t * rope[0] - rotate_half(t) * rope[1] for t in (dq, dk))
     back = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, NH * hs)  # noqa: E731
     return np.concatenate([back(dq), back(dk), back(dv)], axis=-1)
 
@@ -81,13 +119,15 @@ def forward(params, inputs, config, dtype=np.float64):
     """-> logits (B,T,V), cache for backward."""
     B, T = inputs.shape
     P = lambda n: _p(params, n, dtype)  # noqa: E731
-    x = P("transformer.wte.weight")[inputs] + P("transformer.wpe.weight")[:T]
+    x = P("transformer.wte.weight")[inputs]
+    if "transformer.wpe.weight" in params:
+        x = x + P("transformer.wpe.weight")[:T]
     blocks = []
     for l in range(config.n_layers):
         h = f"transformer.h.{l}."
         a, ln1 = layernorm(x, P(h + "ln_1.weight"), P(h + "ln_1.bias"))
         qkv = a @ P(h + "attn.c_attn.weight").T + P(h + "attn.c_attn.bias")
-        y, att = attention(qkv, config.n_heads)
+        y, att = attention(qkv, config.n_heads, config)
         x2 = x + y @ P(h + "attn.c_proj.weight").T + P(h + "attn.c_proj.bias")
         b, ln2 = layernorm(x2, P(h + "ln_2.weight"), P(h + "ln_2.bias"))
         f = b @ P(h + "mlp.c_fc.weight").T + P(h + "mlp.c_fc.bias")
@@ -148,8 +188,9 @@ def loss_and_grads(params, inputs, targets, config, grad_scale=None, dtype=np.fl
         dx = dx2 + da
     dwte = np.zeros_like(P("transformer.wte.weight"))
     np.add.at(dwte, inputs.reshape(-1), flat(dx))
-    dwpe = np.zeros_like(P("transformer.wpe.weight"))
-    dwpe[:T] = dx.sum(0)
     G["transformer.wte.weight"] = dwte
-    G["transformer.wpe.weight"] = dwpe
+    if "transformer.wpe.weight" in params:
+        dwpe = np.zeros_like(P("transformer.wpe.weight"))
+        dwpe[:T] = dx.sum(0)
+        G["transformer.wpe.weight"] = dwpe
     return loss, logits, G

@@ -42,7 +42,7 @@ TODAY_TRAIN = TrainConfig(seq_len=16, batch_size=12, lr=0.003, weight_decay=0.01
 @dataclasses.dataclass(frozen=True)
 class ModelConfigWithPosition(ModelConfig):
     """ModelConfig as the next field would make it: one line of each kind a field can be."""
-    position: str = setting("learned", choices=("learned", "rotary"))  # position encoding
+    norm: str = setting("layer", choices=("layer", "rms"))           # a str field
     tied: bool = setting(True)                                       # a bool field
     dropout: float = setting(0.0, min=0, below=1)                    # a bounded float
 
@@ -53,8 +53,10 @@ def _stored(path):
 
 
 def test_today_s_fields_and_order_are_unchanged():
-    assert tuple(f.name for f in dataclasses.fields(ModelConfig)) == TODAY_MODEL_FIELDS
     # fields added since come after today's and are optional: stored only when not default
+    model_fields = dataclasses.fields(ModelConfig)
+    assert tuple(f.name for f in model_fields[:len(TODAY_MODEL_FIELDS)]) == TODAY_MODEL_FIELDS
+    assert all(f.metadata["optional"] for f in model_fields[len(TODAY_MODEL_FIELDS):])
     train_fields = dataclasses.fields(TrainConfig)
     assert tuple(f.name for f in train_fields[:len(TODAY_TRAIN_FIELDS)]) == TODAY_TRAIN_FIELDS
     assert all(f.metadata["optional"] for f in train_fields[len(TODAY_TRAIN_FIELDS):])
@@ -100,8 +102,8 @@ def test_a_field_the_file_lacks_reads_as_its_default(tmp_path, monkeypatch):
     _save(path, model_config=TODAY_MODEL, train_config=TODAY_TRAIN)
     monkeypatch.setattr(ckpt, "ModelConfig", ModelConfigWithPosition)
     ck = ckpt.load_checkpoint(path)
-    assert (ck.model_config.position, ck.model_config.tied, ck.model_config.dropout) == \
-        ("learned", True, 0.0)
+    assert (ck.model_config.norm, ck.model_config.tied, ck.model_config.dropout) == \
+        ("layer", True, 0.0)
     assert ck.model_config == ModelConfigWithPosition(**TODAY_MODEL.to_dict())
     stored = json.loads(TODAY_TRAIN_JSON)
     del stored["keep_last"], stored["eps"]
@@ -110,10 +112,10 @@ def test_a_field_the_file_lacks_reads_as_its_default(tmp_path, monkeypatch):
 
 
 def test_a_field_this_version_does_not_know_is_refused_by_name(tmp_path):
-    newer = ModelConfigWithPosition(**TODAY_MODEL.to_dict(), position="rotary")
+    newer = ModelConfigWithPosition(**TODAY_MODEL.to_dict(), norm="rms")
     path = tmp_path / "checkpoint_step_7.h5"
     _save(path, model_config=newer, train_config=TODAY_TRAIN)
-    with pytest.raises(UserError, match="unknown ModelConfig fields 'dropout', 'position', 'tied': "
+    with pytest.raises(UserError, match="unknown ModelConfig fields 'dropout', 'norm', 'tied': "
                        "written by a newer mpitrain"):
         ckpt.load_checkpoint(path)
     with pytest.raises(ValueError, match="unknown TrainConfig fields 'a', 'b'"):
@@ -139,8 +141,8 @@ def test_a_stored_value_is_checked_by_name(tmp_path):
     (TrainConfig, "beta1", 1, "beta1 must be less than 1, got 1.0"),
     (TrainConfig, "weight_decay", -0.5, "weight_decay must not be negative, got -0.5"),
     (TrainConfig, "warmup", -1, "warmup must not be negative, got -1"),
-    (ModelConfigWithPosition, "position", "alibi",
-     "position must be one of learned, rotary, got 'alibi'"),
+    (ModelConfigWithPosition, "norm", "batch", "norm must be one of layer, rms, got 'batch'"),
+    (ModelConfig, "position", "alibi", "position must be one of learned, rotary, got 'alibi'"),
     (ModelConfigWithPosition, "tied", 1, "tied must be true or false, got 1"),
 ])
 def test_construction_checks_each_field_by_name(cls, field, value, message):

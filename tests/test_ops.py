@@ -131,7 +131,7 @@ def test_attention_forward_backward(B, T, C, NH):
     rng = rng_for("att", B, T, C, NH)
     qkv = f32(rng.normal(0, 1, (B, T, 3 * C)))
     out, lse = ops.attention_forward(qkv, NH)
-    r_out, (q, k, v, p, scale) = ref.attention(qkv.astype(np.float64), NH)
+    r_out, (q, k, v, p, scale, rope) = ref.attention(qkv.astype(np.float64), NH)
     # softmax rows of <= T terms and a T-term weighted sum, all float32: 1e-5 absolute.
     assert_close(out, r_out, rtol=1e-5, atol=1e-5)
     s = q @ k.transpose(0, 1, 3, 2) * scale
@@ -140,7 +140,7 @@ def test_attention_forward_backward(B, T, C, NH):
     assert_close(lse, r_lse, rtol=1e-5, atol=1e-5)
     dout = f32(rng.normal(0, 1, (B, T, C)))
     dqkv = ops.attention_backward(dout, qkv, lse, NH)
-    r_dqkv = ref.attention_backward(dout.astype(np.float64), (q, k, v, p, scale))
+    r_dqkv = ref.attention_backward(dout.astype(np.float64), (q, k, v, p, scale, rope))
     assert_close(dqkv, r_dqkv, rtol=1e-4, atol=2e-5)
 
 

@@ -51,3 +51,7 @@ def test_traffic_statistics():
     assert stats["bytes_to_other_nodes_per_step_by_node"] == [20, 20]
     assert "by node" in line
     assert traffic_statistics(counters[:, :3], 10) == ({}, None)
+    one_node = counters.copy()
+    one_node[1:, 4] = 0
+    stats, line = traffic_statistics(one_node, 10)
+    assert line is None and stats["bytes_to_other_nodes_per_step_by_node"] == [40]

@@ -156,8 +156,8 @@ def node_sum(arrays: list, r: int, out: np.ndarray, lo: int, hi: int, piece: int
 def traffic_statistics(counters: np.ndarray, steps: int) -> tuple:
     """From the gathered counters (columns 3 and 4: bytes sent to other nodes by the steps,
     the worker's node; Node Zero's node -1): ({"bytes_to_other_nodes_per_step": by rank,
-    "bytes_to_other_nodes_per_step_by_node": by node}, its line for train.log); ({}, None) when
-    the counters have no such columns (thread mode)."""
+    "bytes_to_other_nodes_per_step_by_node": by node}, its line for train.log, None on one node); ({}, None) when the counters have no such
+    columns (thread mode)."""
     if counters.shape[1] < 5:
         return {}, None
     per = max(steps, 1)
@@ -165,6 +165,9 @@ def traffic_statistics(counters: np.ndarray, steps: int) -> tuple:
     nodes = counters[:, 4].tolist()
     by_node = [sum(b for b, q in zip(by_rank, nodes) if q == node)
                for node in range(max(nodes) + 1)]
+    if len(by_node) < 2:   # one node: nothing crosses a network; the metrics still say 0
+        return ({"bytes_to_other_nodes_per_step": by_rank,
+                 "bytes_to_other_nodes_per_step_by_node": by_node}, None)
     line = ("bytes sent to other nodes per step (MB): by node "
             + ", ".join(f"{q}: {b / 1e6:.2f}" for q, b in enumerate(by_node))
             + "; by rank " + ", ".join(f"{r}: {b / 1e6:.2f}" for r, b in enumerate(by_rank)))

@@ -63,7 +63,7 @@ step "AddressSanitizer + UndefinedBehaviorSanitizer: kernel module and Python te
 PYDIR=$BUILD/py
 rm -rf "$PYDIR"
 mkdir -p "$PYDIR"
-cp -r mpitrain kernels tests scripts "$PYDIR"/
+cp -r mpitrain kernels tests scripts docs "$PYDIR"/
 find "$PYDIR" \( -name '__pycache__' -o -name '_kernel*.so' -o -name '_kernel*.c' -o -name '*.o' \) \
     -prune -exec rm -rf {} +
 (

@@ -158,19 +158,19 @@ def test_verify_a_dataset(dataset, tmp_path):
 
 
 def test_dataset_with_a_broken_vocabulary_pattern(dataset, tmp_path):
-    # /vocab's `pattern` attribute carries no checksum; a damaged one must not compile into a
-    # traceback (re.error) but be reported like any other damage.
+    # /vocab's attributes, the pattern included, are under a checksum (vocabulary format 2): a
+    # changed pattern is reported like any other damage, never compiled into a traceback.
     bad = tmp_path / "pattern.h5"
     bad.write_bytes(dataset.read_bytes())
     with h5py.File(bad, "r+") as f:
         f["vocab"].attrs["pattern"] = "(unclosed"
     p = run_cli("inspect", bad)
     assert p.returncode == 1 and p.stderr == "" and "DAMAGED: " in p.stdout
-    assert "pre-token pattern does not compile" in p.stdout
+    assert "attributes fail their checksum" in p.stdout
     p = run_cli("inspect", "--verify", bad)
-    assert p.returncode == 1 and "pre-token pattern does not compile" in p.stdout
-    assert_user_error(run_cli("inspect", bad, "--sequence", 0), "pre-token pattern")
-    assert_user_error(run_cli("inspect", bad, "--vocab"), "pre-token pattern")
+    assert p.returncode == 1 and "attributes fail their checksum" in p.stdout
+    assert_user_error(run_cli("inspect", bad, "--sequence", 0), "checksum")
+    assert_user_error(run_cli("inspect", bad, "--vocab"), "checksum")
 
 
 def test_summary_of_a_dataset_missing_root_attributes(dataset, tmp_path):

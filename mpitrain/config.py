@@ -157,6 +157,11 @@ class ModelConfig(_Config):
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def inert_fields(self) -> set:
+        """Fields whose value changes nothing in this configuration (the window of a dense
+        pattern): an export need not represent them."""
+        return {"attention_window"} if self.attention_pattern == "dense" else set()
+
 
 @dataclass(frozen=True)
 class TrainConfig(_Config):

@@ -83,7 +83,7 @@ def refused_options(config) -> list:
     """'field=value' for every ModelConfig setting GPT-2's code cannot represent."""
     out = []
     for f in fields(config):
-        if f.name in GPT2_KEYS:
+        if f.name in GPT2_KEYS or f.name in config.inert_fields():
             continue
         value = getattr(config, f.name)
         if value != f.default and value not in GPT2_ACCEPTS.get(f.name, ()):

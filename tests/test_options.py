@@ -191,6 +191,11 @@ def test_gpt2_export_refuses_each_option_by_name():
                          ("attention_pattern", "ulam")):
         refused = refused_options(ModelConfig(**BASE, **{field: value}))
         assert any(field in r for r in refused), (field, refused)
+    # a window changes nothing under dense attention, so GPT-2 represents it; under ulam it
+    # is refused along with the pattern
+    assert refused_options(ModelConfig(**BASE, attention_window=5)) == []
+    assert len(refused_options(ModelConfig(**BASE, attention_pattern="ulam",
+                                           attention_window=5))) == 2
 
 
 def test_stored_form_holds_options_only_when_set():

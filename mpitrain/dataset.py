@@ -1,7 +1,8 @@
 """The dataset file (hdf5_data/NAME.h5): its layout, writer and reader.
 
 Layout (docs/FORMATS.md, "Dataset", describes every attribute):
-  /                       attributes: format, format_version, counts, settings (ROOT_ATTRS)
+  /                       attributes: format, format_version, counts, settings, and
+                          attrs_crc32 over the others (format 2)
   /tokens                 [T] uint16 (vocab <= 65,536) or uint32: every document's ids, each
                           followed by the end-of-document id, in document order
   /documents/offsets      [D+1] int64: document d is tokens[offsets[d]:offsets[d+1]]
@@ -23,9 +24,12 @@ from mpitrain import formats
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import first_line, is_damage, open_ours, reading
 from mpitrain.tokenizer import Tokenizer
+from mpitrain.h5attrs import ATTRS_CRC, attrs_crc
 from mpitrain.h5attrs import plain as _plain
 
-FORMAT_VERSION = 1
+# 2: the root attributes carry a CRC32 (attrs_crc32); version 1 (without) is read too.
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 SPLITS = ("train", "val")
 _CHUNK = 1 << 22  # tokens read at a time by the id check of Dataset.open (8-16 MiB)
 
@@ -70,11 +74,12 @@ def write_dataset(f, *, tokens, doc_offsets, splits, sources, tokenizer, attrs):
     tokens: 1-D uint16/uint32 array, or an object with .size, .dtype and .blocks() yielding
     (start, array) pieces in order (written block by block: the same bytes); doc_offsets: [D+1] int64; splits: {"train"|"val": [k,2] int64};
     sources: dict of equal-length lists name/size/sha256/replaced; attrs: root attributes
-    (written in sorted order).
+    (written in sorted order, then attrs_crc32: their checksum as read back).
     """
     str_t = h5py.string_dtype("utf-8")
     for key in sorted(attrs):
         f.attrs[key] = attrs[key]
+    f.attrs[ATTRS_CRC] = np.uint32(attrs_crc(f.attrs))
     if isinstance(tokens, np.ndarray):
         _dataset(f, "tokens", tokens)
     else:
@@ -134,10 +139,14 @@ class Dataset:
                     raise UserError(f"{path} is not an mpitrain dataset ({what}; expected "
                                     f"format={formats.DATASET!r})")
                 version = _plain(f.attrs.get("format_version"))
-                if version != FORMAT_VERSION:
+                if type(version) is not int or version not in READS_VERSIONS:
                     raise UserError(f"{path}: dataset format version {version} is not supported "
-                                    f"(this mpitrain reads version {FORMAT_VERSION}); "
-                                    "prepare it again")
+                                    f"(this mpitrain reads versions "
+                                    f"{', '.join(map(str, READS_VERSIONS))}); prepare it again")
+                if version >= 2 and (ATTRS_CRC not in f.attrs or
+                                     attrs_crc(f.attrs) != _plain(f.attrs[ATTRS_CRC])):
+                    raise UserError(f"{path} is damaged: its root attributes fail their "
+                                    "checksum; prepare it again")
                 attrs = {k: _plain(f.attrs[k]) for k in sorted(f.attrs)}
                 tok = Tokenizer.from_hdf5(f["vocab"], where=f"{path}: vocabulary")
                 offsets = f["documents/offsets"][()]

@@ -196,7 +196,7 @@ def format_vocabulary(v):
 def verify(path):
     """Problems of a file whose root format is mpitrain-dataset (empty list: sound): the layout
     checks of Dataset.open, every token id inside the vocabulary, and the root counts against
-    the stored arrays. (Datasets carry no checksums; those are the checkpoints'.)"""
+    the stored arrays. (The root attributes are under a checksum, format 2; the arrays are not.)"""
     try:
         ds = Dataset.open(path)
         streams = {s: ds.stream(s) for s in SPLITS}

@@ -17,11 +17,11 @@ The vocabulary is stored two ways, both exact:
 import json
 import os
 import re
-import zlib
 
 import numpy as np
 
 from mpitrain import atomic, formats
+from mpitrain.h5attrs import attrs_crc
 
 SPECIALS = ("<|endoftext|>",)
 
@@ -60,14 +60,6 @@ def select_pretokens(counts, n):
     candidates = [(-c, t) for t, c in counts.items() if is_multibyte(t)]
     candidates.sort()
     return [t for _, t in candidates[:max(n, 0)]]
-
-
-def attrs_crc(attrs) -> int:
-    """CRC32 over a /vocab group's attributes except attrs_crc32, in a canonical JSON form."""
-    from mpitrain.h5attrs import plain
-
-    canon = {k: plain(v) for k, v in attrs.items() if k != "attrs_crc32"}
-    return zlib.crc32(json.dumps(canon, sort_keys=True).encode()) & 0xFFFFFFFF
 
 
 class Tokenizer:

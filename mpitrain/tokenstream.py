@@ -7,7 +7,7 @@ array instead of building the stream, so a worker holds only the windows of its 
   - /tokens stored contiguous and uncompressed (what `mpitrain prepare` writes): the array is
     mapped read-only with np.memmap at its offset in the file, so the node's page cache holds
     one copy that every worker of the node shares. After each read the mapping's pages are
-    released from this process (madvise DONTNEED: the page cache keeps them), so a worker's
+    released from this process (pages.py: the page cache keeps them), so a worker's
     resident set does not grow with the windows it has visited over a long run.
   - any other layout (chunked, compressed: a file made elsewhere): the covering pieces of
     each window are read through h5py, one slice each.
@@ -15,11 +15,10 @@ array instead of building the stream, so a worker holds only the windows of its 
 Either way the bytes are those of the concatenated stream, so windows are bitwise the same as
 cutting them out of `Dataset.split_tokens`.
 """
-import mmap
-
 import h5py
 import numpy as np
 
+from mpitrain import pages
 from mpitrain.errors import UserError
 from mpitrain.hdf5_damage import open_ours, reading
 
@@ -110,9 +109,7 @@ class SplitStream:
         return self._read_pieces(where)
 
     def _release(self) -> None:
-        mm = getattr(self._map, "_mmap", None)
-        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            mm.madvise(mmap.MADV_DONTNEED)
+        pages.release_covering(self._map.ctypes.data, self._map.nbytes)
 
     def _read_pieces(self, where: np.ndarray) -> np.ndarray:
         """h5py reads of the runs of consecutive array positions in `where`."""

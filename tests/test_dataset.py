@@ -6,6 +6,7 @@ import pytest
 from conftest import ref_val_documents, run_cli, write_corpus
 from mpitrain.dataset import Dataset
 from mpitrain.errors import UserError
+from mpitrain.h5attrs import attrs_crc
 from mpitrain.tokenizer import Tokenizer
 
 
@@ -74,8 +75,8 @@ def test_refuses_missing_foreign_and_damaged(tmp_path, prepared):
             edit(f)
         return p
 
-    p = damaged("v2.h5", lambda f: f.attrs.__setitem__("format_version", 2))
-    with pytest.raises(UserError, match="format version 2 is not supported"):
+    p = damaged("v3.h5", lambda f: f.attrs.__setitem__("format_version", 3))
+    with pytest.raises(UserError, match="format version 3 is not supported"):
         Dataset.open(p)
     p = damaged("notokens.h5", lambda f: f.__delitem__("tokens"))
     with pytest.raises(UserError, match="damaged or incomplete"):
@@ -92,6 +93,39 @@ def test_refuses_missing_foreign_and_damaged(tmp_path, prepared):
     truncated.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(UserError):
         Dataset.open(truncated)
+
+
+def test_root_attributes_are_checksummed_and_format_1_still_reads(tmp_path, prepared):
+    """Format 2: every root attribute Dataset.open reads back is under attrs_crc32; a file of
+    format 1 (no checksum: made here by editing a format-2 file as the old writer left it)
+    still opens."""
+    path, _ = prepared
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2
+        assert int(f.attrs["attrs_crc32"]) == attrs_crc(f.attrs)
+    for key, value in [("seq_len", 8), ("vocab_size", 7), ("val_fraction", 0.5),
+                       ("tokens_sha256", "0" * 64), ("created_by", "someone")]:
+        edited = tmp_path / f"{key}.h5"
+        edited.write_bytes(path.read_bytes())
+        with h5py.File(edited, "r+") as f:
+            f.attrs[key] = value
+        with pytest.raises(UserError, match="root attributes fail their checksum"):
+            Dataset.open(edited)
+    unsigned = tmp_path / "unsigned.h5"
+    unsigned.write_bytes(path.read_bytes())
+    with h5py.File(unsigned, "r+") as f:
+        del f.attrs["attrs_crc32"]
+    with pytest.raises(UserError, match="root attributes fail their checksum"):
+        Dataset.open(unsigned)
+    old = tmp_path / "format1.h5"
+    old.write_bytes(path.read_bytes())
+    with h5py.File(old, "r+") as f:
+        del f.attrs["attrs_crc32"]
+        f.attrs["format_version"] = np.int64(1)
+    ds, new = Dataset.open(old), Dataset.open(path)
+    assert ds.attrs["format_version"] == 1 and ds.seq_len == new.seq_len
+    for s in ("train", "val"):
+        np.testing.assert_array_equal(ds.split_tokens(s), new.split_tokens(s))
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ def test_json_summary_matches_the_file(dataset):
     tree = {c["name"]: c for c in info["tree"]["children"]}
     assert tree["tokens"]["shape"] == [ds.num_tokens] and tree["tokens"]["dtype"] == "uint16"
     assert tree["tokens"]["layout"] == "contiguous" and tree["tokens"]["filters"] == []
-    assert info["tree"]["attrs"]["format_version"] == 1
+    assert info["tree"]["attrs"]["format_version"] == 2
 
 
 def test_text_output(dataset):

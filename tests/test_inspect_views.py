@@ -10,6 +10,7 @@ import pytest
 from conftest import assert_user_error, run_cli, write_corpus
 from test_checkpoint import TOK, _save
 from mpitrain.tokenizer import escape_token
+from mpitrain.h5attrs import attrs_crc
 
 pytestmark = pytest.mark.slow  # the command line in subprocesses
 
@@ -144,6 +145,10 @@ def test_verify_a_dataset(dataset, tmp_path):
     wrong.write_bytes(dataset.read_bytes())
     with h5py.File(wrong, "r+") as f:
         f.attrs["train_windows"] = np.int64(f.attrs["train_windows"] + 1)
+    p = run_cli("inspect", "--verify", wrong)   # caught by the root attributes' checksum
+    assert p.returncode == 1 and "root attributes fail their checksum" in p.stdout
+    with h5py.File(wrong, "r+") as f:             # ... and, checksum made consistent, by the count
+        f.attrs["attrs_crc32"] = np.uint32(attrs_crc(f.attrs))
     p = run_cli("inspect", "--verify", wrong)
     assert p.returncode == 1 and "DAMAGED: root attribute train_windows is" in p.stdout
     # a token id outside the vocabulary
@@ -174,12 +179,14 @@ def test_dataset_with_a_broken_vocabulary_pattern(dataset, tmp_path):
 
 
 def test_summary_of_a_dataset_missing_root_attributes(dataset, tmp_path):
-    # An older or damaged file without some descriptive root attributes still prints ("?").
+    # An older file (format 1: no checksum over the root attributes) without some descriptive
+    # root attributes still prints ("?").
     older = tmp_path / "older.h5"
     older.write_bytes(dataset.read_bytes())
     with h5py.File(older, "r+") as f:
-        for key in ("bytes", "coverage", "files"):
+        for key in ("bytes", "coverage", "files", "attrs_crc32"):
             del f.attrs[key]
+        f.attrs["format_version"] = np.int64(1)
     p = run_cli("inspect", older, "--no-tree")
     assert p.returncode == 0 and p.stderr == "", p.stderr
     assert "from ? sources (? bytes," in p.stdout and "coverage     ? of pre-tokens" in p.stdout

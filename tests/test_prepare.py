@@ -47,7 +47,7 @@ def test_prepare_writes_what_the_definition_says(tmp_path, corpus_dir):
     assert tok.vocab_size < 400 and "fewer than the 400 requested" in proc.stdout
     with h5py.File(out, "r") as f:
         a = dict(f.attrs)
-        assert a["format"] == "mpitrain-dataset" and a["format_version"] == 1
+        assert a["format"] == "mpitrain-dataset" and a["format_version"] == 2
         tokens = f["tokens"][()]
         assert tokens.dtype == np.uint16
         offsets = f["documents/offsets"][()]

@@ -183,7 +183,7 @@ def test_log_every_record_of_the_command_and_resume_warnings(tiny_dataset, tmp_p
     assert ck.extra["command"].startswith("mpitrain train --preset tiny --dataset ")
     assert "--log-every 4" in ck.extra["command"] and ck.extra["command"].endswith("3 ranks)")
     ds = ck.extra["dataset"]
-    assert ds["path"] == os.path.abspath(tiny_dataset) and ds["format_version"] == 1
+    assert ds["path"] == os.path.abspath(tiny_dataset) and ds["format_version"] == 2
     assert ds["tokens"] > 0 and ds["documents"] > 0
     card = model_card(ck, os.path.join(run_dir, "checkpoint_step_10.h5"))
     assert "--log-every 4" in card and '"documents": ' in card

@@ -5,11 +5,10 @@ scaling): the same exchange pattern, without MPICH's staging through temporary b
 waits poll every WORKER_SLEEP (waiting.py): inside a collective every rank must call Test for
 it to progress.
 """
-import ctypes
-import mmap
 
 import numpy as np
 
+from mpitrain import pages
 from mpitrain.trainer.waiting import WORKER_SLEEP, wait
 
 TAG_GATHER = 99             # pairwise_allgather, on the workers' communicator
@@ -97,7 +96,6 @@ def pairwise_allgather(comm, array: np.ndarray, counts: list, displs: list,
 
 
 SHARED_PIECE = 1 << 18      # floats shared_reduce_scatter adds at a time (1 MB)
-_MADV_DONTNEED = 4
 
 
 def shared_reduce_scatter(arrays: list, r: int, shard: np.ndarray, counts: list,
@@ -107,7 +105,7 @@ def shared_reduce_scatter(arrays: list, r: int, shard: np.ndarray, counts: list,
     pairwise_reduce_scatter (own part, then r-1, r-2, ...) so that the result is bitwise the
     same. No message, no copy: the others' slices are read where they lie, `piece` floats at a
     time so that the piece of `shard` stays in cache. The pages of the others' arrays are
-    released from this process after reading (madvise DONTNEED: they stay in the shared
+    released from this process after reading (pages.py: they stay in the shared
     memory), so they do not count in its RSS beyond one piece."""
     k = len(arrays)
     lo = sum(counts[:r])
@@ -124,13 +122,7 @@ def shared_reduce_scatter(arrays: list, r: int, shard: np.ndarray, counts: list,
             _release(part)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
 def _release(view: np.ndarray) -> None:
-    """Unmap the whole pages of `view` (a shared mapping: its contents stay)."""
-    first = -(-view.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
-    last = (view.ctypes.data + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    """Drop the whole pages of `view` (a shared mapping: its contents stay) from this
+    process's resident set."""
+    pages.release_inside(view.ctypes.data, view.nbytes)

@@ -17,13 +17,14 @@ before any "end", names the culprit. That it is the dead rank's takes care (Link
 proxy kills every other rank of its node the moment the dead rank's PMI connection closes, and
 a peer may fail on its MPI connection; a dead process's descriptors close one by one, and a
 connection to the watcher held where the kernel closes it before every other descriptor of the
-process is what makes the first close the dead rank's. Held at descriptor 0 alone it was not
-(this kernel closes them in descending order): the watcher named a rank that Hydra had killed
-in 1 of about 10 kills measured in the two-node layout; and a connection held at the highest
-descriptor was never beaten in 300 kills of a busy process whose peer exits the moment its
-connection to the process closes, against 51 of 300 at descriptor 0 (measured on this 2-CPU
-machine under load). A "fail" decides nothing by itself: only when the first close is that of
-a rank which said "fail" (an MPI error with no death) is its error the last word.
+process is what makes the first close the dead rank's. This kernel closes them in descending
+order (measured), so a connection at descriptor 0 alone closed last: in kills at two logical
+nodes the dead rank's descriptor 0 closed 8-36 ms after its highest one, once only 0.2 ms
+before another rank's; and a busy process's peer that exits the moment its connection to
+the process closes beat descriptor 0 in 51 of 300 kills, the highest descriptor in none
+(measured on this 2-CPU machine under load). Memory is the other early sign of a death
+(before_mpi). A "fail" decides nothing by itself: only when the first close is that of a rank
+which said "fail" (an MPI error with no death) is its error the last word.
 
 Ranks on rank 0's machine connect over a Unix socket, whose close is signalled in the dying
 process's own exit; ranks on other machines over TCP to rank 0's (their first FIN is sent before
@@ -113,13 +114,12 @@ class Link:
     """A rank's connections to the watcher; every method is silent when the watcher is gone.
 
     Two connections, at descriptor 0 and at the highest free descriptor: a dead process's
-    descriptors are closed at its exit in descriptor order, ascending or descending as the
-    kernel runs its deferred closes (this machine's Linux 6.18: descending, measured), and
-    whichever it is, one of the two closes before any other descriptor of the process -- before
-    its PMI connection, whose close makes Hydra's proxy kill the other ranks at once
-    (`killpg(..., SIGKILL)`, MPICH's proxy/pmip_cb.c), and before its MPI connections. Standard
-    input, never read by the trainer, stays open at another descriptor, so whoever writes to it
-    sees no change."""
+    descriptors are closed in descriptor order, ascending or descending as the kernel runs its
+    deferred closes, and either way one of the two closes before any other descriptor of the
+    process -- before its PMI connection, whose close makes Hydra's proxy kill the other ranks
+    at once (`killpg(..., SIGKILL)`, MPICH's proxy/pmip_cb.c), and before its MPI connections
+    (module docstring). Standard input, never read by the trainer, stays open at another
+    descriptor, so whoever writes to it sees no change."""
 
     def __init__(self, address, rank: int):
         from mpitrain.trainer.hierarchy import host_name

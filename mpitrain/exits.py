@@ -4,7 +4,8 @@
   1        internal error, or a damaged file found while running
   2        user error: a bad option or input, refused before anything was written
   3        stopped by a fault after saving what it could; the run is resumable
-           (non-finite values, a full disk, a stalled or dead rank where the job could save)
+           (non-finite values, a full disk, a stalled rank; a rank that dies ends the job
+           with mpirun's own status: Hydra ends the job before any rank could choose one)
   128 + N  stopped by signal N after its checkpoint (the shell's convention)
 
 The README's "Exit statuses" section states the same table; tests assert these values.

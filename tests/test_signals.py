@@ -13,8 +13,8 @@ import time
 import pytest
 
 from mpitrain.checkpoint import load_checkpoint
-from test_train_support import (BIGGER, read_metrics, run_train, start_train, step_losses,
-                                wait_training,
+from test_train_support import (BIGGER, read_metrics, record_time, run_train, start_train,
+                                step_losses, wait_training,
                                 tiny_dataset)  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # MPI runs in subprocesses, signalled
@@ -28,13 +28,15 @@ def _long_run(dataset, run_dir, n=4, extra=()):
                        "--quiet", *extra)
 
 
-def _finish(proc, t_signal):
+def _finish(proc, t_signal, what):
     try:
         out, err = proc.communicate(timeout=LIMIT + 10)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("the job did not end after the signal")
-    return out, err, time.monotonic() - t_signal
+    elapsed = time.monotonic() - t_signal
+    record_time(what, elapsed)
+    return out, err, elapsed
 
 
 def test_sigterm_saves_and_exits(tiny_dataset, tmp_path):
@@ -43,7 +45,7 @@ def test_sigterm_saves_and_exits(tiny_dataset, tmp_path):
     wait_training(proc, run_dir)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    out, err, elapsed = _finish(proc, t0)
+    out, err, elapsed = _finish(proc, t0, "SIGTERM to mpirun -n 4")
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert elapsed < LIMIT
     records = read_metrics(run_dir)
@@ -66,7 +68,7 @@ def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
     wait_training(proc, run_dir)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err, elapsed = _finish(proc, t0)
+    out, err, elapsed = _finish(proc, t0, "SIGINT to mpirun -n 4")
     assert proc.returncode == 128 + signal.SIGINT, err
     assert elapsed < LIMIT
     assert any(r.get("event") == "signal" for r in read_metrics(run_dir))
@@ -82,7 +84,7 @@ def test_sigint_saves_and_second_sigint_aborts(tiny_dataset, tmp_path):
     proc.send_signal(signal.SIGINT)
     time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    out, err, elapsed = _finish(proc, t0)
+    out, err, elapsed = _finish(proc, t0, "second SIGINT to mpirun -n 4 (from the first)")
     assert elapsed < 10
     # The status is mpirun's: its forced clean-up ends with 0 or 255 (both measured, MPICH
     # 5.0.2's hydra), or 128 + SIGINT when a rank's own MPI_Abort gets there first. So the
@@ -104,7 +106,7 @@ def test_a_signal_to_one_rank_stops_the_job(tiny_dataset, tmp_path, signum, rank
     beat = wait_training(proc, run_dir)
     t0 = time.monotonic()
     os.kill(beat["ranks"][rank]["pid"], signum)
-    out, err, elapsed = _finish(proc, t0)
+    out, err, elapsed = _finish(proc, t0, f"signal {int(signum)} to rank {rank} of 4")
     assert proc.returncode == 128 + signum, err
     assert elapsed < LIMIT
     records = read_metrics(run_dir)
@@ -127,7 +129,7 @@ def test_sigkill_of_a_worker_ends_the_job(tiny_dataset, tmp_path):
     beat = wait_training(proc, run_dir)
     t0 = time.monotonic()
     os.kill(beat["ranks"][2]["pid"], signal.SIGKILL)
-    out, err, elapsed = _finish(proc, t0)
+    out, err, elapsed = _finish(proc, t0, "SIGKILL to rank 2 of 4")
     assert proc.returncode != 0
     assert elapsed < LIMIT
     # MPICH's start-up file of the job is gone (MPICH removes it only in MPI_Finalize)

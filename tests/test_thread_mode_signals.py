@@ -11,8 +11,8 @@ import pytest
 
 from mpitrain.checkpoint import load_checkpoint
 from test_thread_mode import run_threads, thread_env
-from test_train_support import (BIGGER, read_metrics, step_losses, tiny_dataset,  # noqa: F401
-                                wait_training)
+from test_train_support import (BIGGER, read_metrics, record_time, step_losses,  # noqa: F401
+                                tiny_dataset, wait_training)
 
 pytestmark = pytest.mark.slow  # training runs in subprocesses, signalled
 
@@ -40,6 +40,7 @@ def test_signal_saves_and_exits(tiny_dataset, tmp_path, signum):
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("the process did not end after the signal")
+    record_time(f"signal {int(signum)} in thread mode", time.monotonic() - t0)
     assert time.monotonic() - t0 < LIMIT
     assert proc.returncode == 128 + signum, err
     assert "stopped by signal" in out
@@ -71,6 +72,7 @@ def test_second_sigint_stops_at_once_without_a_checkpoint(tiny_dataset, tmp_path
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail("the process did not end after the second signal")
+    record_time("second SIGINT in thread mode (from the first)", time.monotonic() - t0)
     assert time.monotonic() - t0 < 10
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "mpitrain: second signal (SIGINT): stopping at once" in err

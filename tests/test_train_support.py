@@ -59,21 +59,32 @@ def mpirun_or_skip() -> str:
     return path
 
 
-def train_cmd(n: int, *args) -> list:
-    return [mpirun_or_skip(), "-n", str(n), sys.executable, "-m", "mpitrain", "train",
+def train_cmd(n: int, *args, hosts=None) -> list:
+    """hosts: e.g. "nodea:6,nodeb:6", logical nodes on this machine (one Hydra proxy each)."""
+    layout = ["-launcher", "fork", "-hosts", hosts] if hosts else []
+    return [mpirun_or_skip(), *layout, "-n", str(n), sys.executable, "-m", "mpitrain", "train",
             *map(str, args)]
 
 
-def run_train(n: int, *args, env=None, timeout=180, cwd=None):
+def run_train(n: int, *args, env=None, timeout=180, cwd=None, hosts=None):
     """`mpirun -n n python -m mpitrain train ARGS` to completion; CompletedProcess (text)."""
-    return subprocess.run(train_cmd(n, *args), env=_env(env), capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+    return subprocess.run(train_cmd(n, *args, hosts=hosts), env=_env(env), capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
 
 
-def start_train(n: int, *args, env=None, cwd=None):
+def start_train(n: int, *args, env=None, cwd=None, hosts=None):
     """The same, started in the background (Popen, output to pipes)."""
-    return subprocess.Popen(train_cmd(n, *args), env=_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd)
+    return subprocess.Popen(train_cmd(n, *args, hosts=hosts), env=_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+def record_time(test: str, seconds: float) -> None:
+    """Append a measured time (fault to exit) to $MPITRAIN_TEST_TIMES, when set: the source of
+    the times in docs/RELIABILITY.md."""
+    path = os.environ.get("MPITRAIN_TEST_TIMES")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, "seconds": round(seconds, 3)}) + "\n")
 
 
 # Options that make the tiny preset's steps and checkpoints take a while (~0.1-0.4 s a step,
@@ -115,12 +126,13 @@ def heartbeat(run_dir):
         return None
 
 
-def wait_training(proc, run_dir, timeout=60.0):
-    """Wait until the run's heartbeat shows a finished step (returns it); fail if proc died."""
+def wait_training(proc, run_dir, timeout=60.0, step=1):
+    """Wait until the run's heartbeat shows `step` finished steps (returns it); fail if proc
+    died."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         beat = heartbeat(run_dir)
-        if beat is not None and beat["step"] > 0:
+        if beat is not None and beat["step"] >= step:
             return beat
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)

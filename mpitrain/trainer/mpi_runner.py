@@ -36,6 +36,7 @@ pointed at /dev/null so that MPICH's "application called MPI_Abort" line does no
 last words (`_finish`).
 """
 import os
+import socket
 import sys
 import time
 import traceback
@@ -154,6 +155,7 @@ def run_mpi(options: dict) -> int:
     or raises the agreed UserError."""
     global _watcher
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # our kernel threads, not BLAS's
+    watcher.before_mpi()
     from mpi4py import MPI
 
     from mpitrain.topology import graph_edges, placement_table
@@ -168,7 +170,10 @@ def run_mpi(options: dict) -> int:
 
     write_past_mpiexec()   # a closed pipe then meets this rank, not mpiexec (output.py)
     try:
-        ranks = world.gather((host_name(), os.getpid()), root=0)
+        rows = world.gather((host_name(), os.getpid(), socket.gethostname()), root=0)
+        ranks = machines = None
+        if rank == 0:
+            ranks, machines = [(h, pid) for h, pid, _ in rows], [m for _, _, m in rows]
         plan = checkpoint = dataset = error = address = None
         if rank == 0:   # every rank is through MPI_Init: the start-up file may go
             _unlink_mpich_files()
@@ -206,7 +211,7 @@ def run_mpi(options: dict) -> int:
             node_zero = NodeZero(plan, MPIWorkerLink(world, tc.batch_size), ranks, dataset,
                                  checkpoint, header_extra=placement_table(size - 1,
                                                                            tc.batch_size),
-                                 stall_timeout=options.get("stall_timeout"))
+                                 stall_timeout=options.get("stall_timeout"), machines=machines)
             del checkpoint
             run_node_zero(node_zero, _signal_abort(world, rank))
             status = node_zero.exit_status

@@ -49,14 +49,17 @@ LOOKAHEAD = 2   # STEP commands issued beyond the last reported step: the worker
 
 class NodeZero:
     def __init__(self, plan, link, ranks: list, dataset, checkpoint=None, header_extra="",
-                 stall_timeout=None):
+                 stall_timeout=None, machines=None):
         """ranks: [(host, pid)] of every rank (Node Zero first); dataset: the open Dataset;
-        checkpoint: the loaded Checkpoint on resume; stall_timeout: --stall-timeout (stall.py)."""
+        checkpoint: the loaded Checkpoint on resume; stall_timeout: --stall-timeout (stall.py);
+        machines: each rank's machine (socket.gethostname()) where the launcher named its host
+        otherwise (`-hosts nodea,nodeb` on one machine), else None."""
         from mpitrain.model import Model
 
         self.plan = plan
         self.link = link
         self.ranks = ranks
+        self.machines = machines or [h for h, _ in ranks]
         self.tc = plan.train_config
         self.tokenizer = dataset.tokenizer
         val = dataset.stream("val")   # only the prompt's tokens are read
@@ -325,7 +328,7 @@ class NodeZero:
         (from Node Zero's own copy) is finished first."""
         me = socket.gethostname()
         local = [w for w in range(len(self.link.progress()))
-                 if self.ranks[w + 1][0] == me and process_state(self.ranks[w + 1][1]) == "T"]
+                 if self.machines[w + 1] == me and process_state(self.ranks[w + 1][1]) == "T"]
         culprits = local or behind
         names = ", ".join(f"rank {w + 1} (host {self.ranks[w + 1][0]}, pid "
                           f"{self.ranks[w + 1][1]})" for w in culprits)

@@ -14,7 +14,7 @@ evaluation and checkpoint, a resume) the limit is at least STARTUP_S. It stays i
 a graceful stop (a signal), so that stop has a time limit too. While Node Zero waits for its
 own checkpoint writer, the workers may idle, so the watch is paused.
 
-The culprit: the workers that made the least progress; on Node Zero's host a worker whose
+The culprit: the workers that made the least progress; on Node Zero's machine a worker whose
 process is stopped (state T in /proc) is named first.
 """
 import time

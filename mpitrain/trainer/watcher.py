@@ -1,4 +1,4 @@
-"""Naming the rank that died: a small process outside the ranks that holds one connection per
+"""Naming the rank that died: a small process outside the ranks that holds connections to every
 rank and, when the first of them closes without a word, says which rank, host and PID died.
 
 When a rank dies (SIGKILL, the OOM killer, a segfault), MPICH's Hydra kills every other rank
@@ -13,18 +13,28 @@ traceback (mpi_runner.py): the failure is an effect, and the watcher decides wha
 
 The first connection (in the order the kernel saw them become readable: epoll's ready list is
 kept in that order, so the watcher's own scheduling does not matter) that closes without "bye",
-before any "end", names the culprit. A "fail" decides nothing by itself: a dead rank closes its
-sockets one by one in descriptor order, so a peer may see its MPI connection close, fail and
-say so before the dead rank's connection to the watcher has closed (measured: 1 in 9 runs at
--n 12). The failing rank waits before it aborts, and Hydra kills the others only once the dead
-rank has gone, so the first close is still the dead rank's; only when the first close is that
-of a rank which said "fail" (an MPI error with no death) is its error the last word. Ranks on rank 0's host connect over a Unix
-socket, whose close is signalled in the dying process's own exit, and each rank holds its
-connection at descriptor 0, which the kernel closes first; ranks on other hosts over
-TCP to rank 0's host. The line goes to train.log and to the job's stderr: mpiexec's own stderr
-when it is on this host (/proc/PID/fd/2, as trainer/output.py does for the ranks; Hydra's
-proxies stop forwarding once their ranks are dead), else the stderr rank 0 had. Then the
-watcher exits; it also exits when every rank has said bye, or when no rank connects in time.
+before any "end", names the culprit. That it is the dead rank's takes care (Link): Hydra's
+proxy kills every other rank of its node the moment the dead rank's PMI connection closes, and
+a peer may fail on its MPI connection; a dead process's descriptors close one by one, and a
+connection to the watcher held where the kernel closes it before every other descriptor of the
+process is what makes the first close the dead rank's. This kernel closes them in descending
+order (measured), so a connection at descriptor 0 alone closed last: in kills at two logical
+nodes the dead rank's descriptor 0 closed 8-36 ms after its highest one, once only 0.2 ms
+before another rank's; and a busy process's peer that exits the moment its connection to
+the process closes beat descriptor 0 in 51 of 300 kills, the highest descriptor in none
+(measured on this 2-CPU machine under load). Memory is the other early sign of a death
+(before_mpi). A "fail" decides nothing by itself: only when the first close is that of a rank
+which said "fail" (an MPI error with no death) is its error the last word.
+
+Ranks on rank 0's machine connect over a Unix socket, whose close is signalled in the dying
+process's own exit; ranks on other machines over TCP to rank 0's (their first FIN is sent before
+any other connection of the dying process closes, so it travels no later than the news of the
+death does; not tested on separate machines). A rank is named with its host as the launcher
+named it (hierarchy.host_name, as in heartbeat.json and the log's header). The line goes to
+train.log and to the job's stderr: mpiexec's own stderr when it is on this host
+(/proc/PID/fd/2, as trainer/output.py does for the ranks; Hydra's proxies stop forwarding once
+their ranks are dead), else the stderr rank 0 had. Then the watcher exits; it also exits when
+every rank has said bye, or when no rank connects in time.
 
 Run as `python -m mpitrain.trainer.watcher TRAIN_LOG MPIEXEC_PID` (0: none on this host); it
 prints "UNIX_NAME TCP_PORT" on stdout once listening.
@@ -55,45 +65,91 @@ def start(train_log: str, mpiexec_pid) -> tuple:
     return socket.gethostname(), unix.decode(), int(port)
 
 
-def _onto_descriptor_0(s: socket.socket) -> socket.socket:
-    """Move the connection to descriptor 0, so that a dying rank closes it before any of MPI's
-    own (the kernel closes a dead process's descriptors in ascending order; otherwise a peer
-    can see the MPI connection close, and die of it, before the watcher sees this one:
-    measured 1 in 8 runs in the two-node layout). Standard input, never read by the trainer,
-    stays open at another descriptor, so whoever writes to it sees no change."""
-    try:
-        os.set_inheritable(os.dup(0), False)
-    except OSError:
-        pass   # no standard input
-    os.dup2(s.fileno(), 0, inheritable=False)
+def before_mpi() -> None:
+    """Every rank, before MPI starts: keep UCX from reading other ranks' memory when the
+    launcher's name for this host is not the machine's (logical nodes, `-launcher fork -hosts
+    nodea,nodeb` on one machine), unless UCX_TLS is set.
+
+    Between MPICH's nodes UCX carries the messages, and for ranks on one machine it copies large
+    ones straight out of the sender's memory (its `cma` transport, process_vm_readv). The kernel
+    tears a dead process's memory down before it closes any of its descriptors, and MPICH's UCX
+    endpoints treat the failed read as fatal: a survivor then ended, silently, before the dead
+    rank's connections closed, and was named (1 of 20 kills at two logical nodes, measured with
+    the connections placed as Link does). Without `cma`, UCX uses its shared-memory and TCP
+    transports, whose failures follow a close. On separate machines UCX never uses `cma`, and
+    ranks of one node talk through MPICH's own shared memory, where a failed read is an MPI
+    error that the rank reports ("fail")."""
+    named = os.environ.get("PMI_HOSTNAME")
+    if named and named.split(".")[0] != socket.gethostname().split(".")[0]:
+        os.environ.setdefault("UCX_TLS", "^cma")
+
+
+TOP_CAP = 65536   # the highest descriptor used is below this (a larger table costs memory)
+
+
+def _top_descriptor() -> int:
+    """The highest free descriptor this process may hold (below TOP_CAP)."""
+    import fcntl
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    fd = (TOP_CAP if soft == resource.RLIM_INFINITY else min(soft, TOP_CAP)) - 1
+    while fd > 2:
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)   # in use: try the next one down
+        except OSError:
+            return fd
+        fd -= 1
+    return fd
+
+
+def _moved(s: socket.socket, fd: int) -> socket.socket:
+    """The connection `s`, moved to descriptor `fd` (not inherited by programs run later)."""
+    os.dup2(s.fileno(), fd, inheritable=False)
     s.close()
-    return socket.socket(fileno=0)
+    return socket.socket(fileno=fd)
 
 
 class Link:
-    """A rank's connection to the watcher; every method is silent when the watcher is gone."""
+    """A rank's connections to the watcher; every method is silent when the watcher is gone.
+
+    Two connections, at descriptor 0 and at the highest free descriptor: a dead process's
+    descriptors are closed in descriptor order, ascending or descending as the kernel runs its
+    deferred closes, and either way one of the two closes before any other descriptor of the
+    process -- before its PMI connection, whose close makes Hydra's proxy kill the other ranks
+    at once (`killpg(..., SIGKILL)`, MPICH's proxy/pmip_cb.c), and before its MPI connections
+    (module docstring). Standard input, never read by the trainer, stays open at another
+    descriptor, so whoever writes to it sees no change."""
 
     def __init__(self, address, rank: int):
+        from mpitrain.trainer.hierarchy import host_name
+
         host, unix, port = address
-        self.sock = None
+        self.socks = []
         try:
-            if host == socket.gethostname():
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                s.connect(b"\0" + unix.encode())
-            else:
-                s = socket.create_connection((host, port), timeout=10)
-            self.sock = _onto_descriptor_0(s)
-            self._send(f"hello {rank} {socket.gethostname()} {os.getpid()}")
+            os.set_inheritable(os.dup(0), False)
         except OSError:
-            self.sock = None
+            pass   # no standard input
+        for fd in (0, _top_descriptor()):
+            try:
+                if host == socket.gethostname():   # this machine: Unix, whatever the -hosts name
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.connect(b"\0" + unix.encode())
+                else:
+                    s = socket.create_connection((host, port), timeout=10)
+                s.settimeout(None)
+                self.socks.append(_moved(s, fd))
+            except OSError:
+                pass
+        self._send(f"hello {rank} {host_name()} {os.getpid()}")
 
     def _send(self, line: str) -> None:
-        if self.sock is None:
-            return
-        try:
-            self.sock.sendall((line.replace("\n", " ") + "\n").encode())
-        except OSError:
-            self.sock = None
+        data = (line.replace("\n", " ") + "\n").encode()
+        for s in list(self.socks):
+            try:
+                s.sendall(data)
+            except OSError:
+                self.socks.remove(s)
 
     def bye(self) -> None:
         """This rank leaves in order."""
@@ -122,11 +178,22 @@ def _stderr(mpiexec_pid: int) -> int:
     return 2
 
 
-def _say(line: str, train_log: str, err_fd: int, mpiexec_pid: int = 0) -> None:
-    """`line` to train.log at once, and to stderr once mpiexec has exited (it may have last
-    words of its own: in a two-node layout Hydra prints a few lines of its failure after the
-    ranks are dead) -- except on a terminal, where a line after mpiexec's exit would come after
-    the shell's prompt."""
+def _launchers(mpiexec_pid: int) -> list:
+    """mpiexec and its children on this host (Hydra's proxies, or the ssh that runs them), all
+    of which write to mpiexec's stderr."""
+    from mpitrain.trainer.output import _parent
+
+    if not mpiexec_pid:
+        return []
+    return [mpiexec_pid] + [int(p) for p in filter(str.isdigit, os.listdir("/proc"))
+                            if _parent(int(p)) == mpiexec_pid]
+
+
+def _say(line: str, train_log: str, err_fd: int, launchers=()) -> None:
+    """`line` to train.log at once, and to stderr once mpiexec and its proxies have exited
+    (they may have last words of their own: in a two-node layout a proxy prints a few lines of
+    its failure after the ranks are dead, measured, even after mpiexec has exited) -- except on
+    a terminal, where a line after mpiexec's exit would come after the shell's prompt."""
     if os.path.isdir(os.path.dirname(train_log) or "."):
         try:
             with open(train_log, "a") as f:
@@ -136,7 +203,7 @@ def _say(line: str, train_log: str, err_fd: int, mpiexec_pid: int = 0) -> None:
     try:
         if not os.isatty(err_fd):
             until = time.monotonic() + MPIEXEC_EXIT_WITHIN
-            while _alive(mpiexec_pid) and time.monotonic() < until:
+            while any(map(_alive, launchers)) and time.monotonic() < until:
                 time.sleep(0.005)
     except OSError:
         pass
@@ -155,6 +222,7 @@ def _alive(pid: int) -> bool:
 
 def watch(train_log: str, mpiexec_pid: int) -> None:
     err_fd = _stderr(mpiexec_pid)
+    launchers = _launchers(mpiexec_pid)   # every rank has started: so has every proxy
     name = PREFIX + str(os.getpid()).encode()
     unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     unix.bind(name)
@@ -215,14 +283,14 @@ def watch(train_log: str, mpiexec_pid: int) -> None:
             if entry[4] is not None:   # no rank closed before the one whose MPI call failed
                 rank = entry[2][0] if entry[2] else "?"
                 _say(f"rank {rank}: an MPI call failed and no rank was seen to die: {entry[4]}",
-                     train_log, err_fd, mpiexec_pid)
+                     train_log, err_fd, launchers)
                 return
             if mpiexec_pid and not _alive(mpiexec_pid):
                 return   # mpirun itself ended first (a hang-up, a kill): the ranks went with it
             who = (f"rank {entry[2][0]} (host {entry[2][1]}, pid {entry[2][2]})"
                    if entry[2] else "a rank that had not yet said who it was")
             _say(f"{who} died; the job ended with it (resume from the newest checkpoint with "
-                 f"--resume auto)", train_log, err_fd, mpiexec_pid)
+                 f"--resume auto)", train_log, err_fd, launchers)
             return
 
 

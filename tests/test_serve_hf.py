@@ -63,6 +63,10 @@ def test_served_folder_equals_served_checkpoint(files):
             texts.append([c["text"] for c in body["choices"]])
             status, models = s.post("/v1/tokenize", {"prompt": PROMPTS[0]})
             assert status == 200 and models["tokens"] == TOKENIZER.encode(PROMPTS[0]).tolist()
+            # the decode thread's CPU split (the benchmark's profile) counts this work
+            cpu = {l.split('"')[1]: float(l.split()[-1]) for l in s.get("/metrics")[1].splitlines()
+                   if l.startswith("mpitrain_decode_cpu_seconds_total{")}
+            assert set(cpu) == {"kernel", "sample", "host"} and cpu["kernel"] > 0, cpu
             status, text = s.get("/v1/models")
             entry = json.loads(text)["data"][0]
             assert (entry["format"] == "hf") == (model == folder), entry

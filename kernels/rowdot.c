@@ -10,14 +10,16 @@
  *   linear: out[r,o] = dot(inp[r], w[o]) + pre, pre = add[r,o] + bias[o] (either may be absent).
  *   fma_row: y[i] = fma(a, x[i], y[i]).
  * Every product is a fused multiply-add (one rounding) and every sum is in the order above,
- * so the AVX2 kernels (3 rows x 4 columns of accumulators, or fewer at the edges) and the
+ * so the AVX2 kernels (4 rows x 3 columns of accumulators; 3, 2 or 1 rows x 4 columns for
+ * the rows left over; fewer columns at the edges) and the
  * portable one (fmaf per lane) give bitwise the same floats. This is what OpenBLAS does not
  * promise: its sgemm rounds a row differently depending on the matrix shape (kernel and edge
  * paths), and sgemv differs from sgemm.
  *
  * Speed: the weights are tiled (a block of LIN_COLS output rows is reused from cache across
- * all rows of the batch, ROWS rows at a time held in L1), so a batch of rows reads the weights
- * once; one row is a matrix-vector product bound by memory bandwidth like sgemv. */
+ * all rows of the batch, ROWS rows at a time), so a batch of rows reads the weights from memory
+ * once, and while the first rows work on a block the next one is prefetched; one row is a
+ * matrix-vector product bound by memory bandwidth like sgemv. */
 #include <math.h>
 #include "mt_internal.h"
 
@@ -26,9 +28,8 @@
 #define MT_HAVE_AVX2_PATH 1
 #endif
 
-#define LIN_COLS 16   /* output rows of the weights per block (16 x IC floats stay in L2) */
-#define ROWS 3        /* rows per tile: 3 x 4 accumulators + 3 + 1 loaded = 16 ymm registers */
-#define TILE_COLS 4
+#define LIN_COLS 12   /* output rows of the weights per block (12 x IC floats stay in L1/L2) */
+#define ROWS 4        /* rows per tile: 4 x 3 accumulators + 3 + 1 loaded = 16 ymm registers */
 
 /* ---- portable path ------------------------------------------------------------------------ */
 
@@ -98,49 +99,87 @@ AVX2 static float dot_avx2(const float *a, const float *b, int n) {
     return hsum8(acc);
 }
 
-/* R rows x NC columns of dot products (R, NC <= 4): rows x[0..R) (stride IC),
- * weight rows w[0..NC) (stride IC); results into res[r*4 + c]. Inlined with constant R, NC so
- * that the accumulators live in registers; each accumulator sees exactly dot_avx2's
- * operations, so the tile shape never changes a result. */
+/* R rows x NC columns of dot products (R <= 4, NC <= 4, R x NC <= 12): rows x[0..R) (stride
+ * IC), weight rows w[0..NC) (stride IC); results into res[r*4 + c]. Inlined with constant R, NC
+ * so that the accumulators live in registers; each accumulator sees exactly dot_avx2's
+ * operations, so the tile shape never changes a result. Registers (16 ymm): the R x NC
+ * accumulators, the smaller side's vectors held for the whole chunk of 8, and one vector of
+ * the other side streamed through them (4 x 3: 12 + 3 + 1) -- holding both sides would spill
+ * accumulators to the stack and chain every chunk through a store and a load. */
 AVX2 static inline __attribute__((always_inline)) void tile(const float *x, const float *w,
-                                                            int IC, int R, int NC, float *res) {
+                                                            const float *pf, int IC, int R,
+                                                            int NC, float *res) {
     __m256 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < NC; c++) acc[r][c] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= IC; k += 8) {
-        __m256 wv[4], xv[4];
-        for (int c = 0; c < NC; c++) wv[c] = _mm256_loadu_ps(w + (size_t)c * IC + k);
-        for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x + (size_t)r * IC + k);
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < NC; c++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv[c], acc[r][c]);
+        if (pf && !(k & 15))
+            for (int c = 0; c < NC; c++) _mm_prefetch((const char *)(pf + (size_t)c * IC + k), _MM_HINT_T0);
+        if (NC <= R) {   /* hold the weight vectors, stream the rows */
+            __m256 wv[4];
+            for (int c = 0; c < NC; c++) wv[c] = _mm256_loadu_ps(w + (size_t)c * IC + k);
+            for (int r = 0; r < R; r++) {
+                __m256 xv = _mm256_loadu_ps(x + (size_t)r * IC + k);
+                for (int c = 0; c < NC; c++) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+            }
+        } else {         /* hold the rows, stream the weight vectors */
+            __m256 xv[4];
+            for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(x + (size_t)r * IC + k);
+            for (int c = 0; c < NC; c++) {
+                __m256 wv = _mm256_loadu_ps(w + (size_t)c * IC + k);
+                for (int r = 0; r < R; r++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+            }
+        }
     }
     if (k < IC) {
         __m256i m = tail_mask(IC - k);
-        __m256 wv[4], xv[4];
-        for (int c = 0; c < NC; c++) wv[c] = _mm256_maskload_ps(w + (size_t)c * IC + k, m);
-        for (int r = 0; r < R; r++) xv[r] = _mm256_maskload_ps(x + (size_t)r * IC + k, m);
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < NC; c++) acc[r][c] = _mm256_fmadd_ps(xv[r], wv[c], acc[r][c]);
+        for (int r = 0; r < R; r++) {
+            __m256 xv = _mm256_maskload_ps(x + (size_t)r * IC + k, m);
+            for (int c = 0; c < NC; c++)
+                acc[r][c] = _mm256_fmadd_ps(xv, _mm256_maskload_ps(w + (size_t)c * IC + k, m),
+                                            acc[r][c]);
+        }
     }
-    for (int r = 0; r < R; r++) {
-        if (NC == 4) _mm_storeu_ps(res + r * 4, hsum8x4(acc[r]));
-        else for (int c = 0; c < NC; c++) res[r * 4 + c] = hsum8(acc[r][c]);
+    if (NC == 4) {
+        for (int r = 0; r < R; r++) _mm_storeu_ps(res + r * 4, hsum8x4(acc[r]));
+    } else if (R == 4) {   /* four rows of one column at once: lane r = hsum8(acc[r][c]) */
+        for (int c = 0; c < NC; c++) {
+            __m256 col[4] = {acc[0][c], acc[1][c], acc[2][c], acc[3][c]};
+            float t[4];
+            _mm_storeu_ps(t, hsum8x4(col));
+            for (int r = 0; r < 4; r++) res[r * 4 + c] = t[r];
+        }
+    } else {
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < NC; c++) res[r * 4 + c] = hsum8(acc[r][c]);
     }
 }
 
-/* Tiles: ROWS rows x 4 columns where ROWS rows remain (each weight vector reused by ROWS rows
- * from registers); single rows 4 columns at a time (a matrix-vector product: four weight
- * streams in flight); 1 column at the right edge. Returns the columns done. */
-AVX2 static int tile_any(const float *x, const float *w, int IC, int R, int cols, float *res) {
-    if (R == ROWS) {
-        if (cols >= TILE_COLS) { tile(x, w, IC, ROWS, TILE_COLS, res); return TILE_COLS; }
-        tile(x, w, IC, ROWS, 1, res);
+/* Tiles of a group of R rows (R = 4 while four rows remain, then the 1-3 left): 4 x 3
+ * (each weight vector reused by four rows from a register), 3/2/1 x 4 (a single row is a
+ * matrix-vector product: four weight streams in flight); 1 column at the right edge. Returns
+ * the columns done. */
+AVX2 static int tile_any(const float *x, const float *w, const float *pf, int IC, int R, int cols,
+                         float *res) {
+    switch (R) {
+    case 4:
+        if (cols >= 3) { tile(x, w, pf, IC, 4, 3, res); return 3; }
+        tile(x, w, pf, IC, 4, 1, res);
+        return 1;
+    case 3:
+        if (cols >= 4) { tile(x, w, pf, IC, 3, 4, res); return 4; }
+        tile(x, w, pf, IC, 3, 1, res);
+        return 1;
+    case 2:
+        if (cols >= 4) { tile(x, w, pf, IC, 2, 4, res); return 4; }
+        tile(x, w, pf, IC, 2, 1, res);
+        return 1;
+    default:
+        if (cols >= 4) { tile(x, w, pf, IC, 1, 4, res); return 4; }
+        tile(x, w, pf, IC, 1, 1, res);
         return 1;
     }
-    if (cols >= 4) { tile(x, w, IC, 1, 4, res); return 4; }
-    tile(x, w, IC, 1, 1, res);
-    return 1;
 }
 
 AVX2 static void linear_avx2(float *out, const float *inp, const float *w, const float *bias,
@@ -149,9 +188,11 @@ AVX2 static void linear_avx2(float *out, const float *inp, const float *w, const
     for (int b0 = o0; b0 < o1; b0 += LIN_COLS) {
         int b1 = o1 - b0 < LIN_COLS ? o1 : b0 + LIN_COLS;
         for (int r = 0; r < n;) {
-            int R = n - r >= ROWS ? ROWS : 1;
+            int R = n - r >= ROWS ? ROWS : n - r;
             for (int o = b0; o < b1;) {
-                int NC = tile_any(inp + (size_t)r * IC, w + (size_t)o * IC, IC, R, b1 - o, res);
+                /* the first rows' tiles prefetch the next block's weights, as far ahead */
+                const float *pf = r == 0 && o + LIN_COLS < o1 ? w + (size_t)(o + LIN_COLS) * IC : NULL;
+                int NC = tile_any(inp + (size_t)r * IC, w + (size_t)o * IC, pf, IC, R, b1 - o, res);
                 for (int i = 0; i < R; i++)
                     for (int c = 0; c < NC; c++) {
                         float pre = pre_value(bias, add, r + i, o + c, OC);

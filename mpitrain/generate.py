@@ -50,18 +50,30 @@ class Decoder:
     @classmethod
     def from_file(cls, path, threads=1, slots=1):
         """A Decoder over the weights of a checkpoint or weights-only export (verified by
-        load_checkpoint, read straight into the model's arena; UserError for a missing,
-        damaged or foreign file, or weights that are not finite)."""
+        load_checkpoint, read straight into the model's arena), or of a folder written by
+        `export --format hf` (mpitrain/hf_import.py); UserError for a missing, damaged or
+        foreign file, or weights that are not finite."""
+        from mpitrain import hf_import
+
+        if hf_import.is_hf_folder(path):
+            config = hf_import.model_config(path)
+            tokenizer = hf_import.read_tokenizer(path)
+            if tokenizer.vocab_size != config.vocab_size:
+                raise UserError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids, the "
+                                f"model {config.vocab_size}")
+            model = Model(config, threads=threads)
+            hf_import.read_weights(path, config, model.params)
+            _check_finite(path, model)
+            dec = cls(model, slots=slots, tokenizer=tokenizer)
+            dec.checkpoint = hf_import.HFFolder(str(path), config, tokenizer)
+            return dec
         config = _peek_model_config(path)
         if config is None:   # let load_checkpoint name what is wrong
             ck = load_checkpoint(path, load_optimizer=False)
             config = ck.model_config
         model = Model(config, threads=threads)
         ck = load_checkpoint(path, params_into=model.params, load_optimizer=False)
-        if not np.isfinite(model.param_buffer).all():
-            bad = next(n for n in model.param_names if not np.isfinite(model.params[n]).all())
-            raise UserError(f"{path}: the weights contain NaN or Inf (first in {bad}); the run "
-                            "that wrote them diverged")
+        _check_finite(path, model)
         dec = cls(model, slots=slots, tokenizer=ck.tokenizer)
         ck.params = None   # views of the model's arena; the model is what holds the weights
         dec.checkpoint = ck
@@ -184,6 +196,13 @@ class Decoder:
                 made[k] += 1
                 if made[k] < max_new_tokens and t not in stop_ids:
                     feeds.append((k, [t]))
+
+
+def _check_finite(path, model):
+    if not np.isfinite(model.param_buffer).all():
+        bad = next(n for n in model.param_names if not np.isfinite(model.params[n]).all())
+        raise UserError(f"{path}: the weights contain NaN or Inf (first in {bad}); the run "
+                        "that wrote them diverged")
 
 
 def _peek_model_config(path):

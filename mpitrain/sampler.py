@@ -9,8 +9,9 @@ A Sampler holds one sequence's settings and its own random generator:
 temperature 0 is greedy (argmax, deterministic); otherwise the draw is from
 softmax(logits / temperature) restricted to the top-k ids (all ids tied with the k-th are kept)
 and then to the smallest set, most likely first, whose probability reaches top-p. `sample`
-works on the whole batch at once (sorting, softmax and cumulative sums are vectorised over the
-rows) and takes one uniform number per sampled row from that row's own generator, so a
+works on the batch a few rows at a time (softmax and cumulative sums vectorised over the rows
+of a chunk small enough to stay in cache; top-p sorts only the likeliest ids, as many as the
+set needs) and takes one uniform number per sampled row from that row's own generator, so a
 sequence's draws depend only on its logits, its settings and its seed -- never on the other
 sequences of the batch. A draw equals numpy's Generator.choice(V, p=probabilities) from the same
 generator state (inverse of the cumulative distribution, side "right").
@@ -41,32 +42,74 @@ class Sampler:
         return int(sample(np.asarray(logits)[None], [self])[0])
 
 
+# Rows are worked on a few at a time, so that each row's float64 temporaries stay in the L2
+# cache (a 30,000-id row is 240 KB): at B x V = 64 x 30,000 one pass over the whole batch would
+# go through memory about ten times.
+_CHUNK_FLOATS = 32768
+
+
+def _row_chunks(B, V):
+    step = max(1, _CHUNK_FLOATS // max(V, 1))
+    return [(i, min(B, i + step)) for i in range(0, B, step)]
+
+
 def probabilities(logits, samplers):
     """float64 (B,V): row b's distribution under samplers[b] (temperature > 0 each)."""
-    z = np.asarray(logits, np.float64)
+    logits = np.asarray(logits)
+    B, V = logits.shape
+    out = np.empty((B, V))
+    for r0, r1 in _row_chunks(B, V):
+        out[r0:r1] = _probabilities(logits[r0:r1], samplers[r0:r1])
+    return out
+
+
+def _probabilities(logits, samplers):
+    z = np.array(logits, np.float64)          # a copy: worked on in place
     B, V = z.shape
-    z = z / np.array([s.temperature for s in samplers])[:, None]
+    z /= np.array([s.temperature for s in samplers])[:, None]
     k = np.array([s.top_k for s in samplers])
     cut_k = (k > 0) & (k < V)
     for kk in np.unique(k[cut_k]):          # rows sharing a k: one partition for all of them
         rows = np.flatnonzero(cut_k & (k == kk))
         kth = np.partition(z[rows], -kk, axis=1)[:, -kk]
         z[rows] = np.where(z[rows] >= kth[:, None], z[rows], -np.inf)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z, out=z)
     p /= p.sum(axis=1, keepdims=True)
-    top_p = np.array([s.top_p for s in samplers])
-    cut_p = top_p < 1.0
-    if cut_p.any():
-        q = p[cut_p]
-        order = np.argsort(-q, axis=1, kind="stable")
-        cum = np.cumsum(np.take_along_axis(q, order, axis=1), axis=1)
-        # the smallest prefix whose mass reaches top_p (always at least one id)
-        cut = (cum < top_p[cut_p][:, None]).sum(axis=1) + 1
-        keep = np.zeros(q.shape, bool)
-        np.put_along_axis(keep, order, np.arange(V)[None, :] < cut[:, None], axis=1)
-        q = np.where(keep, q, 0.0)
-        p[cut_p] = q / q.sum(axis=1, keepdims=True)
+    for b, s in enumerate(samplers):
+        if s.top_p < 1.0:
+            q = p[b]
+            keep = _nucleus(q, s.top_p)
+            q[~keep] = 0.0
+            q /= q.sum()
     return p
+
+
+def _nucleus(q, top_p):
+    """bool (V,): the smallest set of ids, most likely first (ties: lower id first), whose
+    probabilities q (one row) add up to top_p -- the prefix of the stable descending sort whose
+    sequential cumulative sum first reaches top_p, always at least one id. Only the ids at or
+    above a threshold are sorted: the m most likely (all ids tied with the m-th included, so
+    the sorted prefix is the full sort's); m grows until their sum reaches top_p."""
+    V = q.size
+    m = 64
+    while m < V // 4:
+        kth = np.partition(q, V - m)[V - m]
+        top = np.flatnonzero(q >= kth)                 # in id order
+        order = top[np.argsort(-q[top], kind="stable")]
+        cum = np.cumsum(q[order])
+        if cum[-1] >= top_p:                           # the cut lies inside this prefix
+            cut = int(np.searchsorted(cum, top_p, side="left")) + 1
+            keep = np.zeros(V, bool)
+            keep[order[:cut]] = True
+            return keep
+        m *= 8
+    order = np.argsort(-q, kind="stable")
+    cum = np.cumsum(q[order])
+    cut = int((cum < top_p).sum()) + 1
+    keep = np.zeros(V, bool)
+    keep[order[:cut]] = True
+    return keep
 
 
 def sample(logits, samplers):
@@ -79,13 +122,30 @@ def sample(logits, samplers):
         raise ValueError("the logits contain NaN or Inf")
     out = np.argmax(logits, axis=1)
     drawn = [b for b, s in enumerate(samplers) if s.temperature != 0.0]
-    if drawn:
-        p = probabilities(logits[drawn], [samplers[b] for b in drawn])
-        cdf = np.cumsum(p, axis=1)
-        cdf /= cdf[:, -1:]
-        u = np.array([samplers[b].rng.random() for b in drawn])
-        out[drawn] = (cdf <= u[:, None]).sum(axis=1)
+    if not drawn:
+        return out
+    u = np.array([samplers[b].rng.random() for b in drawn])
+    sub = logits[drawn]
+    subs = [samplers[b] for b in drawn]
+    for r0, r1 in _row_chunks(len(drawn), logits.shape[1]):
+        cdf = np.cumsum(_probabilities(sub[r0:r1], subs[r0:r1]), axis=1)
+        for i in range(r1 - r0):
+            out[drawn[r0 + i]] = _draw(cdf[i], u[r0 + i])
     return out
+
+
+def _draw(cdf, u):
+    """The number of ids whose normalised cumulative probability cdf / cdf[-1] is <= u (the
+    inverse of the distribution function, side "right"), without dividing the whole row: the
+    normalised values are non-decreasing, so a search on the unnormalised ones lands next to
+    the answer and the exact comparison moves it the last steps."""
+    tot = cdf[-1]
+    j = int(np.searchsorted(cdf, u * tot, side="right"))
+    while j > 0 and not cdf[j - 1] / tot <= u:
+        j -= 1
+    while j < cdf.size and cdf[j] / tot <= u:
+        j += 1
+    return j
 
 
 def sample_seed(seed, i):

@@ -14,8 +14,10 @@ token (p50/p99), per-token latency (gaps between a stream's chunks, p50/p99), th
 this process (the load generator: one asyncio process, aiohttp client) and of the server, and
 the aggregate as a fraction of the SGEMM peak measured in the same run (decode FLOPs per token:
 the forward third of mpitrain.trainer.peak.flops_per_token at the mean context length).
-The last column, tokens per CPU-second of the server, is what batching buys independently of
-how much of the machine other jobs leave the server. Goals checked: 16 clients >= 6x one client's aggregate tokens/s; one client >= 85% of infer's.
+The column tokens per CPU-second of the server is what batching buys independently of
+how much of the machine other jobs leave the server; the last one splits the server's CPU time
+per generated token into the decode thread's kernel step, sampling and bookkeeping (its
+/metrics) and the rest (the HTTP side). Goals checked: 16 clients >= 6x one client's aggregate tokens/s; one client >= 85% of infer's.
 """
 import argparse
 import asyncio
@@ -144,6 +146,17 @@ async def soak(url, clients, prompt, tokens, seconds, pid):
     return errors, done, rss
 
 
+def decode_cpu(port):
+    """{part: CPU seconds} of the server's decode thread so far (its /metrics)."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'^mpitrain_decode_cpu_seconds_total\{part="(\w+)"\} (\S+)$', text,
+                        re.M)}
+
+
 def pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
@@ -192,12 +205,13 @@ def main(argv=None):
               f"{fwd_flops / 1e6:.1f} MFLOP/token")
         print(f"{'clients':>7} {'tok/s':>8} {'x1':>5} {'%peak':>6} {'ttft p50':>9} "
               f"{'ttft p99':>9} {'tok p50':>8} {'tok p99':>8} {'gen CPU':>8} {'srv CPU':>8} "
-              f"{'tok/srv-CPU-s':>13}")
+              f"{'tok/srv-CPU-s':>13} {'kernel/sample/host/http ms per token':>36}")
         rates = {}
         for c in levels:
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
-            s0 = cpu_seconds(server.pid)
+            s0, d0 = cpu_seconds(server.pid), decode_cpu(port)
             wall, res = asyncio.run(level(url, c, prompt, args.tokens))
+            d1 = decode_cpu(port)
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             gen_cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall
             srv_cpu = (cpu_seconds(server.pid) - s0) / wall
@@ -206,12 +220,17 @@ def main(argv=None):
             rates[c] = total / wall
             ttft = [t for t, _, _ in res]
             gaps = [g for _, gs, _ in res for g in gs]
+            # per generated token: the decode thread's parts, and the rest of the server's CPU
+            # (the HTTP side: asyncio, JSON, server-sent events)
+            parts = [d1[k] - d0[k] for k in ("kernel", "sample", "host")]
+            parts.append(srv_cpu * wall - sum(parts))
+            split = "/".join(f"{1e3 * x / total:.2f}" for x in parts)
             print(f"{c:>7} {rates[c]:>8.1f} {rates[c] / rates[levels[0]]:>5.2f} "
                   f"{100 * rates[c] * fwd_flops / (peak * 1e9):>5.1f}% "
                   f"{1e3 * pct(ttft, 50):>7.0f}ms {1e3 * pct(ttft, 99):>7.0f}ms "
                   f"{1e3 * pct(gaps, 50):>6.1f}ms {1e3 * pct(gaps, 99):>6.1f}ms "
                   f"{100 * gen_cpu:>7.0f}% {100 * srv_cpu:>7.0f}% "
-                  f"{rates[c] / max(srv_cpu, 1e-9):>13.1f}")
+                  f"{rates[c] / max(srv_cpu, 1e-9):>13.1f} {split:>36}")
         if 1 in rates:
             print(f"goal: one client / infer = {rates[1] / r_inf:.2f} (>= 0.85)")
             if 16 in rates:

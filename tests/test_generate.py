@@ -184,6 +184,32 @@ def test_sampler_draws():
     np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
 
 
+def test_sampler_fast_paths_equal_the_full_sort():
+    """The nucleus from a partial sort of the likeliest ids and the draw by search give
+    bitwise what the plain definitions give: the full stable descending sort and its
+    cumulative sum; the count of normalised cumulative probabilities <= u. Large vocabularies
+    (the partial path), peaked and flat rows, ties (rounded logits, top-k zeros)."""
+    from mpitrain.sampler import _draw, _nucleus, probabilities
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        V = int(rng.choice([300, 5000, 30000]))
+        logits = rng.normal(0, float(rng.choice([0.3, 3, 8])), V).astype(np.float32)
+        if trial % 3 == 0:
+            logits = np.round(logits)
+        top_k = int(rng.choice([0, 50, 2000]))
+        p = probabilities(logits[None], [Sampler(0.8, top_k=top_k)])[0]
+        for top_p in (0.3, 0.9, 0.99, 1 - 1e-12):
+            order = np.argsort(-p, kind="stable")
+            cut = int((np.cumsum(p[order]) < top_p).sum()) + 1
+            want = np.zeros(V, bool)
+            want[order[:cut]] = True
+            assert (_nucleus(p, top_p) == want).all(), (trial, top_p)
+        cdf = np.cumsum(p)
+        for u in list(rng.random(20)) + list(cdf[rng.integers(0, V, 20)] / cdf[-1]):
+            assert _draw(cdf, u) == int((cdf / cdf[-1] <= u).sum())
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=-1), dict(temperature=float("nan")),
                                 dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
 def test_sampler_refuses_bad_settings(kw):

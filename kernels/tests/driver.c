@@ -262,14 +262,14 @@ static void test_model(int threads) {
 /* ---- 3. decoding ------------------------------------------------------------------------------ */
 
 static void test_linear_fixed(void) {
-    enum { N = 7, IC = 37, OC = 23 };
+    enum { N = 13, IC = 37, OC = 23 };   /* tiles of 4, 3, 2 and 1 rows; edge columns */
     float *x = fvec(N * IC), *w = fvec(OC * IC), *bias = fvec(OC), *add = fvec(N * OC);
     float *a = fvec(N * OC), *b = fvec(N * OC);
     for (int i = 0; i < N * IC; i++) x[i] = uniform();
     for (int i = 0; i < OC * IC; i++) w[i] = uniform();
     for (int i = 0; i < OC; i++) bias[i] = uniform();
     for (int i = 0; i < N * OC; i++) add[i] = uniform();
-    for (int rows = 1; rows <= N; rows += 3) {
+    for (int rows = 1; rows <= N; rows++) {
         linear_fixed_portable(a, x, w, bias, add, rows, IC, OC, 0, OC);
         for (int p = 0; p < 3; p++)   /* columns in three parts, as decoding's threads do */
             linear_fixed(b, x, w, bias, add, rows, IC, OC, OC * p / 3, OC * (p + 1) / 3);

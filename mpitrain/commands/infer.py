@@ -23,8 +23,9 @@ MAX_TEMPERATURE = 100.0
 
 
 def add_arguments(p):
-    p.add_argument("--model", metavar="CKPT.h5", required=True,
-                   help="checkpoint (checkpoint_step_N.h5) or weights-only export to load"
+    p.add_argument("--model", metavar="MODEL", required=True,
+                   help="checkpoint (checkpoint_step_N.h5), weights-only export, or folder written "
+                   "by export --format hf, to load"
                    "%(default).0s")
     p.add_argument("--prompt", metavar="TEXT", default=None,
                    help="text to continue; '-' reads it from standard input (one of --prompt "

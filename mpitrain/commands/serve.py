@@ -20,8 +20,9 @@ LIMITS = {"port": (0, 65535), "threads": (1, 256), "max_batch": (1, 1024),
 
 
 def add_arguments(p):
-    p.add_argument("--model", metavar="CKPT.h5", required=True,
-                   help="checkpoint (checkpoint_step_N.h5) or weights-only export to serve"
+    p.add_argument("--model", metavar="MODEL", required=True,
+                   help="checkpoint (checkpoint_step_N.h5), weights-only export, or folder written "
+                   "by export --format hf, to serve"
                    "%(default).0s")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 exposes the service to the network)")

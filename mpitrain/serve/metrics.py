@@ -11,6 +11,9 @@ from collections import deque
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 RATE_WINDOW = 10.0   # seconds over which tokens/s is averaged
+# The decode thread's CPU time per step, in parts: the kernel's decode step (and the Decoder's
+# checks around it), sampling (and log-probabilities), and the rest (admission, text, events).
+CPU_PARTS = ("kernel", "sample", "host")
 
 
 class Histogram:
@@ -49,6 +52,7 @@ class Metrics:
         self.batch = Histogram(BATCH_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.ttft = Histogram(LATENCY_BUCKETS)
+        self.cpu = dict.fromkeys(CPU_PARTS, 0.0)   # decode thread CPU seconds by part
         self._recent = deque()             # (time, tokens) of recent steps, for tokens/s
         self.started = time.time()
 
@@ -63,9 +67,12 @@ class Metrics:
         with self._lock:
             self.ttft.observe(seconds)
 
-    def step(self, batch_size, new_tokens, prompt_tokens):
+    def step(self, batch_size, new_tokens, prompt_tokens, cpu=None):
+        """cpu: {part: CPU seconds} of this step, parts from CPU_PARTS."""
         now = time.monotonic()
         with self._lock:
+            for part, secs in (cpu or {}).items():
+                self.cpu[part] += secs
             self.steps += 1
             self.batch.observe(batch_size)
             self.tokens_generated += new_tokens
@@ -100,6 +107,12 @@ class Metrics:
                     "# HELP mpitrain_decode_steps_total Batched decode steps run.",
                     "# TYPE mpitrain_decode_steps_total counter",
                     f"mpitrain_decode_steps_total {self.steps}",
+                    "# HELP mpitrain_decode_cpu_seconds_total CPU time of the decode thread: "
+                    "the kernel's step, sampling, and the rest of the loop.",
+                    "# TYPE mpitrain_decode_cpu_seconds_total counter"]
+            out += [f'mpitrain_decode_cpu_seconds_total{{part="{k}"}} {v:.6f}'
+                    for k, v in self.cpu.items()]
+            out += [
                     f"# HELP mpitrain_tokens_per_second Tokens generated per second over the "
                     f"last {RATE_WINDOW:g} s.",
                     "# TYPE mpitrain_tokens_per_second gauge",

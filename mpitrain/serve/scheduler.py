@@ -159,6 +159,7 @@ class Scheduler:
             self._post([(s, {"finish": "cancelled", "text": ""}) for s in left])
 
     def _step(self):
+        t0 = time.thread_time()
         events = []
         with self._cv:
             while not self._stop and not self.waiting and not self.running:
@@ -190,9 +191,12 @@ class Scheduler:
             self._post(events)
             return True
         try:
+            t1 = time.thread_time()
             logits = self.dec.step(feeds)
+            t2 = time.thread_time()
             ids = sample(logits, [s.sampler for s in seqs]).tolist()
             lps, tops = _logprobs(logits, seqs, ids)
+            t3 = time.thread_time()
         except Exception as e:           # a bug or the kernel failing: end these, keep serving
             for seq in seqs:
                 self._leave(seq)
@@ -213,7 +217,9 @@ class Scheduler:
             else:
                 generated += tid not in seq.stop_ids
                 self._leave(seq)
-        self.metrics.step(len(feeds), generated, prompt_tokens)
+        cpu = {"kernel": t2 - t1, "sample": t3 - t2,
+               "host": (t1 - t0) + (time.thread_time() - t3)}
+        self.metrics.step(len(feeds), generated, prompt_tokens, cpu)
         self.metrics.gauges(len(self.waiting), len(self.running))
         self._post(events)
         return True

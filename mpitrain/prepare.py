@@ -5,18 +5,19 @@ Pipeline (each rank handles a contiguous block of sources, balanced by bytes):
               sequence spans); NUL -> binary (skipped), invalid UTF-8 -> U+FFFD (counted)
   2. count    pre-tokens (PATTERN) of each piece into a table of distinct pre-tokens, kept in
               memory up to the memory budget and spilled to sorted runs on disk beyond it
-              (pretoken_counts)
+              (pretoken_counts); while the table has not spilled, each pre-token's id in it
+              goes to the rank's pre-token file (4 bytes a pre-token)
   3. vocab    rank 0 merges every rank's counts -- in memory, or by a sort-merge of the runs --
               and picks the exact top pre-tokens (tokenizer.select_pretokens's rule); broadcast
-  4. encode   a second pass over the sources: each piece's pre-tokens become ids (one id, or
-              their UTF-8 bytes' ids) through a per-piece table in NumPy, + end-of-document id,
-              written to the rank's raw token file
+  4. encode   each pre-token becomes ids (one id, or its UTF-8 bytes' ids) through a table
+              in NumPy, + end-of-document id, written to the rank's raw token file: from the
+              pre-token file when the rank's table never spilled, else by a second pass over
+              the sources (read and pre-tokenized again, a per-piece table)
   5. write    rank 0 splits and writes the file under a temporary name, copying the ranks' raw
               files in rank order (= document order) into /tokens block by block, and renames it
 The result depends only on the sources, so any number of ranks and any budget give the same
-bytes. The scratch files (runs, raw tokens) live in `.NAME.prepare-PID` beside the output,
-which every rank must see (with several nodes: a shared directory); about the output's size
-is needed there while it is written.
+bytes. The scratch files (runs, pre-token ids, raw tokens) live in `.NAME.prepare-PID` beside
+the output, which every rank must see (with several nodes: a shared directory).
 """
 import hashlib
 import itertools
@@ -43,6 +44,7 @@ DEFAULT_OUT = os.path.join("hdf5_data", "default.h5")
 # h5py, plus margin); the rest is the count table's.
 FIXED_BYTES = 192 << 20
 MIN_TABLE_BYTES = 16 << 10  # a tiny budget still works (spilling often): tests use it
+ENCODE_BLOCK = 1 << 20  # pre-token ids encoded at a time from pass 1's file
 
 
 def default_memory_budget(ranks: int = 1) -> int:
@@ -172,37 +174,91 @@ def _local(fn, *args, out=None):
         return None, f"cannot write {out}: {_os_reason(e)}; nothing was written"
 
 
-def _count(sources, regex, counts, show):
+def _count(sources, regex, counts, show, ids_path):
     """Pass 1 over this rank's sources: read each in pieces, decode, pre-tokenize and count
-    into `counts`. Returns ([(name, bytes, sha256 hex, replacements)] of the text sources,
-    their Sources, binary sources skipped, seconds spent reading and decoding)."""
-    metas, texts, n_binary, reading = [], [], 0, 0.0
-    with bar(sum(s.size for s in sources), "count", "B", unit_scale=True, enabled=show) as b:
-        for s in sources:
-            t = time.perf_counter()
-            size, sha, binary, data = corpus.scan_source(s)
-            reading += time.perf_counter() - t
-            if binary:
-                n_binary += 1
-                b.update(s.size)
-                continue
-            replaced = 0
-            pieces = corpus.source_pieces(s, data)
-            del data
-            while True:
+    into `counts`, writing the pre-tokens' ids in the count table (uint32) to `ids_path`
+    (created exclusively) until the table first spills; then that file is removed. Returns
+    ([(name, bytes, sha256 hex, replacements)] of the text sources, their Sources, pre-tokens
+    per text source, whether `ids_path` holds every text source's ids, binary sources
+    skipped, seconds spent reading and decoding)."""
+    metas, texts, n_pre, n_binary, reading = [], [], [], 0, 0.0
+    ids_file = open(ids_path, "xb")
+    try:
+        with bar(sum(s.size for s in sources), "count", "B", unit_scale=True,
+                 enabled=show) as b:
+            for s in sources:
                 t = time.perf_counter()
-                piece = next(pieces, None)
-                if piece is None:
-                    break
-                text, r = corpus.decode(piece)
+                size, sha, binary, data = corpus.scan_source(s)
                 reading += time.perf_counter() - t
-                replaced += r
-                counts.add(regex.findall(text))
-                del text
-            metas.append((s.name, size, sha, replaced))
-            texts.append(s)
-            b.update(s.size)
-    return metas, texts, n_binary, reading
+                if binary:
+                    n_binary += 1
+                    b.update(s.size)
+                    continue
+                replaced, n = 0, 0
+                h = hashlib.sha256() if data is None else None   # read again in pieces
+                pieces = corpus.source_pieces(s, data)
+                del data
+                while True:
+                    t = time.perf_counter()
+                    piece = next(pieces, None)
+                    if piece is None:
+                        break
+                    if h is not None:
+                        h.update(piece)
+                    text, r = corpus.decode(piece)
+                    reading += time.perf_counter() - t
+                    replaced += r
+                    ids = counts.add(regex.findall(text))
+                    del text
+                    n += ids.size
+                    if ids_file is not None and counts.runs:  # spilled: the ids are void
+                        ids_file.close()
+                        _unlink(ids_path)
+                        ids_file = None
+                    if ids_file is not None:
+                        ids_file.write(ids.data)
+                if h is not None and h.hexdigest() != sha:
+                    raise UserError(f"{s.path or s.name} changed while it was being "
+                                    "prepared; run prepare again")
+                metas.append((s.name, size, sha, replaced))
+                texts.append(s)
+                n_pre.append(n)
+                b.update(s.size)
+    finally:
+        if ids_file is not None:
+            ids_file.close()
+    return metas, texts, n_pre, ids_file is not None, n_binary, reading
+
+
+def token_table(keys, tok, dtype=np.int32):
+    """How a list of distinct pre-tokens encodes: (starts, lengths, table, fell_back), where
+    pre-token i becomes table[starts[i]:starts[i] + lengths[i]] -- its id, or its UTF-8
+    bytes' ids -- and fell_back[i] says the latter. Built a block of keys at a time, so a
+    table of millions of pre-tokens never holds all their bytes as Python objects."""
+    get = tok.ids.get
+    singles, lengths, parts = [], [], []
+    for a in range(0, len(keys), 1 << 16):
+        block = keys[a:a + (1 << 16)]
+        single = np.fromiter((get(t, -1) for t in block), dtype=np.int64, count=len(block))
+        miss = np.flatnonzero(single < 0)
+        miss_bytes = [t.encode("utf-8") for t, m in zip(block, single.tolist()) if m < 0]
+        length = np.ones(len(block), dtype=np.int64)
+        length[miss] = [len(b) for b in miss_bytes]
+        starts = np.cumsum(length) - length
+        part = np.empty(int(length.sum()), dtype=dtype)
+        hit = np.flatnonzero(single >= 0)
+        part[starts[hit]] = single[hit]
+        if len(miss):
+            raw = np.frombuffer(b"".join(miss_bytes), dtype=np.uint8)
+            part[expand_ranges(starts[miss], length[miss])] = raw.astype(dtype) + \
+                tok.byte_offset
+        singles.append(single)
+        lengths.append(length)
+        parts.append(part)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    fell_back = np.concatenate(singles) < 0 if singles else np.zeros(0, dtype=bool)
+    table = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    return np.cumsum(lengths) - lengths, lengths, table, fell_back
 
 
 def encode_pretokens(pretokens, tok):
@@ -221,21 +277,8 @@ def encode_pretokens(pretokens, tok):
     remap[np.fromiter(index.values(), dtype=np.int64, count=u)] = np.arange(u)
     d = remap[prov]
     del remap, prov
-    get = tok.ids.get
-    single = np.fromiter((get(t, -1) for t in index), dtype=np.int64, count=u)
-    miss = np.flatnonzero(single < 0)
-    miss_bytes = [t.encode("utf-8") for t, m in zip(index, single.tolist()) if m < 0]
-    lengths = np.ones(u, dtype=np.int64)
-    lengths[miss] = [len(b) for b in miss_bytes]
-    starts = np.cumsum(lengths) - lengths
-    table = np.empty(int(lengths.sum()), dtype=np.int32)  # ids < 1,000,000
-    hit = np.flatnonzero(single >= 0)
-    table[starts[hit]] = single[hit]
-    if len(miss):
-        raw = np.frombuffer(b"".join(miss_bytes), dtype=np.uint8)
-        table[expand_ranges(starts[miss], lengths[miss])] = raw.astype(np.int32) + tok.byte_offset
-    ids = table[expand_ranges(starts[d], lengths[d])]
-    return ids, int(np.count_nonzero(single[d] < 0))
+    starts, lengths, table, fell_back = token_table(list(index), tok)  # ids < 1,000,000
+    return table[expand_ranges(starts[d], lengths[d])], int(np.count_nonzero(fell_back[d]))
 
 
 def _encode(sources, metas, tok, regex, dtype, path, show):
@@ -265,6 +308,33 @@ def _encode(sources, metas, tok, regex, dtype, path, show):
     return doc_tokens, fallback
 
 
+def _encode_ids(table, n_pre, tok, dtype, ids_path, path, show):
+    """Pass 2 from pass 1's pre-token ids (no second read of the text): map the ids of each
+    text source through `table` (token_table of the count table's pre-tokens in id order),
+    append the end-of-document id and write the ids (dtype) to the raw file `path`. Returns
+    what _encode returns."""
+    starts, lengths, table, fell_back = table
+    doc_tokens, fallback = np.empty(len(n_pre), dtype=np.int64), 0
+    eod = np.array([tok.eod_id], dtype=dtype)
+    with open(ids_path, "rb") as src, open(path, "wb") as f, \
+            bar(sum(n_pre), "encode", " pre-tokens", unit_scale=True, enabled=show) as b:
+        for k, n in enumerate(n_pre):
+            out = 0
+            for a in range(0, n, ENCODE_BLOCK):
+                d = np.fromfile(src, dtype=np.uint32, count=min(ENCODE_BLOCK, n - a))
+                if d.size != min(ENCODE_BLOCK, n - a):
+                    raise UserError(f"{ids_path} was cut short while prepare ran; run "
+                                    "prepare again")
+                ids = table[expand_ranges(starts[d], lengths[d])]
+                f.write(ids.data)
+                out += ids.size
+                fallback += int(np.count_nonzero(fell_back[d]))
+                b.update(d.size)
+            f.write(eod.data)
+            doc_tokens[k] = out + 1
+    return doc_tokens, fallback
+
+
 class RawTokens:
     """The token stream as the ranks wrote it: their raw files in rank order (what
     dataset.write_dataset copies into /tokens block by block)."""
@@ -288,26 +358,27 @@ class RawTokens:
                     at += block.size
 
 
-def _vocabulary(o, c, counts, spill):
+def _vocabulary(o, c, counts, spill, keys):
     """Rank 0's (pretokens, distinct pre-tokens, pre-tokens counted) from every rank's counts:
-    merged in memory, or (spill) through the sorted runs every rank has written."""
+    merged in memory, or (spill) through the sorted runs every rank has written. keys: this
+    rank's count table's pre-tokens in id order, or None."""
     if spill:
         counts.spill()
         runs = c.gather(counts.runs)
-        tables = None
-    else:
-        tables = c.gather(counts.table)
+    elif c.size > 1:
+        tables = c.gather((counts.keys() if keys is None else keys, counts.counts()))
     if c.rank != 0:
         return None
     n = o.vocab_size - len(SPECIALS) - 256
     tally = pretoken_counts.Tally()
     if spill:
         items = pretoken_counts.merged_runs([p for r in runs for p in r])
-    else:
-        table = tables[0] if len(tables) == 1 else merge_counts(
-            [(list(t), np.fromiter(t.values(), np.int64, len(t))) for t in tables])
+    elif c.size > 1:
+        table = merge_counts(tables)
         del tables
         items = pretoken_counts.table_items(table)
+    else:
+        items = counts.items()
     pretokens = pretoken_counts.top_pretokens(tally.watch(items), n)
     return pretokens, tally.distinct, tally.total
 
@@ -389,26 +460,28 @@ def prepare(o: Options, comm=None):
     counts = pretoken_counts.Counts(max(budget - FIXED_BYTES, MIN_TABLE_BYTES), workdir,
                                     prefix=f"counts-{c.rank}")
     raw = os.path.join(workdir, f"tokens-{c.rank}.bin")
+    ids = os.path.join(workdir, f"pretokens-{c.rank}.bin")
     try:
-        return _run(o, c, mine, counts, raw, workdir, show, t0, timings)
+        return _run(o, c, mine, counts, raw, ids, workdir, show, t0, timings)
     finally:
         counts.remove_runs()
         _unlink(raw)
+        _unlink(ids)
         if c.rank == 0:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(o, c, mine, counts, raw, workdir, show, t0, timings):
+def _run(o, c, mine, counts, raw, ids, workdir, show, t0, timings):
     regex = re.compile(PATTERN)
-    # 1-2. read and count (pass 1)
-    got, err = _local(_count, mine, regex, counts, show, out=o.out)
+    # 1-2. read and count (pass 1), keeping the pre-tokens' ids while the table has not spilled
+    got, err = _local(_count, mine, regex, counts, show, ids, out=o.out)
     c.agree(err)
-    metas, texts, n_binary, reading = got
+    metas, texts, n_pre, have_ids, n_binary, reading = got
     timings["read"] = reading            # time spent reading and decoding, within the pass
     timings["count"] = time.perf_counter() - t0
     # 3. vocabulary: merged in memory when every rank's table fits in rank 0's, else through
     # the sorted runs on disk
-    sizes = c.allgather((len(counts.table), bool(counts.runs), len(metas), n_binary))
+    sizes = c.allgather((len(counts), bool(counts.runs), len(metas), n_binary))
     spill = any(r for _, r, _, _ in sizes) or sum(n for n, _, _, _ in sizes) > counts.limit
     n_text, n_binary_all = sum(s[2] for s in sizes), sum(s[3] for s in sizes)
     err = tok = None
@@ -416,15 +489,24 @@ def _run(o, c, mine, counts, raw, workdir, show, t0, timings):
         err = (f"no text files in {o.data} ({n_binary_all} binary file(s) skipped)"
                if o.data is not None else "the default corpus found no text")
     c.agree(err)
-    vocab = _vocabulary(o, c, counts, spill)
+    keys = counts.keys() if have_ids else None   # before a spill clears the table
+    vocab = _vocabulary(o, c, counts, spill, keys)
     pretokens = c.bcast(vocab[0] if c.rank == 0 else None)
     counts.remove_runs()   # after the broadcast: rank 0 has read every rank's runs
+    counts.clear()
     tok = Tokenizer(pretokens)
     timings["vocab"] = time.perf_counter() - t0
     # 4. encode (pass 2) into this rank's raw file
     dtype = token_dtype(tok.vocab_size)
     os.makedirs(workdir, exist_ok=True)
-    got, err = _local(_encode, texts, metas, tok, regex, dtype, raw, show, out=o.out)
+    if have_ids:   # from pass 1's ids
+        table = token_table(keys, tok, dtype)
+        del keys
+        got, err = _local(_encode_ids, table, n_pre, tok, dtype, ids, raw, show, out=o.out)
+        del table
+    else:          # the count table spilled: pre-tokenize the text again
+        got, err = _local(_encode, texts, metas, tok, regex, dtype, raw, show, out=o.out)
+    _unlink(ids)
     c.agree(err)
     doc_tokens, fallback = got
     per_rank = c.gather((metas, doc_tokens, fallback, raw))

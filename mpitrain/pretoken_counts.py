@@ -1,8 +1,8 @@
 """Counting distinct pre-tokens in bounded memory: an in-memory table up to a budget, sorted
 runs on disk beyond it, and a sort-merge that gives the exact totals.
 
-`Counts.add` counts a list of pre-tokens into a dict. When the dict's estimated size passes
-the budget it is spilled: its keys sorted (str order = UTF-8 byte order), written as one run
+`Counts.add` counts a list of pre-tokens into a table (a dict {pre-token: id} and a count per
+id). When the table's estimated size passes the budget it is spilled: its keys sorted (str order = UTF-8 byte order), written as one run
 of records `<u32 length><u64 count><UTF-8 bytes>`, and cleared. `merged_runs` reads any number
 of runs (of one process or of several ranks) in one pass and yields (UTF-8 bytes, total
 count) in byte order, each pre-token once; `top_pretokens` picks the vocabulary from that
@@ -14,57 +14,114 @@ import itertools
 import os
 import struct
 
-try:
-    from collections import _count_elements  # the C loop Counter.update uses
-except ImportError:  # pragma: no cover - other Pythons
-    def _count_elements(mapping, iterable):
-        get = mapping.get
-        for x in iterable:
-            mapping[x] = get(x, 0) + 1
+import numpy as np
 
-# Estimated bytes one dict entry costs (a str object of a short pre-token, its count, the
-# dict's slot and index share), measured on CPython 3.11 with the production corpus's
-# pre-tokens at about 120: the estimate keeps a margin for longer keys and the table's growth.
+# Estimated bytes one table entry costs (a str object of a short pre-token, its id, the dict's
+# slot and index share, its count in the array), measured on CPython 3.11 with tracemalloc at
+# about 136 on bench_data's corpus: the estimate keeps a margin for longer keys and the
+# table's growth.
 ENTRY_BYTES = 160
 _HEAD = struct.Struct("<IQ")
 _IO = 1 << 20  # buffer of each run file when written or merged
+_COUNT_BLOCK = 1 << 22  # ids counted at a time (np.bincount over the table)
 
 
 class Counts:
-    """{pre-token: count} of everything added, at most `budget` bytes in memory (estimated).
+    """Counts of everything added, at most `budget` bytes in memory (estimated).
 
-    directory: where runs go (created when the first is written); prefix: their names'
-    start, unique per writer (e.g. per rank)."""
+    The table gives each distinct pre-token an id (0, 1, ... in order of first appearance) and
+    counts per id; `add` returns the ids of the pre-tokens it counted, so a caller can keep
+    them (prepare encodes from them instead of pre-tokenizing again) as long as the table has
+    not been spilled since (`runs` is empty). directory: where runs go (created when the first
+    is written); prefix: their names' start, unique per writer (e.g. per rank)."""
 
     def __init__(self, budget: int, directory: str, prefix: str = "run"):
         self.limit = max(64, int(budget) // ENTRY_BYTES)
         self.directory = directory
         self.prefix = prefix
-        self.table = {}
+        self.index = {}    # pre-token -> id, in id order
+        self._counts = np.zeros(0, dtype=np.int64)   # per id, of the ids counted so far
+        self._pending = []  # id arrays added but not yet counted (counted a block at a time)
+        self._pending_n = 0
         self.runs = []     # paths of the runs written, in order
         self.total = 0     # pre-tokens added
 
-    def add(self, pretokens) -> None:
-        _count_elements(self.table, pretokens)
-        self.total += len(pretokens)
-        if len(self.table) > self.limit:
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def add(self, pretokens) -> np.ndarray:
+        """Count a list of pre-tokens; returns their ids (uint32) in the table."""
+        n = len(pretokens)
+        index = self.index
+        n0 = len(index)
+        # A new pre-token first gets n0 + the position of its first occurrence (above every
+        # id in use), then the next free id.
+        ids = np.fromiter(map(index.setdefault, pretokens, itertools.count(n0)),
+                          dtype=np.int64, count=n)
+        first = np.flatnonzero(ids == np.arange(n0, n0 + n))
+        if first.size:
+            index.update(zip(map(pretokens.__getitem__, first.tolist()),
+                             range(n0, n0 + first.size)))
+            remap = np.empty(n, dtype=np.int64)
+            remap[first] = np.arange(n0, n0 + first.size)
+            new = ids >= n0
+            ids[new] = remap[ids[new] - n0]
+        ids = ids.astype(np.uint32)
+        self._pending.append(ids)
+        self._pending_n += n
+        self.total += n
+        if self._pending_n >= _COUNT_BLOCK:
+            self._count_pending()
+        if len(index) > self.limit:
             self.spill()
+        return ids
+
+    def _count_pending(self) -> None:
+        n = len(self.index)
+        if len(self._counts) < n:
+            grown = np.zeros(max(n, 2 * len(self._counts)), dtype=np.int64)
+            grown[:len(self._counts)] = self._counts
+            self._counts = grown
+        if self._pending:
+            c = np.bincount(np.concatenate(self._pending), minlength=n)
+            self._counts[:len(c)] += c
+        self._pending, self._pending_n = [], 0
+
+    def counts(self) -> np.ndarray:
+        """Count per id (int64, one per distinct pre-token in the table)."""
+        self._count_pending()
+        return self._counts[:len(self.index)]
+
+    def keys(self) -> list:
+        """The table's pre-tokens in id order."""
+        return list(self.index)
+
+    def items(self):
+        """The table's (UTF-8 bytes, count) in byte order, like merged_runs."""
+        counts = self.counts().tolist()
+        index = self.index
+        for key in sorted(index):
+            yield key.encode("utf-8"), counts[index[key]]
+
+    def clear(self) -> None:
+        """Empty the table (ids start again at 0)."""
+        self.index = {}
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._pending, self._pending_n = [], 0
 
     def spill(self) -> None:
         """Write the table as a sorted run and clear it (nothing when it is empty)."""
-        if not self.table:
+        if not self.index:
             return
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"{self.prefix}-{len(self.runs):05d}.bin")
-        table = self.table
         pack = _HEAD.pack
         with open(path, "wb", buffering=_IO) as f:
-            for key in sorted(table):
-                b = key.encode("utf-8")
-                f.write(pack(len(b), table[key]))
-                f.write(b)
+            for key, c in self.items():
+                f.write(pack(len(key), c))
+                f.write(key)
         self.runs.append(path)
-        self.table = {}
+        self.clear()
 
     def remove_runs(self) -> None:
         for p in self.runs:
@@ -95,8 +152,7 @@ def merged_runs(paths):
 
 
 def table_items(table):
-    """A dict's (UTF-8 bytes, count) in byte order, like merged_runs (for one in-memory
-    table)."""
+    """A {pre-token: count}'s (UTF-8 bytes, count) in byte order, like merged_runs."""
     for key in sorted(table):
         yield key.encode("utf-8"), table[key]
 

@@ -6,9 +6,11 @@ import re
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from conftest import write_corpus
-from mpitrain import corpus, pretoken_counts
-from mpitrain.prepare import Options, parse_size, prepare
+import pytest
+
+from conftest import run_cli, write_corpus
+from mpitrain import corpus, pretoken_counts, prepare as prepare_mod
+from mpitrain.prepare import FIXED_BYTES, Options, parse_size, prepare
 from mpitrain.tokenizer import PATTERN, select_pretokens
 
 REGEX = re.compile(PATTERN)
@@ -71,6 +73,71 @@ def test_any_memory_budget_gives_the_same_bytes(tmp_path):
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] == outs[2]
     assert not [p for p in tmp_path.iterdir() if ".prepare-" in p.name]   # scratch removed
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["ab", "b", "é", "xyz", " q", "zz", "\u3000"]),
+                         max_size=30), max_size=8))
+def test_count_ids_name_each_pretoken_in_the_table(tmp_path_factory, chunks):
+    c = pretoken_counts.Counts(1 << 20, str(tmp_path_factory.mktemp("runs")))
+    got = [c.add(chunk) for chunk in chunks]
+    keys = c.keys()
+    assert keys == list(dict.fromkeys(t for chunk in chunks for t in chunk))  # first-seen order
+    for chunk, ids in zip(chunks, got):
+        assert ids.dtype == np.uint32 and [keys[i] for i in ids.tolist()] == chunk
+    expect = collections.Counter(t for chunk in chunks for t in chunk)
+    assert c.counts().tolist() == [expect[k] for k in keys]
+    assert list(c.items()) == sorted((k.encode(), v) for k, v in expect.items())
+    assert not c.runs
+
+
+def _zipf_corpus(root, n_files=6):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" + "é" * (i % 3) for i in range(3000)]
+    return write_corpus(root, {
+        f"d{k}.txt": "\n".join(" ".join(words[j] for j in rng.zipf(1.3, 40) % 3000)
+                               for _ in range(200)) for k in range(n_files)})
+
+
+def test_encode_reads_pass_one_ids_unless_the_table_spilled(tmp_path, monkeypatch):
+    d = _zipf_corpus(tmp_path / "c")
+    real_encode, real_encode_ids = prepare_mod._encode, prepare_mod._encode_ids
+    used = []
+    monkeypatch.setattr(prepare_mod, "_encode",
+                        lambda *a: used.append("text") or real_encode(*a))
+    monkeypatch.setattr(prepare_mod, "_encode_ids",
+                        lambda *a: used.append("ids") or real_encode_ids(*a))
+    outs = []
+    for budget, path in ((0, "ids"), (1, "text")):
+        used.clear()
+        out = tmp_path / f"ds{budget}.h5"
+        prepare(Options(data=d, out=str(out), vocab_size=600, quiet=True, memory_budget=budget))
+        assert used == [path]
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert not [p for p in tmp_path.iterdir() if ".prepare-" in p.name]
+
+
+@pytest.mark.slow
+def test_mpirun_2_keeps_its_ids_when_only_the_merge_spills(tmp_path, mpirun):
+    # A budget whose table holds each rank's distinct pre-tokens but not their union: the
+    # ranks never spill while counting (they encode from their ids) and rank 0 merges runs.
+    d = _zipf_corpus(tmp_path / "c", n_files=2)    # one file a rank (same sizes)
+    distinct = [len(set(REGEX.findall(p.read_text(encoding="utf-8"))))
+                for p in sorted((tmp_path / "c").iterdir())]
+    limit = max(distinct)                         # table entries (> 102: the minimum)
+    assert limit > 200 and sum(distinct) > limit
+    budget = FIXED_BYTES + limit * pretoken_counts.ENTRY_BYTES
+    outs = []
+    for launcher, extra in (((), ()), ((mpirun, "-n", "2"), ("--memory-budget", budget))):
+        out = tmp_path / f"ds{len(outs)}.h5"
+        p = run_cli("prepare", "--data", d, "--out", out, "--vocab-size", 600, *extra,
+                    launcher=launcher)
+        assert p.returncode == 0, p.stderr
+        assert ("spilled to disk" in p.stdout) == bool(extra)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+    assert not [p for p in tmp_path.iterdir() if ".prepare-" in p.name]
 
 
 def test_parse_size():

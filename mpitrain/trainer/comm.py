@@ -192,7 +192,6 @@ class MPIWorkerComm:
         self._reports = []
         self._windows = []             # the shared-memory windows (share_arenas)
         self._grads = None             # every worker's gradient arena, when shared
-        self._received = None          # the other nodes' sums of our slice (two-level)
         self.writes_parameters = True  # whether this worker writes whole parameter arenas
         self.node_workers = 1          # workers on this worker's node (share_arenas)
         self.stop_signal = None        # set by the signal handler (request_stop)
@@ -362,15 +361,16 @@ class MPIWorkerComm:
 
     def _reduce_two_level(self, shard: np.ndarray) -> None:
         """shard = the sum of our slice: our node's sum (shared memory), then the other nodes'
-        sums as they arrive, added in the layout's fixed order; meanwhile the node sums of the
-        slices we are partner of go to their owners (hierarchy.py)."""
+        sums one after another in the layout's fixed order; meanwhile the node sums of the
+        slices we are partner of go to their owners (hierarchy.py).
+
+        The other nodes' sums land in our own gradient arena's part of our slice: once our
+        node's sum of it is made nothing reads it before the next step's backward (only the
+        slice's owner sums it), so the exchange needs no buffer of its own: a worker's memory
+        across nodes stays that of a worker on one node (a buffer for the other nodes' sums of
+        the slice would add (nodes - 1) x P / workers bytes to every worker)."""
         w, lay = self.index, self.layout
         counts, displs = self._counts, self._displs
-        order = lay.sum_order(lay.node_of[w])
-        if self._received is None or self._received.shape[1] != counts[w]:
-            self._received = np.empty((len(order), counts[w]), np.float32)
-        requests = [self.workers.Irecv(buf, source=lay.partner(q, w), tag=TAG_NODE_SUM)
-                    for q, buf in zip(order, self._received)]
         sends = []
         own = self._grads[self.local]
         for v in self._partnered:      # the node's sum of v's slice, in place in our arena
@@ -378,10 +378,13 @@ class MPIWorkerComm:
             node_sum(self._grads, self.local, own[lo:hi], lo, hi, SHARED_PIECE)
             sends.append(self.workers.Isend(own[lo:hi], dest=v, tag=TAG_NODE_SUM))
             self.step_bytes_remote += 4 * (hi - lo)
-        node_sum(self._grads, self.local, shard, displs[w], displs[w] + counts[w], SHARED_PIECE)
-        wait(requests, WORKER_SLEEP)
-        for buf in self._received:
-            np.add(shard, buf, out=shard)
+        lo, hi = displs[w], displs[w] + counts[w]
+        node_sum(self._grads, self.local, shard, lo, hi, SHARED_PIECE)
+        landing = own[lo:hi]
+        for q in lay.sum_order(lay.node_of[w]):
+            wait([self.workers.Irecv(landing, source=lay.partner(q, w), tag=TAG_NODE_SUM)],
+                 WORKER_SLEEP)
+            np.add(shard, landing, out=shard)
         wait(sends, WORKER_SLEEP)
 
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from mpitrain.trainer.collectives import (SHARED_PIECE, pairwise_allgather,
+from mpitrain.trainer.collectives import (SHARED_PIECE, _release, pairwise_allgather,
                                           pairwise_reduce_scatter, shared_reduce_scatter)
 from mpitrain.trainer.hierarchy import NodeLayout, node_sum
 from mpitrain.trainer.messages import HEADER, REPORT_SIZE, Command, Report
@@ -198,6 +198,7 @@ class MPIWorkerComm:
         self._stop_sent = False
         self._progress = 0
         self.node = None               # the node's workers, when the exchange is two-level
+        self._written = None           # the shared parameter arena this worker wrote whole
         self.step_bytes_remote = 0     # bytes sent to other nodes by the steps' exchanges
 
     def share_arenas(self, count: int):
@@ -236,6 +237,8 @@ class MPIWorkerComm:
         else:
             node.Free()
         self.writes_parameters = first
+        # (a window of one process may be private memory, which releasing would zero)
+        self._written = params if first and self.node_workers > 1 else None
         return params, self._grads[self.local]
 
     def slices(self, n: int) -> tuple:
@@ -307,6 +310,13 @@ class MPIWorkerComm:
             self._sync()
             wait([self.workers.Ibarrier()], WORKER_SLEEP, WORKER_MAX_SLEEP)
             self._sync()
+            if self._written is not None:
+                # The writer of a node's whole parameter arena (initialisation, resume) touched
+                # every page of it, the token embedding's too, of which the others read only
+                # their tokens' rows: unmapped here (the shared arena keeps them), its RSS is
+                # theirs again, so every node's first worker is no larger than on one node.
+                _release(self._written)
+                self._written = None
 
     def request_stop(self, signum: int) -> None:
         """A signal handler: only note it; next_command tells Node Zero."""

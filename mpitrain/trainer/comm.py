@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from mpitrain.trainer.collectives import (SHARED_PIECE, pairwise_allgather,
+from mpitrain.trainer.collectives import (SHARED_PIECE, _release, pairwise_allgather,
                                           pairwise_reduce_scatter, shared_reduce_scatter)
 from mpitrain.trainer.hierarchy import NodeLayout, node_sum
 from mpitrain.trainer.messages import HEADER, REPORT_SIZE, Command, Report
@@ -192,13 +192,13 @@ class MPIWorkerComm:
         self._reports = []
         self._windows = []             # the shared-memory windows (share_arenas)
         self._grads = None             # every worker's gradient arena, when shared
-        self._received = None          # the other nodes' sums of our slice (two-level)
         self.writes_parameters = True  # whether this worker writes whole parameter arenas
         self.node_workers = 1          # workers on this worker's node (share_arenas)
         self.stop_signal = None        # set by the signal handler (request_stop)
         self._stop_sent = False
         self._progress = 0
         self.node = None               # the node's workers, when the exchange is two-level
+        self._written = None           # the shared parameter arena this worker wrote whole
         self.step_bytes_remote = 0     # bytes sent to other nodes by the steps' exchanges
 
     def share_arenas(self, count: int):
@@ -237,6 +237,8 @@ class MPIWorkerComm:
         else:
             node.Free()
         self.writes_parameters = first
+        # (a window of one process may be private memory, which releasing would zero)
+        self._written = params if first and self.node_workers > 1 else None
         return params, self._grads[self.local]
 
     def slices(self, n: int) -> tuple:
@@ -308,6 +310,13 @@ class MPIWorkerComm:
             self._sync()
             wait([self.workers.Ibarrier()], WORKER_SLEEP, WORKER_MAX_SLEEP)
             self._sync()
+            if self._written is not None:
+                # The writer of a node's whole parameter arena (initialisation, resume) touched
+                # every page of it, the token embedding's too, of which the others read only
+                # their tokens' rows: unmapped here (the shared arena keeps them), its RSS is
+                # theirs again, so every node's first worker is no larger than on one node.
+                _release(self._written)
+                self._written = None
 
     def request_stop(self, signum: int) -> None:
         """A signal handler: only note it; next_command tells Node Zero."""
@@ -362,15 +371,17 @@ class MPIWorkerComm:
 
     def _reduce_two_level(self, shard: np.ndarray) -> None:
         """shard = the sum of our slice: our node's sum (shared memory), then the other nodes'
-        sums as they arrive, added in the layout's fixed order; meanwhile the node sums of the
-        slices we are partner of go to their owners (hierarchy.py)."""
+        sums one after another in the layout's fixed order, once every worker has arrived;
+        meanwhile the node sums of the slices we are partner of go to their owners
+        (hierarchy.py).
+
+        The other nodes' sums land in our own gradient arena's part of our slice: once our
+        node's sum of it is made nothing reads it before the next step's backward (only the
+        slice's owner sums it), so the exchange needs no buffer of its own: a worker's memory
+        across nodes stays that of a worker on one node (a buffer for the other nodes' sums of
+        the slice would add (nodes - 1) x P / workers bytes to every worker)."""
         w, lay = self.index, self.layout
         counts, displs = self._counts, self._displs
-        order = lay.sum_order(lay.node_of[w])
-        if self._received is None or self._received.shape[1] != counts[w]:
-            self._received = np.empty((len(order), counts[w]), np.float32)
-        requests = [self.workers.Irecv(buf, source=lay.partner(q, w), tag=TAG_NODE_SUM)
-                    for q, buf in zip(order, self._received)]
         sends = []
         own = self._grads[self.local]
         for v in self._partnered:      # the node's sum of v's slice, in place in our arena
@@ -378,10 +389,19 @@ class MPIWorkerComm:
             node_sum(self._grads, self.local, own[lo:hi], lo, hi, SHARED_PIECE)
             sends.append(self.workers.Isend(own[lo:hi], dest=v, tag=TAG_NODE_SUM))
             self.step_bytes_remote += 4 * (hi - lo)
-        node_sum(self._grads, self.local, shard, displs[w], displs[w] + counts[w], SHARED_PIECE)
-        wait(requests, WORKER_SLEEP)
-        for buf in self._received:
-            np.add(shard, buf, out=shard)
+        lo, hi = displs[w], displs[w] + counts[w]
+        node_sum(self._grads, self.local, shard, lo, hi, SHARED_PIECE)
+        # Every worker of every node here (asleep, as on one node), before the waits for the
+        # other nodes' sums, which poll every WORKER_SLEEP to move the data: without it a node
+        # that finished its windows first polled at that rate for as long as the slowest node
+        # still computed (docs/SCALING.md: 0.8 CPU s a step less with it, at 2 nodes of 5
+        # workers on 2 loaded cores).
+        self._arrive()
+        landing = own[lo:hi]
+        for q in lay.sum_order(lay.node_of[w]):
+            wait([self.workers.Irecv(landing, source=lay.partner(q, w), tag=TAG_NODE_SUM)],
+                 WORKER_SLEEP)
+            np.add(shard, landing, out=shard)
         wait(sends, WORKER_SLEEP)
 
     def allgather_in_place(self, array: np.ndarray, counts: list, displs: list) -> None:

@@ -113,12 +113,17 @@ async def chat(request):
                    "a chat template): use /v1/completions", code="model_not_supported")
 
 
+async def _only(request, field: str, usage: str):
+    """The one field a tokenizer route takes (besides "model"), or a 400 saying the usage."""
+    body = await _json(request)
+    if not isinstance(body, dict) or set(body) - {field, "model"}:
+        raise ApiError(400, usage)
+    return body.get(field)
+
+
 async def tokenize(request):
     svc = request.app["svc"]
-    body = await _json(request)
-    if not isinstance(body, dict) or set(body) - {"prompt", "model"}:
-        raise ApiError(400, "tokenize takes {\"prompt\": TEXT}")
-    text = body.get("prompt")
+    text = await _only(request, "prompt", "tokenize takes {\"prompt\": TEXT}")
     if not isinstance(text, str):
         raise ApiError(400, "'prompt' must be a string", param="prompt")
     try:
@@ -131,10 +136,7 @@ async def tokenize(request):
 
 async def detokenize(request):
     svc = request.app["svc"]
-    body = await _json(request)
-    if not isinstance(body, dict) or set(body) - {"tokens", "model"}:
-        raise ApiError(400, "detokenize takes {\"tokens\": [ID, ...]}")
-    ids = body.get("tokens")
+    ids = await _only(request, "tokens", "detokenize takes {\"tokens\": [ID, ...]}")
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
                                             for i in ids):
         raise ApiError(400, "'tokens' must be a list of integers", param="tokens")

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from test_train_support import (record_time, run_train, start_train, tiny_args,  # noqa: F401
+from test_train_support import (process_gone as _gone, record_time, run_train,  # noqa: F401
+                                start_train, tiny_args,
                                 tiny_dataset, wait_training)
 
 LIMIT = 20.0   # s from the kill to the end of the job (measured: 0.2-0.5 s)
@@ -29,15 +30,6 @@ def _watchers(run_dir):
         except OSError:
             pass
     return found
-
-
-def _gone(pid, within=5.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < within:
-        if not os.path.exists(f"/proc/{pid}"):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _kill_one(dataset, run_dir, n, victim_rank, hosts=None):

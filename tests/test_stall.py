@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from test_thread_mode import thread_env
-from test_train_support import (read_metrics, record_time, run_train, start_train,  # noqa: F401
-                                step_losses, tiny_dataset, wait_training)
+from test_train_support import (process_gone as _gone, read_metrics,  # noqa: F401
+                                record_time, run_train, start_train, step_losses,
+                                tiny_dataset, wait_training)
 
 TIMEOUT = 2.0   # --stall-timeout of these tests (s)
 LIMIT = 20.0    # s from the stall to the end of the job
@@ -26,15 +27,6 @@ LIMIT = 20.0    # s from the stall to the end of the job
 def _last_log_line(run_dir):
     with open(os.path.join(run_dir, "train.log")) as f:
         return f.read().splitlines()[-1]
-
-
-def _gone(pid, within=5.0):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < within:
-        if not os.path.exists(f"/proc/{pid}"):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 LONG = ("--epochs", 10000, "--eval-every", 100000, "--save-every", 100000)   # no end in sight

@@ -138,3 +138,13 @@ def wait_training(proc, run_dir, timeout=60.0, step=1):
         time.sleep(0.2)
     proc.kill()
     pytest.fail("training did not start")
+
+
+def process_gone(pid, within=5.0) -> bool:
+    """Whether process `pid` (on this machine) has ended within `within` seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        if not os.path.exists(f"/proc/{pid}"):
+            return True
+        time.sleep(0.05)
+    return False

@@ -188,7 +188,7 @@ class Decoder:
         made = [0] * len(prompts)
         while feeds:
             logits = self.step(feeds)
-            ids = sample(logits, [samplers[k] for k, _ in feeds])
+            ids = sample(logits, [samplers[k] for k, _ in feeds], self.model.threads)
             out = [(k, int(t)) for (k, _), t in zip(feeds, ids)]
             yield out
             feeds = []

@@ -13,9 +13,13 @@ works on the batch a few rows at a time (softmax and cumulative sums vectorised 
 of a chunk small enough to stay in cache; top-p sorts only the likeliest ids, as many as the
 set needs) and takes one uniform number per sampled row from that row's own generator, so a
 sequence's draws depend only on its logits, its settings and its seed -- never on the other
-sequences of the batch. A draw equals numpy's Generator.choice(V, p=probabilities) from the same
+sequences of the batch, nor on how many threads share the rows (`threads`: the batch's chunks
+are split among that many threads; NumPy releases the GIL inside its loops). A draw equals numpy's Generator.choice(V, p=probabilities) from the same
 generator state (inverse of the cumulative distribution, side "right").
 """
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 
@@ -112,9 +116,10 @@ def _nucleus(q, top_p):
     return keep
 
 
-def sample(logits, samplers):
+def sample(logits, samplers, threads=1):
     """Next ids, int64 (B,), for logits (B,V) with samplers[b] (settings and generator) for
-    row b. ValueError for logits with NaN or Inf."""
+    row b, the rows' chunks shared among `threads` threads (the same ids for any number).
+    ValueError for logits with NaN or Inf."""
     logits = np.asarray(logits)
     if logits.ndim != 2 or logits.shape[0] != len(samplers):
         raise ValueError(f"logits {logits.shape} do not match {len(samplers)} samplers")
@@ -127,11 +132,33 @@ def sample(logits, samplers):
     u = np.array([samplers[b].rng.random() for b in drawn])
     sub = logits[drawn]
     subs = [samplers[b] for b in drawn]
-    for r0, r1 in _row_chunks(len(drawn), logits.shape[1]):
-        cdf = np.cumsum(_probabilities(sub[r0:r1], subs[r0:r1]), axis=1)
-        for i in range(r1 - r0):
-            out[drawn[r0 + i]] = _draw(cdf[i], u[r0 + i])
+
+    def work(chunks):
+        for r0, r1 in chunks:
+            cdf = np.cumsum(_probabilities(sub[r0:r1], subs[r0:r1]), axis=1)
+            for i in range(r1 - r0):
+                out[drawn[r0 + i]] = _draw(cdf[i], u[r0 + i])
+
+    chunks = _row_chunks(len(drawn), logits.shape[1])
+    n = max(1, min(int(threads), len(chunks)))
+    parts = [chunks[len(chunks) * t // n:len(chunks) * (t + 1) // n] for t in range(n)]
+    others = [_pool(n - 1).submit(work, p) for p in parts[1:]]
+    work(parts[0])
+    for f in others:
+        f.result()
     return out
+
+
+_pools = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(n):
+    """A process-wide pool of n helper threads (made once per n)."""
+    with _pools_lock:
+        if n not in _pools:
+            _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="mpitrain-sample")
+        return _pools[n]
 
 
 def _draw(cdf, u):

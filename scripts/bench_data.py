@@ -2,6 +2,8 @@
 
   python scripts/bench_data.py [--sizes 0.1,1] [--memory-budget SIZE] [--ranks 3,12]
                                [--mpirun-prepare 1] [--steps 10] [--dir DIR] [--keep]
+                               [--corpus CORPUS]
+  python scripts/bench_data.py --build CORPUS BYTES   # only build a corpus (to reuse it)
 
 It builds a synthetic corpus of the largest size in DIR (default: a temporary directory under
 /tmp; smaller sizes are its first files, which is what a build of that size makes): files of
@@ -16,6 +18,7 @@ data. Then:
   - for each of --ranks, `mpirun -n RANKS python -m mpitrain train --preset tiny --set
     max_seq_len=128 --max-steps STEPS` on that dataset: every rank's peak RSS and tokens/s
     (the run's end record).
+--corpus reuses a corpus built before with --build (at least the largest size; it is kept).
 Everything it makes is deleted at the end unless --keep. Check the free disk first: the
 largest size needs about 3.5x its bytes while it runs (corpus, dataset, and prepare's scratch
 files: pre-token ids and raw tokens).
@@ -167,7 +170,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dir", default=None, help="where to build (default: a temporary dir)")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--build", nargs=2, metavar=("DIR", "BYTES"), help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", default=None, help="a corpus built before by --build "
+                    "(reused and kept)")
+    ap.add_argument("--build", nargs=2, metavar=("DIR", "BYTES"),
+                    help="only build a corpus of BYTES bytes in DIR, for --corpus")
     args = ap.parse_args()
     if args.build:
         print(json.dumps(build_corpus(args.build[0], int(args.build[1]))))
@@ -179,15 +185,23 @@ def main():
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs, Python "
           f"{platform.python_version()}; {load()} at start", flush=True)
     try:
-        full = os.path.join(base, "corpus")
-        t = time.perf_counter()
-        # built once, at the largest size, in a subprocess: a child forked from a process
-        # holding the word list would count that memory in its own peak RSS
-        n_bytes, n_files = json.loads(subprocess.run(
-            [sys.executable, __file__, "--build", full, str(int(max(sizes) * 1e9))],
-            check=True, capture_output=True, text=True).stdout)
-        print(f"corpus: {n_files} files, {n_bytes / 1e6:,.0f} MB (built in "
-              f"{time.perf_counter() - t:.0f} s); {load()}", flush=True)
+        if args.corpus:
+            full = args.corpus
+            n_bytes = sum(e.stat().st_size for e in os.scandir(full))
+            if n_bytes < max(sizes) * 1e9 * 0.99:
+                sys.exit(f"bench_data: {full} has {n_bytes / 1e9:.2f} GB, less than the "
+                         f"largest size")
+            print(f"corpus: {full}, {n_bytes / 1e6:,.0f} MB (built before)", flush=True)
+        else:
+            full = os.path.join(base, "corpus")
+            t = time.perf_counter()
+            # built once, at the largest size, in a subprocess: a child forked from a process
+            # holding the word list would count that memory in its own peak RSS
+            n_bytes, n_files = json.loads(subprocess.run(
+                [sys.executable, __file__, "--build", full, str(int(max(sizes) * 1e9))],
+                check=True, capture_output=True, text=True).stdout)
+            print(f"corpus: {n_files} files, {n_bytes / 1e6:,.0f} MB (built in "
+                  f"{time.perf_counter() - t:.0f} s); {load()}", flush=True)
         for gb in sizes:
             tag = f"{gb:g}GB"
             corpus_dir, ds = os.path.join(base, tag), os.path.join(base, f"{tag}.h5")

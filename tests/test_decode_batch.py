@@ -173,6 +173,18 @@ def test_sampler_batch_equals_each_row_alone():
         sample(np.full((1, 3), np.nan), [one])
 
 
+def test_sampler_threads_do_not_change_the_draws():
+    # rows of 40,000 ids: one row per chunk, so 2 and 3 threads split the batch differently
+    rng = np.random.default_rng(6)
+    logits = rng.normal(0, 3, (7, 40000)).astype(np.float32)
+    settings = [(1.0, 0, 1.0), (0.0, 0, 1.0), (0.7, 40, 1.0), (1.3, 0, 0.9), (0.9, 8, 0.5),
+                (2.0, 0, 1.0), (0.5, 0, 0.95)]
+    runs = {t: [Sampler(*s, seed=20 + i) for i, s in enumerate(settings)] for t in (1, 2, 3, 9)}
+    for _ in range(5):
+        got = {t: sample(logits, ss, threads=t).tolist() for t, ss in runs.items()}
+        assert got[2] == got[1] and got[3] == got[1] and got[9] == got[1]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_generate_batch_equals_each_sequence_alone(temperature):
     model = _model()

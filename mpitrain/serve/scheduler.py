@@ -105,6 +105,7 @@ class Scheduler:
         self.waiting = deque()
         self.running = {}                  # slot -> Sequence (decode thread only)
         self.free = list(range(decoder.slots))[::-1]
+        self.threads = decoder.model.threads   # the sampler's too: it runs between steps
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="mpitrain-decode", daemon=True)
@@ -194,7 +195,7 @@ class Scheduler:
             t1 = time.thread_time()
             logits = self.dec.step(feeds)
             t2 = time.thread_time()
-            ids = sample(logits, [s.sampler for s in seqs]).tolist()
+            ids = sample(logits, [s.sampler for s in seqs], self.threads).tolist()
             lps, tops = _logprobs(logits, seqs, ids)
             t3 = time.thread_time()
         except Exception as e:           # a bug or the kernel failing: end these, keep serving

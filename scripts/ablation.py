@@ -136,8 +136,8 @@ def main():
 
 
 def report(results, args):
-    print(f"\n| variant | seeds | final val loss (mean ± spread) | ms/step | "
-          f"val 1x | val 2x | val 4x |\n|---|---|---|---|---|---|---|")
+    print("\n| variant | seeds | final val loss (mean ± spread) | ms/step | "
+          "val 1x | val 2x | val 4x |\n|---|---|---|---|---|---|---|")
     for v, by_seed in results.items():
         fv = np.array([r["final_val"] for r in by_seed.values()])
         ms = np.mean([r["step_s"] for r in by_seed.values()]) * 1e3
@@ -151,15 +151,19 @@ def report(results, args):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, (v, by_seed) in enumerate(results.items()):
-            for j, r in enumerate(by_seed.values()):
-                s, l = zip(*r["curve"])
-                ax.plot(s, l, color=f"C{i}", alpha=0.8, label=v if j == 0 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss")
-        ax.set_title(f"small preset, {args.steps} steps, seeds {', '.join(map(str, args.seeds))}")
-        ax.legend()
+        # left: the whole run; right: its second half, where the variants separate
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for ax, first in zip(axes, (0, args.steps // 2)):
+            for i, (v, by_seed) in enumerate(results.items()):
+                for j, r in enumerate(by_seed.values()):
+                    s, l = zip(*[(a, b) for a, b in r["curve"] if a >= first])
+                    ax.plot(s, l, color=f"C{i}", alpha=0.8, label=v if j == 0 else None)
+            ax.set_xlabel("step")
+            ax.set_ylabel("validation loss")
+            ax.legend()
+        axes[0].set_title(f"small preset, {args.steps} steps, seeds "
+                          f"{', '.join(map(str, args.seeds))}")
+        axes[1].set_title(f"from step {args.steps // 2} (one line per seed)")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=100)
 

@@ -166,8 +166,13 @@ def test_sampler_distribution(temperature, top_k, top_p):
     logits = np.random.default_rng(1).normal(0, 2, 40).astype(np.float32)
     got = Sampler(temperature, top_k, top_p).probabilities(logits)
     ref = _plain_distribution(logits.astype(np.float64), temperature, top_k, top_p)
-    # both are float64 softmaxes of the same float32 logits (other operation order): ~1e-15
-    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+    # The sampler takes exp in float32: its argument d = (x - max) / T is rounded to float32
+    # (relative 2^-24, so an error of |d| 2^-24 in the exponent) and exp adds a few ulps
+    # (< 4 x 2^-24): each exp is within (max |d| + 4) 2^-24 relatively, and dividing by their
+    # float64 sum (a weighted mean of such errors) at most doubles it.
+    d = (logits.astype(np.float64) - logits.max()) / temperature
+    rtol = 2 * (np.abs(d).max() + 4) * 2.0 ** -24
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-300)
 
 
 def test_sampler_draws():

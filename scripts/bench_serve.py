@@ -17,7 +17,8 @@ the forward third of mpitrain.trainer.peak.flops_per_token at the mean context l
 The column tokens per CPU-second of the server is what batching buys independently of
 how much of the machine other jobs leave the server; the last one splits the server's CPU time
 per generated token into the decode thread's kernel step, sampling and bookkeeping (its
-/metrics) and the rest (the HTTP side). Goals checked: 16 clients >= 6x one client's aggregate tokens/s; one client >= 85% of infer's.
+/metrics), the threads helping it (the kernel's other threads and the sampler's, with
+--threads > 1) and the main thread (the HTTP side). Goals checked: 16 clients >= 6x one client's aggregate tokens/s; one client >= 85% of infer's.
 """
 import argparse
 import asyncio
@@ -71,10 +72,17 @@ def infer_rate(model, prompt, tokens, threads):
     return int(m.group(1)), float(m.group(2))
 
 
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid, task=None):
+    """CPU seconds of a process (all its threads), or of one of its threads (task: its id)."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def http_cpu_seconds(pid):
+    """CPU seconds of the server's main thread: the asyncio loop (HTTP, JSON, events)."""
+    return cpu_seconds(pid, pid)
 
 
 def rss_mb(pid):
@@ -205,32 +213,35 @@ def main(argv=None):
               f"{fwd_flops / 1e6:.1f} MFLOP/token")
         print(f"{'clients':>7} {'tok/s':>8} {'x1':>5} {'%peak':>6} {'ttft p50':>9} "
               f"{'ttft p99':>9} {'tok p50':>8} {'tok p99':>8} {'gen CPU':>8} {'srv CPU':>8} "
-              f"{'tok/srv-CPU-s':>13} {'kernel/sample/host/http ms per token':>36}")
+              f"{'tok/srv-CPU-s':>13} {'kernel/sample/host/helpers/http ms per token':>44}")
         rates = {}
         for c in levels:
             ru0 = resource.getrusage(resource.RUSAGE_SELF)
             s0, d0 = cpu_seconds(server.pid), decode_cpu(port)
+            h0 = http_cpu_seconds(server.pid)
             wall, res = asyncio.run(level(url, c, prompt, args.tokens))
             d1 = decode_cpu(port)
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             gen_cpu = (ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime) / wall
             srv_cpu = (cpu_seconds(server.pid) - s0) / wall
+            http = http_cpu_seconds(server.pid) - h0
             total = sum(n for _, _, n in res)
             assert total == c * args.tokens, (total, c * args.tokens)
             rates[c] = total / wall
             ttft = [t for t, _, _ in res]
             gaps = [g for _, gs, _ in res for g in gs]
-            # per generated token: the decode thread's parts, and the rest of the server's CPU
-            # (the HTTP side: asyncio, JSON, server-sent events)
+            # per generated token: the decode thread's parts, the other threads working for it
+            # (the kernel's and the sampler's helpers, with --threads > 1), and the main
+            # thread (the HTTP side: asyncio, JSON, server-sent events)
             parts = [d1[k] - d0[k] for k in ("kernel", "sample", "host")]
-            parts.append(srv_cpu * wall - sum(parts))
+            parts += [srv_cpu * wall - sum(parts) - http, http]
             split = "/".join(f"{1e3 * x / total:.2f}" for x in parts)
             print(f"{c:>7} {rates[c]:>8.1f} {rates[c] / rates[levels[0]]:>5.2f} "
                   f"{100 * rates[c] * fwd_flops / (peak * 1e9):>5.1f}% "
                   f"{1e3 * pct(ttft, 50):>7.0f}ms {1e3 * pct(ttft, 99):>7.0f}ms "
                   f"{1e3 * pct(gaps, 50):>6.1f}ms {1e3 * pct(gaps, 99):>6.1f}ms "
                   f"{100 * gen_cpu:>7.0f}% {100 * srv_cpu:>7.0f}% "
-                  f"{rates[c] / max(srv_cpu, 1e-9):>13.1f} {split:>36}")
+                  f"{rates[c] / max(srv_cpu, 1e-9):>13.1f} {split:>44}")
         if 1 in rates:
             print(f"goal: one client / infer = {rates[1] / r_inf:.2f} (>= 0.85)")
             if 16 in rates:

@@ -469,12 +469,17 @@ def test_the_memory_estimate_bounds_a_real_run():
     from mpitrain.trainer import memory
 
     mc, tc = ModelConfig.preset("seed"), TrainConfig.preset("seed")
-    parts = memory.estimate(mc, tc, 11, False, 10 ** 7, 2)
+    parts = memory.estimate(mc, tc, 11, False, 10 ** 7)
     assert parts["parameters and optimizer state"] == 16 * 33_785_856 * 12
-    big = memory.estimate(mc, TrainConfig.preset("seed", batch_size=3200), 11, False, 10 ** 7, 2)
+    big = memory.estimate(mc, TrainConfig.preset("seed", batch_size=3200), 11, False, 10 ** 7)
     assert big["activations"] == parts["activations"]
-    threads = memory.estimate(mc, TrainConfig.preset("seed", batch_size=3200), 11, True, 10 ** 7, 2)
+    threads = memory.estimate(mc, TrainConfig.preset("seed", batch_size=3200), 11, True, 10 ** 7)
     assert threads["activations"] > 90 * parts["activations"] / 11
+    # the dataset's size adds only Node Zero's epoch order: workers map the tokens
+    huge = memory.estimate(mc, tc, 11, False, 10 ** 10)
+    assert huge["schedule"] - parts["schedule"] == 2 * 8 * (10 ** 10 - 10 ** 7)
+    assert {k: v for k, v in huge.items() if k != "schedule"} == \
+        {k: v for k, v in parts.items() if k != "schedule"}
 
 
 def test_prepare_refuses_an_absurd_seq_len(tmp_path, corpus_dir):

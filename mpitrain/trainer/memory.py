@@ -14,7 +14,10 @@ The estimate counts what grows with the options (bytes, float32 = 4):
                      and the output layer's chunk of logits (16 Mi floats)
   batch              each step's window ids (int64, LOOKAHEAD + 1 steps in flight) and the
                      gathered windows (two int32 [windows, seq_len] arrays)
-  tokens             every worker keeps the training split in memory (int32 or uint16)
+  schedule           the epoch order Node Zero draws batches from (int64 per training window;
+                     two at an epoch's end)
+The token arrays are not counted: workers map the dataset file read-only, so its pages are
+the node's page cache, one copy shared by all processes and given back under pressure.
 
 It leaves out what does not grow with the options (the interpreter, NumPy, MPI: about 100 MB a
 process). A run is refused when the estimate exceeds the machine's physical memory
@@ -41,8 +44,7 @@ def activation_bytes(mc, rows: int) -> int:
     return 4 * (rows * (L * (6 * C + F + H + 4) + 9 * C + F + 4) + CHUNK_FLOATS)
 
 
-def estimate(mc, tc, workers_here: int, thread_mode: bool, train_tokens: int,
-             token_bytes: int) -> dict:
+def estimate(mc, tc, workers_here: int, thread_mode: bool, num_windows: int) -> dict:
     """Bytes by part for Node Zero's node: Node Zero plus `workers_here` worker processes (MPI
     mode), or the one process of thread mode."""
     from mpitrain.model import parameter_count
@@ -59,16 +61,15 @@ def estimate(mc, tc, workers_here: int, thread_mode: bool, train_tokens: int,
     return {"parameters and optimizer state": 16 * P * replicas,
             "activations": activation_bytes(mc, windows * T) * workers,
             "batch": ids + gathered,
-            "training tokens": train_tokens * token_bytes * workers}
+            "schedule": 2 * 8 * num_windows}
 
 
-def check(mc, tc, workers_here: int, thread_mode: bool, train_tokens: int,
-          token_bytes: int) -> None:
+def check(mc, tc, workers_here: int, thread_mode: bool, num_windows: int) -> None:
     """UserError with the estimate when the run cannot fit in this machine's memory."""
     from mpitrain.trainer.saver import fmt_bytes
 
     have = physical_memory()
-    parts = estimate(mc, tc, workers_here, thread_mode, train_tokens, token_bytes)
+    parts = estimate(mc, tc, workers_here, thread_mode, num_windows)
     need = sum(parts.values())
     if have is not None and need > have:
         detail = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items())

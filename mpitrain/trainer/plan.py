@@ -194,7 +194,7 @@ def make_plan(options: dict):
 
     options: preset, dataset, run_dir, resume, stop_at, threads_per_rank, quiet, overrides."""
     from mpitrain.checkpoint import find_resume, load_checkpoint
-    from mpitrain.dataset import Dataset, token_dtype
+    from mpitrain.dataset import Dataset
 
     preset = options["preset"]
     check_overrides(options["overrides"])
@@ -233,7 +233,7 @@ def make_plan(options: dict):
         raise UserError(f"{dataset_path}: the {'training' if num_windows < 1 else 'validation'} "
                         f"split holds no window of seq_len + 1 = {train.seq_len + 1} tokens")
     memory.check(model, train, options.get("workers_here", 1), options.get("thread_mode", True),
-                 num_windows * train.seq_len + 1, np.dtype(token_dtype(ds.vocab_size)).itemsize)
+                 num_windows)
     total = schedule.total_steps(num_windows, train.batch_size, train.epochs, train.max_steps)
     start = checkpoint.step if checkpoint is not None else 0
     stop = total if not options["stop_at"] else min(options["stop_at"], total)

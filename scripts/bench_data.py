@@ -120,13 +120,15 @@ def measured(cmd, env):
     mpirun, its largest descendant's)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                         text=True)
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    elapsed = time.perf_counter() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench_data: {' '.join(map(str, cmd))} failed")
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        out = p.stdout.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        elapsed = time.perf_counter() - t
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            last = (err.read().strip().splitlines() or ["(nothing on stderr)"])[-1]
+            sys.exit(f"bench_data: {' '.join(map(str, cmd))} failed: {last}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return elapsed, cpu, usage.ru_maxrss / 1024, out

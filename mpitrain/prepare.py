@@ -360,37 +360,32 @@ class RawTokens:
 
 def _vocabulary(o, c, counts, spill, keys):
     """Rank 0's (pretokens, distinct pre-tokens, pre-tokens counted) from every rank's counts:
-    merged in memory, or (spill) through the sorted runs every rank has written. keys: this
-    rank's count table's pre-tokens in id order, or None."""
+    merged in memory into rank 0's own table, one rank's table at a time (the sum of the
+    tables' sizes fits rank 0's budget), or (spill) through the sorted runs every rank has
+    written. keys: this rank's count table's pre-tokens in id order, or None."""
     if spill:
         counts.spill()
         runs = c.gather(counts.runs)
     elif c.size > 1:
-        tables = c.gather((counts.keys() if keys is None else keys, counts.counts()))
+        if c.rank == 0:
+            for r in range(1, c.size):
+                counts.merge(*c.comm.recv(source=r, tag=_MERGE_TAG))
+        else:
+            c.comm.send((counts.keys() if keys is None else keys, counts.counts()), dest=0,
+                        tag=_MERGE_TAG)
     if c.rank != 0:
         return None
     n = o.vocab_size - len(SPECIALS) - 256
     tally = pretoken_counts.Tally()
     if spill:
         items = pretoken_counts.merged_runs([p for r in runs for p in r])
-    elif c.size > 1:
-        table = merge_counts(tables)
-        del tables
-        items = pretoken_counts.table_items(table)
     else:
         items = counts.items()
     pretokens = pretoken_counts.top_pretokens(tally.watch(items), n)
     return pretokens, tally.distinct, tally.total
 
 
-def merge_counts(gathered):
-    """Sum [(distinct, counts)] of all ranks into one {pre-token: count}."""
-    total = dict(zip(gathered[0][0], gathered[0][1].tolist()))
-    for distinct, counts in gathered[1:]:
-        get = total.get
-        for t, c in zip(distinct, counts.tolist()):
-            total[t] = get(t, 0) + c
-    return total
+_MERGE_TAG = 17  # the point-to-point messages of the count tables' merge
 
 
 def choose_split(doc_tokens, val_fraction):

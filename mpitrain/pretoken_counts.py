@@ -52,6 +52,27 @@ class Counts:
     def add(self, pretokens) -> np.ndarray:
         """Count a list of pre-tokens; returns their ids (uint32) in the table."""
         n = len(pretokens)
+        ids = self._ids(pretokens).astype(np.uint32)
+        self._pending.append(ids)
+        self._pending_n += n
+        self.total += n
+        if self._pending_n >= _COUNT_BLOCK:
+            self._count_pending()
+        if len(self.index) > self.limit:
+            self.spill()
+        return ids
+
+    def merge(self, keys, counts) -> None:
+        """Add another table's distinct pre-tokens with their counts (int64, one per key). New
+        pre-tokens get the next ids, so the ids given so far stay valid; never spills."""
+        ids = self._ids(keys)
+        self._count_pending()   # grows the count array to the table's new size
+        self._counts[ids] += np.asarray(counts, dtype=np.int64)
+        self.total += int(np.sum(counts))
+
+    def _ids(self, pretokens) -> np.ndarray:
+        """int64 ids of pretokens (a list), entering the new ones into the table."""
+        n = len(pretokens)
         index = self.index
         n0 = len(index)
         # A new pre-token first gets n0 + the position of its first occurrence (above every
@@ -66,14 +87,6 @@ class Counts:
             remap[first] = np.arange(n0, n0 + first.size)
             new = ids >= n0
             ids[new] = remap[ids[new] - n0]
-        ids = ids.astype(np.uint32)
-        self._pending.append(ids)
-        self._pending_n += n
-        self.total += n
-        if self._pending_n >= _COUNT_BLOCK:
-            self._count_pending()
-        if len(index) > self.limit:
-            self.spill()
         return ids
 
     def _count_pending(self) -> None:
@@ -149,12 +162,6 @@ def merged_runs(paths):
     stream = heapq.merge(*(read_run(p) for p in paths))
     for key, group in itertools.groupby(stream, key=lambda kc: kc[0]):
         yield key, sum(c for _, c in group)
-
-
-def table_items(table):
-    """A {pre-token: count}'s (UTF-8 bytes, count) in byte order, like merged_runs."""
-    for key in sorted(table):
-        yield key.encode("utf-8"), table[key]
 
 
 class Tally:

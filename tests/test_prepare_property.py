@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import write_corpus
-from mpitrain.prepare import Options, merge_counts, prepare
+from mpitrain.prepare import Options, prepare
+from mpitrain.pretoken_counts import Counts
 from mpitrain.tokenizer import PATTERN, Tokenizer
 
 pytestmark = pytest.mark.slow  # property-based sweeps over many corpora
@@ -50,12 +51,17 @@ def test_prepare_equals_definition(docs, vocab_extra):
         assert s["pretokens_byte_fallback"] == fallback
 
 
-@given(st.lists(st.lists(st.sampled_from(["a", "bb", " c", "日", "😀😀"]), max_size=20),
-                min_size=1, max_size=4))
-def test_merge_counts_is_a_sum(parts):
-    gathered = []
-    for p in parts:
+@given(parts=st.lists(st.lists(st.sampled_from(["a", "bb", " c", "日", "😀😀"]), max_size=20),
+                      min_size=1, max_size=4))
+def test_merging_count_tables_is_a_sum(parts, tmp_path_factory):
+    """Rank 0 merges the other ranks' tables into its own: the totals are the sums, and the
+    ids its own table had given stay what they were."""
+    own = Counts(1 << 20, str(tmp_path_factory.mktemp("runs")))
+    before = {t: int(i) for t, i in zip(parts[0], own.add(list(parts[0])))}
+    for p in parts[1:]:
         c = collections.Counter(p)
-        gathered.append((list(c), np.array(list(c.values()), dtype=np.int64)))
-    assert merge_counts(gathered) == dict(sum((collections.Counter(p) for p in parts),
-                                              collections.Counter()))
+        own.merge(list(c), np.array(list(c.values()), dtype=np.int64))
+    want = sum((collections.Counter(p) for p in parts), collections.Counter())
+    assert {k.decode(): n for k, n in own.items()} == dict(want)
+    assert all(own.index[t] == i for t, i in before.items())
+    assert own.total == sum(len(p) for p in parts)

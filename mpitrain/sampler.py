@@ -9,13 +9,14 @@ A Sampler holds one sequence's settings and its own random generator:
 temperature 0 is greedy (argmax, deterministic); otherwise the draw is from
 softmax(logits / temperature) restricted to the top-k ids (all ids tied with the k-th are kept)
 and then to the smallest set, most likely first, whose probability reaches top-p. `sample`
-works on the batch a few rows at a time (softmax and cumulative sums vectorised over the rows
-of a chunk small enough to stay in cache; top-p sorts only the likeliest ids, as many as the
-set needs) and takes one uniform number per sampled row from that row's own generator, so a
+works on the batch a few rows at a time (softmax vectorised over the rows of a chunk small
+enough to stay in cache; top-p sorts only the likeliest ids, as many as the set needs) and takes one uniform number per sampled row from that row's own generator, so a
 sequence's draws depend only on its logits, its settings and its seed -- never on the other
 sequences of the batch, nor on how many threads share the rows (`threads`: the batch's chunks
-are split among that many threads; NumPy releases the GIL inside its loops). A draw equals numpy's Generator.choice(V, p=probabilities) from the same
-generator state (inverse of the cumulative distribution, side "right").
+are split among that many threads; NumPy releases the GIL inside its loops). A draw is the
+inverse of the cumulative distribution at the row's uniform number u (side "right", as numpy's
+Generator.choice(V, p=probabilities)), its cumulative sums taken in blocks of ids (`_draw`):
+the id choice would give, except where u lies within rounding (about V 2^-52) of a boundary.
 """
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -138,9 +139,9 @@ def sample(logits, samplers, threads=1):
 
     def work(chunks):
         for r0, r1 in chunks:
-            cdf = np.cumsum(_probabilities(sub[r0:r1], subs[r0:r1]), axis=1)
+            p = _probabilities(sub[r0:r1], subs[r0:r1])
             for i in range(r1 - r0):
-                out[drawn[r0 + i]] = _draw(cdf[i], u[r0 + i])
+                out[drawn[r0 + i]] = _draw(p[i], u[r0 + i])
 
     chunks = _row_chunks(len(drawn), logits.shape[1])
     n = max(1, min(int(threads), len(chunks)))
@@ -164,18 +165,33 @@ def _pool(n):
         return _pools[n]
 
 
-def _draw(cdf, u):
-    """The number of ids whose normalised cumulative probability cdf / cdf[-1] is <= u (the
-    inverse of the distribution function, side "right"), without dividing the whole row: the
-    normalised values are non-decreasing, so a search on the unnormalised ones lands next to
-    the answer and the exact comparison moves it the last steps."""
-    tot = cdf[-1]
-    j = int(np.searchsorted(cdf, u * tot, side="right"))
-    while j > 0 and not cdf[j - 1] / tot <= u:
-        j -= 1
-    while j < cdf.size and cdf[j] / tot <= u:
-        j += 1
-    return j
+_DRAW_BLOCK = 256   # ids per block of the draw's cumulative sums
+
+
+def _draw(p, u):
+    """The id drawn at uniform u in [0, 1) from one row of probabilities p (float64, >= 0,
+    positive sum; normalised or not): the first id whose cumulative probability exceeds
+    u x the total. The cumulative sums are taken in blocks: the blocks' sums, their sequential
+    cumulative sum (whose last value is the total), then the sequential sum inside the one
+    block the target u x total falls in -- a full sequential cumulative sum of a 30,000-id row
+    cost as much as the rest of the sampler. Only an id with p > 0 is ever drawn (where
+    rounding leaves the target past a block's or the row's last sum, the last such id)."""
+    B = _DRAW_BLOCK
+    n = p.size // B * B
+    sums = p[:n].reshape(-1, B).sum(axis=1)
+    if n < p.size:
+        sums = np.append(sums, p[n:].sum())
+    cum = np.cumsum(sums)
+    target = u * cum[-1]
+    b = int(np.searchsorted(cum, target, side="right"))   # first block whose sum passes it
+    if b == cum.size:
+        b = int(np.flatnonzero(sums > 0)[-1])
+    block = p[b * B:(b + 1) * B]
+    j = int(np.searchsorted((cum[b - 1] if b else 0.0) + np.cumsum(block), target,
+                            side="right"))
+    if j == block.size:
+        j = int(np.flatnonzero(block > 0)[-1])
+    return b * B + j
 
 
 def sample_seed(seed, i):

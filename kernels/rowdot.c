@@ -18,9 +18,10 @@
  *
  * Speed: the weights are tiled (a block of LIN_COLS output rows is reused from cache across
  * all rows of the batch, ROWS rows at a time), so a batch of rows reads the weights from memory
- * once, and the block two ahead is prefetched a share at every tile, so that reading it
- * overlaps all of the current block's work; one row is a matrix-vector product bound by memory
- * bandwidth like sgemv. */
+ * once, and (with more than one group of rows) the block two ahead is prefetched a share at
+ * every tile, so that reading it overlaps all of the current block's work; up to four rows are
+ * a matrix-vector product bound by memory bandwidth like sgemv, prefetching the next block as
+ * they go. */
 #include <math.h>
 #include "mt_internal.h"
 
@@ -108,12 +109,15 @@ AVX2 static float dot_avx2(const float *a, const float *b, int n) {
  * the other side streamed through them (4 x 3: 12 + 3 + 1) -- holding both sides would spill
  * accumulators to the stack and chain every chunk through a store and a load. */
 AVX2 static inline __attribute__((always_inline)) void tile(const float *x, const float *w,
-                                                            int IC, int R, int NC, float *res) {
+                                                            const float *pf, int IC, int R,
+                                                            int NC, float *res) {
     __m256 acc[4][4];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < NC; c++) acc[r][c] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= IC; k += 8) {
+        if (pf && !(k & 15))
+            for (int c = 0; c < NC; c++) _mm_prefetch((const char *)(pf + (size_t)c * IC + k), _MM_HINT_T0);
         if (NC <= R) {   /* hold the weight vectors, stream the rows */
             __m256 wv[4];
             for (int c = 0; c < NC; c++) wv[c] = _mm256_loadu_ps(w + (size_t)c * IC + k);
@@ -158,24 +162,24 @@ AVX2 static inline __attribute__((always_inline)) void tile(const float *x, cons
  * (each weight vector reused by four rows from a register), 3/2/1 x 4 (a single row is a
  * matrix-vector product: four weight streams in flight); 1 column at the right edge. Returns
  * the columns done. */
-AVX2 static int tile_any(const float *x, const float *w, int IC, int R, int cols,
+AVX2 static int tile_any(const float *x, const float *w, const float *pf, int IC, int R, int cols,
                          float *res) {
     switch (R) {
     case 4:
-        if (cols >= 3) { tile(x, w, IC, 4, 3, res); return 3; }
-        tile(x, w, IC, 4, 1, res);
+        if (cols >= 3) { tile(x, w, pf, IC, 4, 3, res); return 3; }
+        tile(x, w, pf, IC, 4, 1, res);
         return 1;
     case 3:
-        if (cols >= 4) { tile(x, w, IC, 3, 4, res); return 4; }
-        tile(x, w, IC, 3, 1, res);
+        if (cols >= 4) { tile(x, w, pf, IC, 3, 4, res); return 4; }
+        tile(x, w, pf, IC, 3, 1, res);
         return 1;
     case 2:
-        if (cols >= 4) { tile(x, w, IC, 2, 4, res); return 4; }
-        tile(x, w, IC, 2, 1, res);
+        if (cols >= 4) { tile(x, w, pf, IC, 2, 4, res); return 4; }
+        tile(x, w, pf, IC, 2, 1, res);
         return 1;
     default:
-        if (cols >= 4) { tile(x, w, IC, 1, 4, res); return 4; }
-        tile(x, w, IC, 1, 1, res);
+        if (cols >= 4) { tile(x, w, pf, IC, 1, 4, res); return 4; }
+        tile(x, w, pf, IC, 1, 1, res);
         return 1;
     }
 }
@@ -191,14 +195,16 @@ AVX2 static void linear_avx2(float *out, const float *inp, const float *w, const
     int groups = (n + ROWS - 1) / ROWS;
     for (int b0 = o0; b0 < o1; b0 += LIN_COLS) {
         int b1 = o1 - b0 < LIN_COLS ? o1 : b0 + LIN_COLS;
-        /* The block PF_AHEAD blocks ahead (contiguous weight rows) is prefetched a share at
-         * every tile of this block, so that its reads from memory overlap all of this block's
-         * work rather than only its first rows' (which stalled on memory for about three
-         * times their arithmetic at 16 rows). */
+        /* Several row groups: the block PF_AHEAD blocks ahead (contiguous weight rows) is
+         * prefetched a share at every tile of this block, so that its reads from memory
+         * overlap all of this block's work rather than only its first rows' (which stalled on
+         * memory for about three times their arithmetic at 16 rows). One group (up to ROWS
+         * rows, a matrix-vector product): its tiles prefetch the next block into L1 as they
+         * go, interleaved with their loads, which measured faster there. */
         const char *pf = NULL;
         size_t lines = 0, sent = 0;
         int pb = b0 + PF_AHEAD * LIN_COLS;
-        if (pb < o1) {
+        if (groups > 1 && pb < o1) {
             int pe = o1 - pb < LIN_COLS ? o1 : pb + LIN_COLS;
             pf = (const char *)(w + (size_t)pb * IC);
             lines = ((size_t)(pe - pb) * IC * sizeof(float) + 63) / 64;
@@ -209,7 +215,8 @@ AVX2 static void linear_avx2(float *out, const float *inp, const float *w, const
             for (int o = b0; o < b1;) {
                 size_t upto = lines * ++t / tiles;
                 for (; sent < upto && sent < lines; sent++) _mm_prefetch(pf + sent * 64, PF_HINT);
-                int NC = tile_any(inp + (size_t)r * IC, w + (size_t)o * IC, IC, R, b1 - o, res);
+                const float *near = groups == 1 && o + LIN_COLS < o1 ? w + (size_t)(o + LIN_COLS) * IC : NULL;
+                int NC = tile_any(inp + (size_t)r * IC, w + (size_t)o * IC, near, IC, R, b1 - o, res);
                 for (int i = 0; i < R; i++)
                     for (int c = 0; c < NC; c++) {
                         float pre = pre_value(bias, add, r + i, o + c, OC);

@@ -131,11 +131,10 @@ MT_HOT static void ulam_backward(float *dq, float *dk, float *dv, const float *d
 MT_HOT static void attention_row_fixed(float *y, float *lse, const float *q, const float *k,
                                        int ldk, const float *v, int ldv, int last, int hs,
                                        float scale, float *att) {
-    for (int j = 0; j <= last; j++) att[j] = scale * dot_fixed(q, k + (size_t)j * ldk, hs);
+    dots_fixed(att, q, k, ldk, last + 1, hs, scale);
     float l = causal_softmax_row(att, last, last + 1);
     if (lse) *lse = l;
-    for (int d = 0; d < hs; d++) y[d] = 0.0f;
-    for (int j = 0; j <= last; j++) fma_row(y, att[j], v + (size_t)j * ldv, hs);
+    weighted_sum_fixed(y, att, v, ldv, last + 1, hs);
 }
 
 void attention_rows(float *y, int ldy, float *lse, float *q, int ldq, float *k,

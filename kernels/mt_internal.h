@@ -125,6 +125,13 @@ void layernorm_apply(float *out, const float *inp, const float *weight, const fl
 float dot_fixed(const float *a, const float *b, int n);
 /* y (n) = fma(a, x, y) element-wise. */
 void fma_row(float *y, float a, const float *x, int n);
+/* out[j] = scale * dot_fixed(q, k + j*ldk, n) for j < nk (several keys at a time, the same
+ * floats). */
+void dots_fixed(float *out, const float *q, const float *k, int ldk, int nk, int n,
+                float scale);
+/* y (n) = 0, then fma_row(y, a[j], v + j*ldv, n) for j = 0..nk-1 in order (y kept in
+ * registers across the keys, the same floats). */
+void weighted_sum_fixed(float *y, const float *a, const float *v, int ldv, int nk, int n);
 /* out[r, o] = inp[r] (IC) . w[o] (IC) + (add[r,o] + bias[o]) for rows r < n and output
  * columns o in [o0,o1); out, add (n,OC), w (OC,IC); bias, add may be NULL. */
 void linear_fixed(float *out, const float *inp, const float *w, const float *bias,

@@ -185,7 +185,7 @@ AVX2 static int tile_any(const float *x, const float *w, const float *pf, int IC
 }
 
 /* Prefetch distance and target: the block two ahead into L2 (measured against one ahead into
- * L1 and three or four ahead: BENCHMARKS.md, "spread prefetch"). */
+ * L1 and three or four ahead: docs/BENCHMARKS.md, "Spread prefetch"). */
 #define PF_AHEAD 2
 #define PF_HINT _MM_HINT_T1
 
@@ -238,6 +238,56 @@ AVX2 static void fma_row_avx2(float *y, float a, const float *x, int n) {
     for (; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
 }
 
+/* Four keys' dot products with q at once: each accumulator sees exactly dot_avx2's
+ * operations (fma(a, b, c) = fma(b, a, c): the product is exact before its one rounding), and
+ * hsum8x4 reduces each as hsum8 does. */
+AVX2 static void dots_avx2(float *out, const float *q, const float *k, int ldk, int nk, int n,
+                           float scale) {
+    int j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const float *k0 = k + (size_t)j * ldk;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                         _mm256_setzero_ps()};
+        int i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+            for (int c = 0; c < 4; c++)
+                acc[c] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + (size_t)c * ldk + i), acc[c]);
+        }
+        if (i < n) {
+            __m256i m = tail_mask(n - i);
+            __m256 qv = _mm256_maskload_ps(q + i, m);
+            for (int c = 0; c < 4; c++)
+                acc[c] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + (size_t)c * ldk + i, m), acc[c]);
+        }
+        float t[4];
+        _mm_storeu_ps(t, hsum8x4(acc));
+        for (int c = 0; c < 4; c++) out[j + c] = scale * t[c];
+    }
+    for (; j < nk; j++) out[j] = scale * dot_avx2(q, k + (size_t)j * ldk, n);
+}
+
+/* y = sum over keys of a[j] v[j], as fma_row_avx2 key after key, with up to 64 floats of y in
+ * registers across all keys (the same fused multiply-adds in the same order per element). */
+AVX2 static void weighted_sum_avx2(float *y, const float *a, const float *v, int ldv, int nk,
+                                   int n) {
+    int d0 = 0;
+    for (; d0 + 64 <= n; d0 += 64) {
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+        for (int j = 0; j < nk; j++) {
+            __m256 av = _mm256_set1_ps(a[j]);
+            const float *vj = v + (size_t)j * ldv + d0;
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(av, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(y + d0 + 8 * c, acc[c]);
+    }
+    if (d0 < n) {   /* the rest (fewer than 64): key after key, as before */
+        for (int d = d0; d < n; d++) y[d] = 0.0f;
+        for (int j = 0; j < nk; j++) fma_row_avx2(y + d0, a[j], v + (size_t)j * ldv + d0, n - d0);
+    }
+}
+
 static int use_avx2(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
@@ -259,6 +309,22 @@ void fma_row(float *y, float a, const float *x, int n) {
     if (use_avx2()) { fma_row_avx2(y, a, x, n); return; }
 #endif
     for (int i = 0; i < n; i++) y[i] = fmaf(a, x[i], y[i]);
+}
+
+void dots_fixed(float *out, const float *q, const float *k, int ldk, int nk, int n,
+                float scale) {
+#ifdef MT_HAVE_AVX2_PATH
+    if (use_avx2()) { dots_avx2(out, q, k, ldk, nk, n, scale); return; }
+#endif
+    for (int j = 0; j < nk; j++) out[j] = scale * dot_portable(q, k + (size_t)j * ldk, n);
+}
+
+void weighted_sum_fixed(float *y, const float *a, const float *v, int ldv, int nk, int n) {
+#ifdef MT_HAVE_AVX2_PATH
+    if (use_avx2()) { weighted_sum_avx2(y, a, v, ldv, nk, n); return; }
+#endif
+    for (int d = 0; d < n; d++) y[d] = 0.0f;
+    for (int j = 0; j < nk; j++) fma_row(y, a[j], v + (size_t)j * ldv, n);
 }
 
 void linear_fixed(float *out, const float *inp, const float *w, const float *bias,

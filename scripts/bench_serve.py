@@ -42,6 +42,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+TEMPERATURE = 0.8   # every client's, and infer's for the one-client comparison
+
+
 def build_model(path, preset):
     from mpitrain import Model, ModelConfig
     from mpitrain.checkpoint import save_checkpoint
@@ -67,9 +70,11 @@ def env():
 
 
 def infer_rate(model, prompt, tokens, threads):
+    """infer's tokens/s for the clients' prompt, length and sampling (temperature 0.8)."""
     proc = subprocess.run([sys.executable, "-m", "mpitrain", "infer", "--model", model,
                            "--prompt", prompt, "--max-new-tokens", str(tokens), "--temperature",
-                           "0", "--threads", str(threads), "--stats"], env=env(),
+                           str(TEMPERATURE), "--seed", "0", "--threads", str(threads),
+                           "--stats"], env=env(),
                           capture_output=True, text=True, check=True)
     m = re.search(r"(\d+) tokens in [\d.]+ s \(([\d.]+) tokens/s\)", proc.stderr)
     return int(m.group(1)), float(m.group(2))
@@ -98,7 +103,7 @@ def rss_mb(pid):
 async def one_stream(session, url, prompt, tokens, seed):
     """(ttft, [gaps], n_tokens) of one streaming completion."""
     body = {"prompt": prompt, "max_tokens": tokens, "ignore_eos": True, "stream": True,
-            "temperature": 0.8, "seed": seed}
+            "temperature": TEMPERATURE, "seed": seed}
     t0 = time.perf_counter()
     last, ttft, gaps, n = None, None, [], 0
     async with session.post(url, json=body) as r:
@@ -255,8 +260,8 @@ def main(argv=None):
         for rnd in range(args.repeat):
             if rnd:   # infer again, next to this round's levels
                 n_inf, r_inf = infer_rate(model, prompt, args.tokens, args.threads)
-            print(f"round {rnd + 1}: infer --temperature 0: {n_inf} tokens at {r_inf:.1f} "
-                  f"tokens/s")
+            print(f"round {rnd + 1}: infer --temperature {TEMPERATURE}: {n_inf} tokens at "
+                  f"{r_inf:.1f} tokens/s")
             rates = run_levels(server, port, url, levels, prompt, args, fwd_flops, peak)
             if 1 in rates:
                 ratios["infer"].append(rates[1] / r_inf)

@@ -279,6 +279,8 @@ def main(argv=None):
             print(f"soak: 16 clients for {args.soak:.0f} s: {done} completions, {errors} "
                   f"errors; server RSS {rss[0]:.0f} MB at start, {rss[-1]:.0f} MB at end, "
                   f"max {max(rss):.0f} MB")
+            print("soak: server RSS every minute (MB): "
+                  + " ".join(f"{x:.1f}" for x in rss[::6]))
     finally:
         server.terminate()
         server.wait(60)

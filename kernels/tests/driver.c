@@ -10,7 +10,8 @@
  * 2. model: a tiny model trains 3 steps (forward+backward on THREADS kernel threads, clip, AdamW
  *    on THREADS threads), twice; both runs must agree bit for bit, and with a 1-thread run to
  *    float tolerance. Also the forward-only loss and the counters.
- * 3. decoding: the fixed-order linear layer's AVX2 and portable paths agree bit for bit (odd
+ * 3. decoding: the fixed-order linear layer's AVX2 and portable paths agree bit for bit, and
+ *    attention's several-keys products give one key at a time's floats (odd
  *    sizes, columns split 3 ways); a sequence decoded in a batch of 5 slots (others prefilled,
  *    stepped and reset, contexts sliding) on THREADS kernel threads gets bitwise the logits it
  *    gets alone on one thread.
@@ -285,6 +286,31 @@ static void test_linear_fixed(void) {
     free(x); free(w); free(bias); free(add); free(a); free(b);
 }
 
+/* Decoding attention's several-keys forms give the floats of one key at a time. */
+static void test_attention_fixed(void) {
+    enum { NK = 13, LD = 150 };
+    int sizes[] = {5, 37, 64, 130};
+    float *q = fvec(LD), *k = fvec(NK * LD), *a = fvec(NK), *b = fvec(NK);
+    float *y = fvec(LD), *z = fvec(LD);
+    for (int i = 0; i < NK * LD; i++) k[i] = uniform();
+    for (int i = 0; i < LD; i++) q[i] = uniform();
+    for (int s = 0; s < 4; s++) {
+        int n = sizes[s];
+        for (int nk = 1; nk <= NK; nk++) {
+            dots_fixed(a, q, k, LD, nk, n, 0.125f);
+            for (int j = 0; j < nk; j++) b[j] = 0.125f * dot_fixed(q, k + (size_t)j * LD, n);
+            CHECK(memcmp(a, b, sizeof(float) * nk) == 0,
+                  "dots_fixed differs from dot_fixed key by key (n %d, %d keys)", n, nk);
+            weighted_sum_fixed(y, a, k, LD, nk, n);
+            for (int d = 0; d < n; d++) z[d] = 0.0f;
+            for (int j = 0; j < nk; j++) fma_row(z, a[j], k + (size_t)j * LD, n);
+            CHECK(memcmp(y, z, sizeof(float) * n) == 0,
+                  "weighted_sum_fixed differs from fma_row key by key (n %d, %d keys)", n, nk);
+        }
+    }
+    free(q); free(k); free(a); free(b); free(y); free(z);
+}
+
 /* A decoding model: init weights scaled up so logits spread over several units. */
 static mt_model *decode_model(const mt_config *cfg, int threads, float **arenas) {
     size_t n = 0;
@@ -372,6 +398,7 @@ int main(int argc, char **argv) {
     test_optimizer(threads);
     test_model(threads);
     test_linear_fixed();
+    test_attention_fixed();
     test_decode(threads);
     if (failures) {
         fprintf(stderr, "driver: %d check(s) failed\n", failures);

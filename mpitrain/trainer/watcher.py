@@ -189,11 +189,16 @@ def _launchers(mpiexec_pid: int) -> list:
                             if _parent(int(p)) == mpiexec_pid]
 
 
-def _say(line: str, train_log: str, err_fd: int, launchers=()) -> None:
-    """`line` to train.log at once, and to stderr once mpiexec and its proxies have exited
-    (they may have last words of their own: in a two-node layout a proxy prints a few lines of
-    its failure after the ranks are dead, measured, even after mpiexec has exited) -- except on
-    a terminal, where a line after mpiexec's exit would come after the shell's prompt."""
+def _say(line: str, train_log: str, err_fd: int, launchers=(), writer: int = 0) -> None:
+    """`line` to train.log once the process that writes it (rank 0: `writer`) has ended -- a
+    step line it wrote after ours would bury the job's last words (seen once in a two-node
+    kill, where rank 0 outlived the dead rank by a step) -- and to stderr once mpiexec and its
+    proxies have exited too (they may have last words of their own: in a two-node layout a
+    proxy prints a few lines of its failure after the ranks are dead, measured, even after
+    mpiexec has exited) -- except on a terminal, where a line after mpiexec's exit would come
+    after the shell's prompt. Both waits end MPIEXEC_EXIT_WITHIN after the first."""
+    until = time.monotonic() + MPIEXEC_EXIT_WITHIN
+    _wait_ended([writer] if writer else [], until)
     if os.path.isdir(os.path.dirname(train_log) or "."):
         try:
             with open(train_log, "a") as f:
@@ -202,15 +207,18 @@ def _say(line: str, train_log: str, err_fd: int, launchers=()) -> None:
             pass
     try:
         if not os.isatty(err_fd):
-            until = time.monotonic() + MPIEXEC_EXIT_WITHIN
-            while any(map(_alive, launchers)) and time.monotonic() < until:
-                time.sleep(0.005)
+            _wait_ended(launchers, until)
     except OSError:
         pass
     try:
         os.write(err_fd, f"mpitrain: {line}\n".encode())
     except OSError:
         pass
+
+
+def _wait_ended(pids, until: float) -> None:
+    while any(map(_alive, pids)) and time.monotonic() < until:
+        time.sleep(0.005)
 
 
 def _alive(pid: int) -> bool:
@@ -221,6 +229,8 @@ def _alive(pid: int) -> bool:
 
 
 def watch(train_log: str, mpiexec_pid: int) -> None:
+    writer = os.getppid()   # rank 0, which started this watcher and writes train.log
+    writer = 0 if writer == 1 else writer   # (already gone: adopted by init)
     err_fd = _stderr(mpiexec_pid)
     launchers = _launchers(mpiexec_pid)   # every rank has started: so has every proxy
     name = PREFIX + str(os.getpid()).encode()
@@ -283,14 +293,14 @@ def watch(train_log: str, mpiexec_pid: int) -> None:
             if entry[4] is not None:   # no rank closed before the one whose MPI call failed
                 rank = entry[2][0] if entry[2] else "?"
                 _say(f"rank {rank}: an MPI call failed and no rank was seen to die: {entry[4]}",
-                     train_log, err_fd, launchers)
+                     train_log, err_fd, launchers, writer)
                 return
             if mpiexec_pid and not _alive(mpiexec_pid):
                 return   # mpirun itself ended first (a hang-up, a kill): the ranks went with it
             who = (f"rank {entry[2][0]} (host {entry[2][1]}, pid {entry[2][2]})"
                    if entry[2] else "a rank that had not yet said who it was")
             _say(f"{who} died; the job ended with it (resume from the newest checkpoint with "
-                 f"--resume auto)", train_log, err_fd, launchers)
+                 f"--resume auto)", train_log, err_fd, launchers, writer)
             return
 
 

@@ -10,7 +10,8 @@ temperature 0 is greedy (argmax, deterministic); otherwise the draw is from
 softmax(logits / temperature) restricted to the top-k ids (all ids tied with the k-th are kept)
 and then to the smallest set, most likely first, whose probability reaches top-p. `sample`
 works on the batch a few rows at a time (softmax vectorised over the rows of a chunk small
-enough to stay in cache; top-p sorts only the likeliest ids, as many as the set needs) and takes one uniform number per sampled row from that row's own generator, so a
+enough to stay in cache; top-p sorts only the likeliest ids, as many as the set needs) and
+takes one uniform number per sampled row from that row's own generator, so a
 sequence's draws depend only on its logits, its settings and its seed -- never on the other
 sequences of the batch, nor on how many threads share the rows (`threads`: the batch's chunks
 are split among that many threads; NumPy releases the GIL inside its loops). A draw is the
@@ -81,7 +82,8 @@ def _probabilities(logits, samplers):
     z -= z.max(axis=1, keepdims=True)
     # exp in float32 (NumPy's vectorised loop, ~4x float64's here): the arguments are float32
     # logits' differences, so float64 would only carry their rounding further; the relative
-    # error of a probability is a few float32 ulps of its argument (tested at 1e-6 or less).
+    # error of a probability is a few float32 ulps of its argument (the distribution test
+    # states the bound).
     p = np.exp(z.astype(np.float32)).astype(np.float64)
     p /= p.sum(axis=1, keepdims=True)
     for b, s in enumerate(samplers):
@@ -146,7 +148,8 @@ def sample(logits, samplers, threads=1):
     chunks = _row_chunks(len(drawn), logits.shape[1])
     n = max(1, min(int(threads), len(chunks)))
     parts = [chunks[len(chunks) * t // n:len(chunks) * (t + 1) // n] for t in range(n)]
-    others = [_pool(n - 1).submit(work, p) for p in parts[1:]]
+    pool = _pool(n - 1) if n > 1 else None
+    others = [pool.submit(work, p) for p in parts[1:]]
     work(parts[0])
     for f in others:
         f.result()
